@@ -1,0 +1,13 @@
+"""petuning: recent parameter-efficient fine-tuning methods as first-class PEFT methods.
+
+``import petuning`` registers every method with PEFT, so ``get_peft_model``, ``PeftModel.from_pretrained``,
+``AutoPeftModelForCausalLM`` and transformers' ``load_adapter`` accept petuning configs and adapters.
+"""
+
+from petuning import registry  # noqa: F401  (checks the peft version first)
+from petuning.training import PetuningCallback, TrainingHooks, attach_to_trainer
+from petuning.tuners import SorsaConfig, SorsaModel
+
+__version__ = "0.1.0"
+
+__all__ = ["PetuningCallback", "SorsaConfig", "SorsaModel", "TrainingHooks", "attach_to_trainer", "__version__"]

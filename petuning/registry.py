@@ -1,0 +1,94 @@
+"""Registration of petuning's methods with PEFT.
+
+PEFT resolves every method through four dictionaries keyed by a ``PeftType`` member (config class,
+tuner class, prefix). ``PeftType`` is a closed ``str`` enum, and ``peft.utils.register_peft_method``
+only accepts names that are already members, so an out-of-tree method first adds its own member
+(``add_peft_type``) and then registers (``register_method``). Both steps are idempotent, so importing
+petuning twice, or reloading a module, is harmless.
+
+The enum extension relies on CPython's ``enum`` internals and on PEFT 0.21's tuner-level state-dict
+hooks, so the supported PEFT range is checked here, once, with a clear message.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version as _installed_version
+
+from packaging.version import Version
+
+SUPPORTED_PEFT = (Version("0.21.0"), Version("0.22.0"))
+"""Half-open range [low, high) of peft versions petuning is tested against."""
+
+
+def check_peft_version(found: str | None = None) -> None:
+    """Raise ``ImportError`` naming the installed and supported peft versions if they disagree."""
+    found = found or _installed_version("peft")
+    low, high = SUPPORTED_PEFT
+    if not (low <= Version(found) < high):
+        raise ImportError(
+            f"petuning needs peft>={low},<{high} but peft {found} is installed. petuning extends peft's "
+            f"PeftType enum and uses tuner-level state-dict hooks that only exist in this range. "
+            f'Fix: pip install "peft>={low},<{high}".'
+        )
+
+
+check_peft_version()
+
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING  # noqa: E402
+from peft.utils import PeftType, register_peft_method  # noqa: E402
+
+
+def add_peft_type(name: str) -> PeftType:
+    """Return ``PeftType[name]``, adding it to the enum first if it is not a member yet.
+
+    ``name`` is upper case (``"SORSA"``); the member's value equals its name, as for PEFT's own members,
+    so ``adapter_config.json`` stores ``"peft_type": "SORSA"`` and JSON strings compare equal to it.
+    """
+    if name != name.upper():
+        raise ValueError(f"PeftType names are upper case, got {name!r}.")
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    member._sort_order_ = len(PeftType._member_names_)
+    PeftType._member_names_.append(name)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    type.__setattr__(PeftType, name, member)  # EnumType.__setattr__ forbids rebinding members
+    return member
+
+
+def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
+    """Register a method with PEFT under ``PeftType[name.upper()]`` and prefix ``name + "_"``.
+
+    Idempotent. Refuses a prefix that another registered method already uses, since PEFT itself does not
+    check that (its uniqueness check compares against the dict keys, not the prefixes).
+    """
+    peft_type = add_peft_type(name.upper())
+    prefix = f"{name}_"
+    if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls:
+        return peft_type
+    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
+        # Re-registration after a module reload: replace the stale classes.
+        for mapping in _peft_mappings():
+            mapping.pop(peft_type, None)
+    clash = [str(t) for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == prefix and t != peft_type]
+    if clash:
+        raise ValueError(f"Prefix {prefix!r} is already used by PEFT method(s) {clash}.")
+    if getattr(model_cls, "prefix", prefix) != prefix:
+        raise ValueError(f"{model_cls.__name__}.prefix must be {prefix!r} (PEFT rebuilds it from the peft_type).")
+    register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+    return peft_type
+
+
+def _peft_mappings() -> list[dict]:
+    from peft import mapping
+
+    return [
+        mapping.PEFT_TYPE_TO_CONFIG_MAPPING,
+        mapping.PEFT_TYPE_TO_TUNER_MAPPING,
+        mapping.PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+        mapping.PEFT_TYPE_TO_PREFIX_MAPPING,
+    ]

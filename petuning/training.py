@@ -1,0 +1,229 @@
+"""One training-hook protocol for every petuning method.
+
+Some methods need more than the task loss: SORSA's orthonormal regularizer, PAT's mask schedule and
+auxiliary losses, masked tuning's gradient dropout. A method takes part by inheriting
+:class:`TrainingHooksMixin` on its tuner (or its layers) and overriding any of four hooks. This module
+knows no method by name; it finds the providers on the model and calls them at fixed points:
+
+================================  ===========================================================================
+hook                              when
+================================  ===========================================================================
+``petuning_auxiliary_loss()``     in the tuner's forward, added to ``outputs.loss`` (training mode only)
+``petuning_before_optimizer_step`` gradients are final: after backward, accumulation and clipping
+``petuning_after_optimizer_step``  right after the optimizer updated the parameters
+``petuning_metrics()``            when the trainer logs; values are floats
+================================  ===========================================================================
+
+Drivers:
+
+- ``transformers.Trainer`` and TRL trainers: ``callbacks=[PetuningCallback()]``. Its
+  ``on_pre_optimizer_step`` runs after gradient clipping and before ``optimizer.step()``.
+- plain PyTorch or accelerate loops: ``TrainingHooks(model, optimizer)`` registers optimizer step pre/post
+  hooks, which fire exactly once per real optimizer step (accelerate skips the step, and so the hooks,
+  on accumulation micro-batches and on fp16 overflow).
+
+Gradient-level hooks work on the raw parameters with ``torch.autograd.grad`` and write into ``.grad``,
+so under DDP no second backward runs through the wrapper: every rank holds the same parameters and adds
+the same correction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+
+@dataclass
+class StepContext:
+    """What a gradient-level hook knows about the optimizer step it runs in.
+
+    ``step`` counts optimizer steps completed before this one; ``max_steps`` is the planned total if the
+    driver knows it; ``peak_lr`` is the configured (not the scheduled) learning rate.
+    """
+
+    step: int
+    max_steps: Optional[int]
+    peak_lr: Optional[float]
+
+
+class TrainingHooksMixin:
+    """Hooks a tuner or tuner layer may override. The defaults do nothing."""
+
+    def petuning_auxiliary_loss(self) -> Optional[torch.Tensor]:
+        """A scalar added to the task loss, or None."""
+        return None
+
+    def petuning_before_optimizer_step(self, ctx: StepContext) -> None:
+        """Adjust ``.grad`` of trainable parameters; gradients are clipped and final."""
+
+    def petuning_after_optimizer_step(self, ctx: StepContext) -> None:
+        """React to the parameter update (schedules, projections, decoupled steps)."""
+
+    def petuning_metrics(self) -> dict[str, float]:
+        """Values to log, e.g. ``{"sorsa_orthonormality": 0.01}``."""
+        return {}
+
+
+class AuxiliaryLossMixin(TrainingHooksMixin):
+    """Tuner mixin (put it before ``BaseTuner``): its forward adds the auxiliary losses of the tuner and its
+    layers to ``outputs.loss`` when the model is training and a loss was computed. This is what makes
+    loss-level hooks work unchanged under ``Trainer``, TRL and DDP (the term is part of the same graph)."""
+
+    def forward(self, *args: Any, **kwargs: Any):
+        outputs = super().forward(*args, **kwargs)
+        if self.training and torch.is_grad_enabled() and getattr(outputs, "loss", None) is not None:
+            extra = auxiliary_loss(self)
+            if extra is not None:
+                outputs.loss = outputs.loss + extra.to(outputs.loss.dtype)
+        return outputs
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/FSDP/DeepSpeed/``torch.compile`` wrappers that hold the real model as ``.module`` or
+    ``._orig_mod``."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def hook_providers(model: nn.Module) -> list[TrainingHooksMixin]:
+    """Every module of ``model`` that implements the protocol, each once, in module order."""
+    return [m for m in unwrap_model(model).modules() if isinstance(m, TrainingHooksMixin)]
+
+
+def auxiliary_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """Sum of all providers' auxiliary losses, or None. Plain loops that compute their own loss (instead of
+    passing ``labels``) add this to it."""
+    terms = [t for p in hook_providers(model) if (t := p.petuning_auxiliary_loss()) is not None]
+    return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+
+def before_optimizer_step(model: nn.Module, ctx: StepContext) -> None:
+    with torch.enable_grad():
+        for provider in hook_providers(model):
+            provider.petuning_before_optimizer_step(ctx)
+
+
+def after_optimizer_step(model: nn.Module, ctx: StepContext) -> None:
+    with torch.enable_grad():
+        for provider in hook_providers(model):
+            provider.petuning_after_optimizer_step(ctx)
+
+
+def collect_metrics(model: nn.Module) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    with torch.no_grad():
+        for provider in hook_providers(model):
+            metrics.update(provider.petuning_metrics())
+    return metrics
+
+
+class PetuningCallback(TrainerCallback):
+    """Runs petuning's training hooks inside ``transformers.Trainer`` (and TRL's trainers).
+
+    ``trainer = Trainer(..., callbacks=[PetuningCallback()])``. Metrics are added to each log entry
+    (progress bar and ``trainer.state.log_history``). ``report_to`` integrations such as W&B run before
+    user callbacks; to have them record petuning's metrics too, use :func:`attach_to_trainer` instead.
+    """
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        before_optimizer_step(model, self._context(args, state))
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        after_optimizer_step(model, self._context(args, state))
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None or model is None or "loss" not in logs:
+            return
+        metrics = collect_metrics(model)
+        logs.update(metrics)
+        if state.log_history:
+            state.log_history[-1].update(metrics)
+
+    @staticmethod
+    def _context(args, state) -> StepContext:
+        return StepContext(step=state.global_step, max_steps=state.max_steps or None, peak_lr=args.learning_rate)
+
+
+def attach_to_trainer(trainer) -> PetuningCallback:
+    """Add a :class:`PetuningCallback` to ``trainer`` ahead of its reporting callbacks and return it."""
+    callback = PetuningCallback()
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+class TrainingHooks:
+    """Runs petuning's training hooks in a plain PyTorch or accelerate loop.
+
+    ::
+
+        hooks = petuning.TrainingHooks(model, optimizer)   # after creating the LR scheduler is fine too
+        for batch in loader:
+            loss = model(**batch).loss                     # auxiliary losses already included
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()                               # hooks run here, after clipping
+            optimizer.zero_grad()
+            progress.set_postfix(hooks.metrics())
+
+    ``peak_lr`` defaults to the largest ``initial_lr`` (set by LR schedulers) or ``lr`` of the optimizer's
+    parameter groups, read at the first step. Use as a context manager, or call :meth:`remove`, to detach.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        peak_lr: Optional[float] = None,
+        max_steps: Optional[int] = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = _innermost_optimizer(optimizer)
+        self.peak_lr = peak_lr
+        self.max_steps = max_steps
+        self.step = 0
+        self._handles = [
+            self.optimizer.register_step_pre_hook(self._before),
+            self.optimizer.register_step_post_hook(self._after),
+        ]
+
+    def _context(self) -> StepContext:
+        if self.peak_lr is None:
+            self.peak_lr = max(g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups)
+        return StepContext(step=self.step, max_steps=self.max_steps, peak_lr=self.peak_lr)
+
+    def _before(self, optimizer, args, kwargs) -> None:
+        before_optimizer_step(self.model, self._context())
+
+    def _after(self, optimizer, args, kwargs) -> None:
+        after_optimizer_step(self.model, self._context())
+        self.step += 1
+
+    def metrics(self) -> dict[str, float]:
+        return collect_metrics(self.model)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "TrainingHooks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _innermost_optimizer(optimizer) -> torch.optim.Optimizer:
+    """accelerate's ``AcceleratedOptimizer`` wraps the real optimizer as ``.optimizer``; hook the real one so
+    the hooks fire only when a step really happens."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+

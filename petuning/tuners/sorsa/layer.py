@@ -1,0 +1,237 @@
+"""SORSA layers: the delta-form singular-factor update around a frozen linear layer.
+
+Shapes for a layer with weight W (out, in) and rank r:
+
+- ``sorsa_A[name]``  (r, in)   trainable, starts at the top-r right singular vectors of W
+- ``sorsa_S[name]``  (r,)      trainable, starts at the top-r singular values of W divided by s
+- ``sorsa_B[name]``  (out, r)  trainable, starts at the top-r left singular vectors of W
+- ``sorsa_A0/S0/B0`` same shapes, frozen copies of the start (saved with the adapter, so the adapter file
+  alone reproduces the tuned model on the original base)
+
+Forward (never builds an out x in matrix)::
+
+    y = base(x) + s * ( B (S ⊙ A x) - B0 (S0 ⊙ A0 x) )
+
+The two products run through the same kernels on the same inputs, so at initialization they cancel
+bit for bit and the output equals the base output exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import quantization_extra_repr, resolve_quantization_backend
+from peft.utils.integrations import gather_params_ctx
+from torch import nn
+
+from petuning.linalg import top_singular_triplets
+
+NAN_MESSAGE = "NaNs detected in the merged weights. The adapter {} seems to be broken"
+
+
+class SorsaLayer(BaseTunerLayer):
+    """State and math shared by every SORSA-adapted layer type."""
+
+    adapter_layer_names = ("sorsa_A", "sorsa_S", "sorsa_B")
+    other_param_names = ("sorsa_A0", "sorsa_S0", "sorsa_B0", "sorsa_r", "sorsa_scaling", "sorsa_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.sorsa_A = nn.ParameterDict({})
+        self.sorsa_S = nn.ParameterDict({})
+        self.sorsa_B = nn.ParameterDict({})
+        self.sorsa_A0 = BufferDict({}, persistent=True)
+        self.sorsa_S0 = BufferDict({}, persistent=True)
+        self.sorsa_B0 = BufferDict({}, persistent=True)
+        self.sorsa_r: dict[str, int] = {}
+        self.sorsa_scaling: dict[str, float] = {}
+        self.sorsa_dropout = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.quantization_backend = resolve_quantization_backend(
+            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
+        )
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.kwargs = kwargs
+
+    # ----------------------------------------------------------------------------------------- init
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        scale: float,
+        dropout: float,
+        init_weights: bool,
+        svd_method: str = "full",
+        svd_niter: int = 4,
+        svd_oversampling: int = 8,
+        module_name: str = "",
+        inference_mode: bool = False,
+        **_: Any,
+    ) -> None:
+        """Add adapter ``adapter_name``: SVD of the base weight, trainable factors and frozen copies."""
+        where = f" (layer {module_name!r})" if module_name else ""
+        limit = min(self.in_features, self.out_features)
+        if r > limit:
+            raise ValueError(
+                f"SORSA rank r={r} is larger than min(in_features, out_features)={limit}{where}: a "
+                f"{self.out_features}x{self.in_features} weight has at most {limit} singular values. "
+                f"Use r <= {limit}, or lower this layer's rank with rank_pattern."
+            )
+        base = self.get_base_layer()
+        if self.quantization_backend is None and not base.weight.dtype.is_floating_point:
+            raise TypeError(
+                f"SORSA needs a floating-point base weight, but the weight{where} has dtype {base.weight.dtype}. "
+                "Load the model in float32/bfloat16/float16, or quantize it with bitsandbytes (supported)."
+            )
+        with gather_params_ctx(base.weight):
+            weight = self._base_weight_out_in().to(torch.float32)
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"The base weight{where} contains NaN or Inf; SORSA cannot take its SVD.")
+            u, s, vh = top_singular_triplets(weight, r, svd_method, svd_niter, svd_oversampling)
+        s = s / scale
+        dtype = self._factor_dtype()
+        a0, s0, b0 = vh.to(dtype), s.to(dtype), u.to(dtype)
+        a, sv, b = a0.clone(), s0.clone(), b0.clone()
+        if not init_weights:  # seeded by the global RNG, like PEFT's other tuners
+            a = a + 0.3 * torch.randn_like(a) / a.shape[1] ** 0.5
+            b = b + 0.3 * torch.randn_like(b) / b.shape[0] ** 0.5
+            sv = sv * (1 + 0.5 * torch.randn_like(sv))
+
+        self.sorsa_r[adapter_name] = r
+        self.sorsa_scaling[adapter_name] = scale
+        self.sorsa_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.sorsa_A[adapter_name] = nn.Parameter(a)
+        self.sorsa_S[adapter_name] = nn.Parameter(sv)
+        self.sorsa_B[adapter_name] = nn.Parameter(b)
+        self.sorsa_A0[adapter_name] = a0
+        self.sorsa_S0[adapter_name] = s0
+        self.sorsa_B0[adapter_name] = b0
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _factor_dtype(self) -> torch.dtype:
+        """float64 on a float64 base (exact tests), else float32: singular vectors lose their
+        orthonormality in 16-bit (a bf16 Gram matrix has steps of 4e-3 near 1)."""
+        base_dtype = self._get_base_layer_device_and_dtype(self.get_base_layer())[1]
+        return torch.float64 if base_dtype == torch.float64 else torch.float32
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move this adapter's tensors to the base layer's device, keeping their (32/64-bit) dtype."""
+        target = device or self._get_base_layer_device_and_dtype(self.get_base_layer())[0]
+        if target is None:
+            return
+        for attr in ("sorsa_A", "sorsa_S", "sorsa_B", "sorsa_A0", "sorsa_S0", "sorsa_B0"):
+            container = getattr(self, attr)
+            if adapter_name in container and container[adapter_name].device.type != "meta":
+                container[adapter_name] = container[adapter_name].to(target)
+
+    def _base_weight_out_in(self) -> torch.Tensor:
+        """The (dequantized) base weight in (out, in) layout."""
+        weight = self.get_base_weight()
+        return weight.T if self.fan_in_fan_out else weight
+
+    # ---------------------------------------------------------------------------------------- math
+    def sorsa_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``s * (B (S ⊙ A x) - B0 (S0 ⊙ A0 x))`` for input ``x`` (..., in); returns (..., out)."""
+        a = self.sorsa_A[adapter_name]
+        x = self.sorsa_dropout[adapter_name](self._cast_input_dtype(x, a.dtype))
+        tuned = F.linear(F.linear(x, a) * self.sorsa_S[adapter_name], self.sorsa_B[adapter_name])
+        start = F.linear(F.linear(x, self.sorsa_A0[adapter_name]) * self.sorsa_S0[adapter_name], self.sorsa_B0[adapter_name])
+        delta = tuned - start
+        scale = self.sorsa_scaling[adapter_name]
+        return delta if scale == 1.0 else delta * scale
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense update ``s * (B diag(S) A - B0 diag(S0) A0)`` in the base weight's layout, in the factors'
+        dtype (float32 or float64). Built only for merging and conversion, never in forward."""
+        b = torch.cat([self.sorsa_B[adapter_name], -self.sorsa_B0[adapter_name]], dim=1)
+        sa = torch.cat(
+            [
+                self.sorsa_S[adapter_name][:, None] * self.sorsa_A[adapter_name],
+                self.sorsa_S0[adapter_name][:, None] * self.sorsa_A0[adapter_name],
+            ]
+        )
+        delta = (b @ sa) * self.sorsa_scaling[adapter_name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    # --------------------------------------------------------------------------------------- merge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the active (or given) adapters' updates into the base weight; the sum is formed in the
+        factors' precision and rounded to the base dtype once."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        self._check_mergeable()
+        for name in adapter_names:
+            if name not in self.sorsa_A:
+                continue
+            with torch.no_grad():
+                base = self.get_base_weight()
+                delta = self.get_delta_weight(name)
+                merged = base.to(delta.dtype) + delta
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(NAN_MESSAGE.format(name))
+                self.set_base_weight(merged.to(base.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract merged adapters again, last merged first."""
+        if not self.merged:
+            return
+        self._check_mergeable()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.sorsa_A:
+                continue
+            with torch.no_grad():
+                base = self.get_base_weight()
+                delta = self.get_delta_weight(name)
+                self.set_base_weight((base.to(delta.dtype) - delta).to(base.dtype))
+
+    def _check_mergeable(self) -> None:
+        backend = self.quantization_backend
+        if backend is not None and not backend.supports_merge:
+            raise TypeError(
+                f"Cannot merge SORSA into a {backend} base layer: that quantization format is forward-only. "
+                "Load the base in 16/32-bit to merge."
+            )
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+
+class Linear(nn.Module, SorsaLayer):
+    """SORSA around ``nn.Linear``, transformers' ``Conv1D`` (``fan_in_fan_out=True``) or a quantized linear."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, fan_in_fan_out: bool = False, **kwargs: Any):
+        super().__init__()
+        SorsaLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for name in self.active_adapters:
+            if name in self.sorsa_A:
+                result = result + self.sorsa_delta(x, name).to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        return quantization_extra_repr(self)
+
+    def __repr__(self) -> str:
+        return "sorsa." + super().__repr__()
