@@ -39,7 +39,7 @@ def top_singular_triplets(
     pivot = u.abs().argmax(dim=0)
     signs = torch.sign(u[pivot, torch.arange(rank, device=u.device)])
     signs[signs == 0] = 1.0
-    return u * signs, s, vh * signs[:, None]
+    return (u * signs).contiguous(), s.contiguous(), (vh * signs[:, None]).contiguous()
 
 
 def _randomized_svd(w: torch.Tensor, k: int, niter: int, seed: int):

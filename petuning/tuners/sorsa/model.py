@@ -70,11 +70,8 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
                 "transformers' Conv1D and bitsandbytes/quantized linear layers. Leave it out of target_modules "
                 "(or add it to exclude_modules)."
             )
-        if config.fan_in_fan_out != fan_in_fan_out:
-            warnings.warn(
-                f"fan_in_fan_out={config.fan_in_fan_out} does not match {key!r} ({type(base).__name__}); "
-                f"using fan_in_fan_out={fan_in_fan_out} for it."
-            )
+        if config.fan_in_fan_out and not fan_in_fan_out:
+            warnings.warn(f"fan_in_fan_out=True does not fit {key!r} ({type(base).__name__}, (out, in) layout); ignored.")
         return Linear(target, adapter_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
 
     @classmethod

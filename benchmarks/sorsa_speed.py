@@ -1,0 +1,441 @@
+"""SORSA's training-step time, peak memory and initialization time, relative to PEFT's LoRA.
+
+Usage::
+
+    python benchmarks/sorsa_speed.py            # tiny Llama + SmolLM2-135M, about 5-8 minutes on 2 cores
+    python benchmarks/sorsa_speed.py --quick    # tiny Llama only, fewer repeats, under 2 minutes
+    python benchmarks/sorsa_speed.py --no-smollm2 --repeats 9
+
+Results are printed as tables and written to ``benchmarks/results/sorsa_speed.json``.
+The issue's target is a SORSA train step of at most 1.1x LoRA's.
+
+Method
+------
+Variants, all at the same rank ``r`` (default 16) on the same target modules (every linear layer of the
+attention and MLP blocks: q/k/v/o/gate/up/down_proj):
+
+* ``lora``          PEFT's ``LoraConfig(r, lora_alpha=r, lora_dropout=0)``
+* ``sorsa``         ``SorsaConfig(r, gamma=4e-4, ortho_mode="official")``: the paper's regularizer, whose
+                    gradient is added after clipping, before the optimizer step
+* ``sorsa_gamma0``  ``SorsaConfig(r, gamma=0)``: the same adapter without the regularizer, which separates the
+                    regularizer's cost from the cost of the adapter's forward/backward
+
+Models: (a) a Llama built from a config (hidden 512, MLP 1376, 4 layers, 8 heads / 4 KV heads, vocabulary
+4096), batch 8 x 128 tokens; (b) the embedded SmolLM2-135M-Instruct (``petuning.models.load_smollm2``),
+batch 4 x 128 tokens. The batch is fixed random token ids, used as labels too.
+
+One train step, timed with ``time.perf_counter`` from the forward to the end of ``zero_grad``::
+
+    loss = model(input_ids=x, labels=x).loss; loss.backward()
+    clip_grad_norm_(trainable, 1.0); optimizer.step()      # AdamW; petuning.TrainingHooks run inside step()
+    optimizer.zero_grad(set_to_none=True)
+
+``petuning.TrainingHooks`` is attached for every variant (for LoRA it finds no provider and costs only its
+module walk). Each step is also split into phases (forward, backward, clip, petuning hooks, AdamW), the hooks
+phase measured by optimizer step pre-hooks registered just before and just after TrainingHooks' own.
+
+Noise control: every variant lives in the same process with its own copy of the base model. After
+``warmup`` untimed steps each, the variants run in blocks of ``steps_per_block`` steps, interleaved, and the
+order rotates every repeat (lora, sorsa, sorsa_gamma0; then sorsa, sorsa_gamma0, lora; ...), so slow phases
+of a shared machine fall on all variants alike. Reported per variant: the median step time over all timed
+steps. Reported per ratio: the ratio of medians, plus the median and range of the per-repeat ratios (the
+ratio of the two variants' block medians within one repeat, i.e. measured seconds apart). torch's thread
+count is left as it is; the 1-minute load average is recorded before and after, since other processes on
+the machine make every absolute time larger.
+
+Peak memory: CPU has no caching-allocator statistics and RSS is blurred by glibc's allocator (freed memory is
+kept or returned at its discretion) and by everything else in the process. Instead one extra step per variant
+runs under ``torch.profiler`` with ``profile_memory=True``, which records every allocation and free of
+tensor memory made through torch's CPU allocator, with a timestamp. The running sum of those events gives the
+tensor memory allocated during the step above what was live when it began; its maximum is the step's
+*transient peak* (activations saved for backward, gradients, temporaries; gradients are freed by
+``zero_grad`` so the sum returns to ~0, which the script checks). What was live at the start (*static*:
+model weights, adapter parameters and frozen buffers, AdamW state, the batch) is counted exactly from the
+tensors themselves, each storage once. ``peak = static + transient``. Not counted: memory that libraries
+allocate outside torch's allocator (oneDNN/BLAS scratch space), the Python heap. The profiled step is not
+timed.
+
+Initialization time: ``get_peft_model(fresh_base, config)`` for LoRA and for SORSA with
+``svd_method="full"`` and ``"randomized"``, each on a freshly built/loaded base (loading is not timed),
+interleaved over ``init_repeats`` repeats; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+try:
+    import petuning
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import petuning
+
+import peft
+import transformers
+from peft import LoraConfig, PeftConfig, get_peft_model
+from torch.profiler import ProfilerActivity, profile
+
+from petuning.models import build_tiny_model, load_smollm2
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GAMMA = 4e-4  # SORSA paper's regularizer strength
+LR = 1e-4
+RESULTS = Path(__file__).resolve().parent / "results" / "sorsa_speed.json"
+MIB = 2**20
+
+TINY_LLAMA = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=4096,
+    max_position_embeddings=512,
+)
+
+
+# ------------------------------------------------------------------------------------------- setup
+@dataclass
+class ModelSpec:
+    name: str
+    make_base: Callable[[], torch.nn.Module]
+    batch: int
+    seq: int
+    description: str
+
+
+def tiny_llama_spec() -> ModelSpec:
+    desc = "Llama from config: " + ", ".join(f"{k}={v}" for k, v in TINY_LLAMA.items())
+    return ModelSpec("tiny_llama", lambda: build_tiny_model("llama", seed=0, **TINY_LLAMA), 8, 128, desc)
+
+
+def smollm2_spec() -> ModelSpec:
+    return ModelSpec("smollm2_135m", lambda: load_smollm2()[0], 4, 128, "SmolLM2-135M-Instruct (float32)")
+
+
+def peft_configs(rank: int) -> dict[str, Callable[[], PeftConfig]]:
+    """The trained variants; factories because PEFT configs are mutated by get_peft_model."""
+    return {
+        "lora": lambda: LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGET_MODULES),
+        "sorsa": lambda: petuning.SorsaConfig(r=rank, target_modules=TARGET_MODULES, gamma=GAMMA),
+        "sorsa_gamma0": lambda: petuning.SorsaConfig(r=rank, target_modules=TARGET_MODULES, gamma=0.0),
+    }
+
+
+class StepRunner:
+    """One adapted model with its optimizer, hooks and fixed batch; runs and times train steps."""
+
+    PHASES = ("forward", "backward", "clip", "hooks", "adamw")
+
+    def __init__(self, base: torch.nn.Module, config: PeftConfig, batch: torch.Tensor):
+        self.model = get_peft_model(base, config)
+        self.model.train()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=LR)
+        # Timestamps around TrainingHooks' pre-hook: pre-hooks run in registration order.
+        self._marks: dict[str, float] = {}
+        self.optimizer.register_step_pre_hook(lambda *_: self._mark("hooks_start"))
+        self.hooks = petuning.TrainingHooks(self.model, self.optimizer, peak_lr=LR)
+        self.optimizer.register_step_pre_hook(lambda *_: self._mark("hooks_end"))
+        self.batch = batch
+
+    def _mark(self, key: str) -> None:
+        self._marks[key] = time.perf_counter()
+
+    def step(self) -> dict[str, float]:
+        """One full train step; returns its total and per-phase seconds."""
+        t0 = time.perf_counter()
+        loss = self.model(input_ids=self.batch, labels=self.batch).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        t3 = time.perf_counter()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        hooks = self._marks["hooks_end"] - self._marks["hooks_start"]
+        return {
+            "total": t4 - t0,
+            "forward": t1 - t0,
+            "backward": t2 - t1,
+            "clip": t3 - t2,
+            "hooks": hooks,
+            "adamw": (t4 - t3) - hooks,
+        }
+
+    # ------------------------------------------------------------------------------------ memory
+    def static_bytes(self) -> dict[str, int]:
+        """Bytes of tensors live between steps, each storage counted once."""
+        seen: set[int] = set()
+
+        def size(tensors) -> int:
+            total = 0
+            for t in tensors:
+                if t is None or t.device.type == "meta":
+                    continue
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in seen:
+                    seen.add(ptr)
+                    total += t.untyped_storage().nbytes()
+            return total
+
+        prefixes = ("lora_", "sorsa_")
+        named = list(self.model.named_parameters()) + list(self.model.named_buffers())
+        adapter = size(t for n, t in named if any(p in n for p in prefixes))
+        base = size(t for _, t in named)
+        opt_state = size(v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+        grads = size(p.grad for p in self.trainable)
+        batch = size([self.batch])
+        return {
+            "base_model": base,
+            "adapter_tensors": adapter,
+            "optimizer_state": opt_state,
+            "grads_between_steps": grads,
+            "batch": batch,
+            "total": base + adapter + opt_state + grads + batch,
+        }
+
+    def profile_step_memory(self) -> dict[str, float]:
+        """Transient peak of torch CPU-allocator memory during one step (bytes above the step's start)."""
+        static = self.static_bytes()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            self.step()
+        # The raw (kineto) event list holds every allocation/free; prof.events() folds most of them into ops.
+        events = sorted(
+            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+        )
+        running = peak = 0
+        for _, nbytes in events:
+            running += nbytes
+            peak = max(peak, running)
+        return {
+            "static_mib": static["total"] / MIB,
+            "static_breakdown_mib": {k: v / MIB for k, v in static.items() if k != "total"},
+            "transient_peak_mib": peak / MIB,
+            "end_of_step_delta_mib": running / MIB,
+            "peak_mib": (static["total"] + peak) / MIB,
+            "n_alloc_events": len(events),
+        }
+
+
+# ------------------------------------------------------------------------------------- measurement
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def bench_training(spec: ModelSpec, rank: int, warmup: int, repeats: int, steps_per_block: int) -> dict:
+    print(f"\n== {spec.name}: {spec.description}; batch {spec.batch} x {spec.seq} tokens, r={rank}", flush=True)
+    generator = torch.Generator().manual_seed(0)
+    configs = peft_configs(rank)
+    runners: dict[str, StepRunner] = {}
+    init_seconds: dict[str, float] = {}
+    batch = None
+    for name, make_config in configs.items():
+        base = spec.make_base()
+        if batch is None:  # one fixed batch for every variant
+            batch = torch.randint(0, base.config.vocab_size, (spec.batch, spec.seq), generator=generator)
+        t = time.perf_counter()
+        runners[name] = StepRunner(base, make_config(), batch)
+        init_seconds[name] = time.perf_counter() - t
+    n_trainable = {n: sum(p.numel() for p in r.trainable) for n, r in runners.items()}
+
+    names = list(runners)
+    for name in names:
+        for _ in range(warmup):
+            runners[name].step()
+
+    steps: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    block_medians: dict[str, list[float]] = {n: [] for n in names}
+    load_before = os.getloadavg()[0]
+    for rep in range(repeats):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            gc.collect()
+            block = [runners[name].step() for _ in range(steps_per_block)]
+            steps[name] += block
+            block_medians[name].append(median([s["total"] for s in block]))
+        summary = "  ".join(f"{n} {block_medians[n][-1]:.3f}s" for n in names)
+        print(f"  repeat {rep + 1}/{repeats}: {summary}", flush=True)
+    load_after = os.getloadavg()[0]
+
+    memory = {}
+    for name in names:
+        gc.collect()
+        memory[name] = runners[name].profile_step_memory()
+
+    variants = {}
+    for name in names:
+        totals = [s["total"] for s in steps[name]]
+        variants[name] = {
+            "step_s_median": median(totals),
+            "step_s_min": min(totals),
+            "step_s_max": max(totals),
+            "n_steps": len(totals),
+            "phases_s_median": {p: median([s[p] for s in steps[name]]) for p in StepRunner.PHASES},
+            "get_peft_model_s": init_seconds[name],
+            "trainable_params": n_trainable[name],
+            "memory": memory[name],
+        }
+    ratios = {}
+    for name in names:
+        if name == "lora":
+            continue
+        paired = [s / l for s, l in zip(block_medians[name], block_medians["lora"])]
+        ratios[f"{name}/lora"] = {
+            "step_time": variants[name]["step_s_median"] / variants["lora"]["step_s_median"],
+            "step_time_paired_median": median(paired),
+            "step_time_paired_range": [min(paired), max(paired)],
+            "peak_memory": memory[name]["peak_mib"] / memory["lora"]["peak_mib"],
+            "transient_memory": memory[name]["transient_peak_mib"] / memory["lora"]["transient_peak_mib"],
+        }
+    del runners
+    gc.collect()
+    return {
+        "model": spec.description,
+        "batch": spec.batch,
+        "seq": spec.seq,
+        "rank": rank,
+        "target_modules": TARGET_MODULES,
+        "warmup_steps": warmup,
+        "repeats": repeats,
+        "steps_per_block": steps_per_block,
+        "loadavg_1min_before_after": [load_before, load_after],
+        "variants": variants,
+        "ratios": ratios,
+    }
+
+
+def bench_init(spec: ModelSpec, rank: int, repeats: int) -> dict:
+    """Median wall time of get_peft_model on a fresh base: LoRA vs SORSA full / randomized SVD."""
+    print(f"\n== init time on {spec.name} (get_peft_model, {repeats} interleaved repeats)", flush=True)
+    configs = {
+        "lora": lambda: LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGET_MODULES),
+        "sorsa_svd_full": lambda: petuning.SorsaConfig(r=rank, target_modules=TARGET_MODULES, svd_method="full"),
+        "sorsa_svd_randomized": lambda: petuning.SorsaConfig(
+            r=rank, target_modules=TARGET_MODULES, svd_method="randomized"
+        ),
+    }
+    times: dict[str, list[float]] = {n: [] for n in configs}
+    names = list(configs)
+    for rep in range(repeats):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            base = spec.make_base()
+            gc.collect()
+            t = time.perf_counter()
+            model = get_peft_model(base, configs[name]())
+            times[name].append(time.perf_counter() - t)
+            del model, base
+        print("  repeat {}/{}: {}".format(rep + 1, repeats, "  ".join(f"{n} {times[n][-1]:.2f}s" for n in names)))
+    result = {n: {"s_median": median(t), "s_all": t} for n, t in times.items()}
+    lora = result["lora"]["s_median"]
+    return {
+        "model": spec.description,
+        "rank": rank,
+        "variants": result,
+        "ratios": {f"{n}/lora": result[n]["s_median"] / lora for n in names if n != "lora"},
+    }
+
+
+# -------------------------------------------------------------------------------------------- report
+def print_training_table(name: str, res: dict) -> None:
+    print(f"\n{name}  (batch {res['batch']} x {res['seq']}, r={res['rank']}, "
+          f"{res['repeats']} repeats x {res['steps_per_block']} steps, load avg "
+          f"{res['loadavg_1min_before_after'][0]:.1f} -> {res['loadavg_1min_before_after'][1]:.1f})")
+    header = (f"  {'variant':<13} {'step med':>9} {'[min,max]':>16} {'fwd':>7} {'bwd':>7} {'clip':>6} {'hooks':>7}"
+              f" {'adamw':>6} {'static':>9} {'transient':>10} {'peak':>9}")
+    print(header)
+    for v, d in res["variants"].items():
+        ph, mem = d["phases_s_median"], d["memory"]
+        print(f"  {v:<13} {d['step_s_median']:>8.3f}s [{d['step_s_min']:>6.3f},{d['step_s_max']:>6.3f}] "
+              f"{ph['forward']:>7.3f} {ph['backward']:>7.3f} {ph['clip']:>6.4f} {ph['hooks']:>7.4f} {ph['adamw']:>6.4f}"
+              f" {mem['static_mib']:>7.1f}Mi {mem['transient_peak_mib']:>8.1f}Mi {mem['peak_mib']:>7.1f}Mi")
+    for key, r in res["ratios"].items():
+        lo, hi = r["step_time_paired_range"]
+        verdict = "OK" if r["step_time"] <= 1.1 else "ABOVE TARGET"
+        print(f"  {key:<19} step time {r['step_time']:.3f}x (paired median {r['step_time_paired_median']:.3f}x,"
+              f" range {lo:.3f}-{hi:.3f}) [{verdict} vs 1.1x]; peak memory {r['peak_memory']:.3f}x,"
+              f" transient {r['transient_memory']:.3f}x")
+
+
+def print_init_table(name: str, res: dict) -> None:
+    print(f"\n{name} init (get_peft_model), median seconds")
+    for v, d in res["variants"].items():
+        ratio = res["ratios"].get(f"{v}/lora")
+        extra = f"  ({ratio:.1f}x lora)" if ratio else ""
+        print(f"  {v:<22} {d['s_median']:>7.3f}s{extra}")
+
+
+def machine_info() -> dict:
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "petuning": petuning.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny Llama only, few repeats (< 2 minutes)")
+    parser.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5, quick 3)")
+    parser.add_argument("--steps-per-block", type=int, default=2, help="timed steps per variant per repeat")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 2, quick 1)")
+    parser.add_argument("--init-repeats", type=int, default=3, help="repeats of the init-time measurement")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    started = time.perf_counter()
+
+    specs = [tiny_llama_spec()]
+    if not (args.quick or args.no_smollm2):
+        specs.append(smollm2_spec())
+
+    results = {"machine": machine_info(), "method": __doc__.split("Method\n------\n")[1].strip(),
+               "target_step_time_ratio": 1.1, "training": {}, "init": {}}
+    print("machine:", json.dumps(results["machine"]))
+    for spec in specs:
+        results["training"][spec.name] = bench_training(spec, args.rank, warmup, repeats, args.steps_per_block)
+    if not args.quick:
+        init_spec = specs[-1]  # SmolLM2 unless --no-smollm2
+        results["init"][init_spec.name] = bench_init(init_spec, args.rank, args.init_repeats)
+
+    print("\n" + "=" * 100)
+    print("Train step = forward + backward + clip + AdamW step incl. petuning.TrainingHooks; seconds are medians.")
+    print("Memory: static = tensors live between steps (counted exactly); transient = peak of torch CPU-allocator")
+    print("allocations during one profiled step above its start; peak = static + transient.")
+    for name, res in results["training"].items():
+        print_training_table(name, res)
+    for name, res in results["init"].items():
+        print_init_table(name, res)
+    results["wall_time_s"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"\nwrote {args.out} (total {results['wall_time_s']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Locally built models for the conformance suite, each with a seeded input batch.
+
+Kinds: ``mlp`` (nn.Linear), ``conv1d_gpt2`` (transformers' Conv1D, GPT-2 layout), ``conv2d`` (nn.Conv2d),
+``llama`` and ``opt`` (tiny causal LMs saved to disk, so PEFT records a loadable base path).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from petuning.models import build_tiny_model
+
+LANGUAGE_MODELS = ("llama", "opt")
+
+
+class MLP(nn.Module):
+    """in 12 -> 24 -> 24 -> 6, with biases and a LayerNorm that is never targeted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(12, 24)
+        self.lin1 = nn.Linear(24, 24)
+        self.norm = nn.LayerNorm(24)
+        self.lin2 = nn.Linear(24, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.lin0(x))
+        x = self.norm(torch.relu(self.lin1(x)))
+        return self.lin2(x)
+
+
+class Conv1DNet(nn.Module):
+    """GPT-2 style: transformers' Conv1D layers store their weight as (in, out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(24, 12)  # Conv1D(nf=out, nx=in)
+        self.c_proj = Conv1D(6, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(torch.tanh(self.c_fc(x)))
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.lin = nn.Linear(8 * 6 * 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.relu(self.conv(x)).flatten(1))
+
+
+_MODULES = {"mlp": MLP, "conv1d_gpt2": Conv1DNet, "conv2d": ConvNet}
+
+
+def build_base(kind: str, root: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The same base model (same weights) every time it is called with the same ``kind``."""
+    if kind in LANGUAGE_MODELS:
+        path = root / f"tiny-{kind}"
+        if not path.exists():
+            build_tiny_model(kind, save_dir=path, seed=0)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _MODULES[kind]()
+    return model.to(dtype).eval()
+
+
+def make_inputs(kind: str) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    if kind in LANGUAGE_MODELS:
+        ids = torch.randint(4, 100, (2, 10), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    shape = {"mlp": (5, 12), "conv1d_gpt2": (5, 12), "conv2d": (2, 3, 6, 6)}[kind]
+    return {"x": torch.randn(*shape, generator=generator)}
+
+
+def outputs(model: nn.Module, kind: str, inputs: dict) -> torch.Tensor:
+    """Logits for language models, the plain output tensor otherwise."""
+    if kind in LANGUAGE_MODELS:
+        return model(**inputs).logits
+    return model(inputs["x"])
+
+
+def training_loss(model: nn.Module, kind: str, inputs: dict) -> torch.Tensor:
+    if kind in LANGUAGE_MODELS:
+        return model(**inputs, labels=inputs["input_ids"]).loss
+    return outputs(model, kind, inputs).pow(2).mean()
