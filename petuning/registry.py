@@ -34,8 +34,15 @@ def check_peft_version(found: str | None = None) -> None:
 
 check_peft_version()
 
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING  # noqa: E402
+from peft import mapping as peft_mapping  # noqa: E402
 from peft.utils import PeftType, register_peft_method  # noqa: E402
+
+_PEFT_MAPPINGS = (
+    peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING,
+    peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING,
+    peft_mapping.PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+    peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING,
+)
 
 
 def add_peft_type(name: str) -> PeftType:
@@ -63,18 +70,24 @@ def add_peft_type(name: str) -> PeftType:
 def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
     """Register a method with PEFT under ``PeftType[name.upper()]`` and prefix ``name + "_"``.
 
-    Idempotent. Refuses a prefix that another registered method already uses, since PEFT itself does not
-    check that (its uniqueness check compares against the dict keys, not the prefixes).
+    Idempotent, and a module reload replaces the stale classes. Refuses a name that another package already
+    registered, and a prefix that another method already uses (PEFT's own uniqueness check compares against
+    the dict keys, not the prefixes, so it never fires).
     """
     peft_type = add_peft_type(name.upper())
     prefix = f"{name}_"
-    if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls:
+    existing = peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    if existing is config_cls:
         return peft_type
-    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
-        # Re-registration after a module reload: replace the stale classes.
-        for mapping in _peft_mappings():
+    if existing is not None:
+        if (existing.__module__, existing.__qualname__) != (config_cls.__module__, config_cls.__qualname__):
+            raise ValueError(
+                f"The PEFT method name {name!r} is already registered by "
+                f"{existing.__module__}.{existing.__qualname__}; choose another name."
+            )
+        for mapping in _PEFT_MAPPINGS:  # the same class re-created by a module reload: replace it
             mapping.pop(peft_type, None)
-    clash = [str(t) for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == prefix and t != peft_type]
+    clash = [str(t) for t, p in peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == prefix and t != peft_type]
     if clash:
         raise ValueError(f"Prefix {prefix!r} is already used by PEFT method(s) {clash}.")
     if getattr(model_cls, "prefix", prefix) != prefix:
@@ -82,13 +95,3 @@ def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
     return peft_type
 
-
-def _peft_mappings() -> list[dict]:
-    from peft import mapping
-
-    return [
-        mapping.PEFT_TYPE_TO_CONFIG_MAPPING,
-        mapping.PEFT_TYPE_TO_TUNER_MAPPING,
-        mapping.PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
-        mapping.PEFT_TYPE_TO_PREFIX_MAPPING,
-    ]
