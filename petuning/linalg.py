@@ -13,7 +13,8 @@ def top_singular_triplets(
     oversampling: int = 8,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` singular triplets of a 2-D ``weight`` (m, n), computed in float32.
+    """Top-``rank`` singular triplets of a 2-D ``weight`` (m, n), computed in float32 (float64 for a float64
+    weight; 16-bit weights are upcast, since LAPACK has no half-precision SVD).
 
     Returns ``U`` (m, rank), ``S`` (rank,) in descending order and ``Vh`` (rank, n), such that
     ``U diag(S) Vh`` is the best rank-``rank`` approximation of ``weight`` (exactly, for ``method="full"``;
@@ -25,7 +26,7 @@ def top_singular_triplets(
     """
     if weight.ndim != 2:
         raise ValueError(f"Expected a 2-D weight, got shape {tuple(weight.shape)}.")
-    w = weight.detach().to(torch.float32)
+    w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
     m, n = w.shape
     if not 0 < rank <= min(m, n):
         raise ValueError(f"rank must be in [1, {min(m, n)}] for a {m}x{n} matrix, got {rank}.")

@@ -8,7 +8,7 @@ knows no method by name; it finds the providers on the model and calls them at f
 ================================  ===========================================================================
 hook                              when
 ================================  ===========================================================================
-``petuning_auxiliary_loss()``     in the tuner's forward, added to ``outputs.loss`` (training mode only)
+``petuning_auxiliary_loss()``     in the model's forward, added to ``outputs.loss`` (training mode only)
 ``petuning_before_optimizer_step`` gradients are final: after backward, accumulation and clipping
 ``petuning_after_optimizer_step``  right after the optimizer updated the parameters
 ``petuning_metrics()``            when the trainer logs; values are floats
@@ -29,6 +29,7 @@ the same correction.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -69,17 +70,60 @@ class TrainingHooksMixin:
 
 
 class AuxiliaryLossMixin(TrainingHooksMixin):
-    """Tuner mixin (put it before ``BaseTuner``): its forward adds the auxiliary losses of the tuner and its
-    layers to ``outputs.loss`` when the model is training and a loss was computed. This is what makes
-    loss-level hooks work unchanged under ``Trainer``, TRL and DDP (the term is part of the same graph)."""
+    """Tuner mixin (put it before ``BaseTuner``) that adds the auxiliary losses of the tuner and its layers to
+    the wrapped model's ``outputs.loss``, in training mode, when a loss was computed.
 
-    def forward(self, *args: Any, **kwargs: Any):
-        outputs = super().forward(*args, **kwargs)
-        if self.training and torch.is_grad_enabled() and getattr(outputs, "loss", None) is not None:
-            extra = auxiliary_loss(self)
-            if extra is not None:
-                outputs.loss = outputs.loss + extra.to(outputs.loss.dtype)
-        return outputs
+    It works through a forward hook on the wrapped model, so it acts for every ``PeftModel`` task type (the
+    generic ``PeftModel`` calls the wrapped model directly, not the tuner) and under ``Trainer``, TRL and DDP
+    (the term is part of the same graph). The hook is removed by ``unload()`` / ``merge_and_unload()``.
+
+    Normalization follows the task loss: when the driver passes ``num_items_in_batch`` (``transformers.Trainer``
+    with gradient accumulation normalizes the loss over the whole accumulated batch and does not divide by the
+    number of micro-batches), the term of a micro-batch is weighted by its share of the label tokens, so each
+    optimizer step sees it exactly once, whatever the accumulation and world size.
+    """
+
+    _auxiliary_loss_handle = None
+
+    def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        super()._post_injection_hook(model, config, adapter_name)
+        if self._auxiliary_loss_handle is None:
+            self._auxiliary_loss_handle = model.register_forward_hook(
+                functools.partial(_add_auxiliary_loss, self), with_kwargs=True
+            )
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
+        if self._auxiliary_loss_handle is not None:
+            self._auxiliary_loss_handle.remove()
+            self._auxiliary_loss_handle = None
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+
+def _add_auxiliary_loss(tuner: nn.Module, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+    """Forward hook of the wrapped model: ``output.loss += share * auxiliary_loss(tuner)``."""
+    loss = getattr(output, "loss", None)
+    if loss is None or not module.training or not torch.is_grad_enabled():
+        return None
+    extra = auxiliary_loss(tuner)
+    if extra is None:
+        return None
+    output.loss = loss + _micro_batch_share(module, kwargs) * extra.to(loss.dtype)
+    return output
+
+
+def _micro_batch_share(module: nn.Module, kwargs: dict) -> torch.Tensor | float:
+    """This micro-batch's share of the label tokens of the optimizer step, when the driver says how many there
+    are (``num_items_in_batch``), counted as the driver counts them; else 1."""
+    total = kwargs.get("num_items_in_batch")
+    labels = kwargs.get("shift_labels")
+    if labels is None:
+        labels = kwargs.get("labels")
+        config = getattr(module, "config", None)
+        if labels is not None and type(module).__name__.endswith("ForCausalLM") and not getattr(config, "is_encoder_decoder", False):
+            labels = labels[..., 1:]  # causal LM losses predict label i+1 at position i
+    if total is None or labels is None:
+        return 1.0
+    return labels.ne(-100).sum() / total
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

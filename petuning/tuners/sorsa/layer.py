@@ -29,8 +29,7 @@ from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from petuning.linalg import top_singular_triplets
-
-NAN_MESSAGE = "NaNs detected in the merged weights. The adapter {} seems to be broken"
+from petuning.tuners.common import NAN_MESSAGE, check_mergeable
 
 
 class SorsaLayer(BaseTunerLayer):
@@ -89,7 +88,7 @@ class SorsaLayer(BaseTunerLayer):
                 "Load the model in float32/bfloat16/float16, or quantize it with bitsandbytes (supported)."
             )
         with gather_params_ctx(base.weight):
-            weight = self._base_weight_out_in().to(torch.float32)
+            weight = self._base_weight_out_in()
             if not torch.isfinite(weight).all():
                 raise ValueError(f"The base weight{where} contains NaN or Inf; SORSA cannot take its SVD.")
             u, s, vh = top_singular_triplets(weight, r, svd_method, svd_niter, svd_oversampling)
@@ -166,7 +165,7 @@ class SorsaLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        self._check_mergeable()
+        check_mergeable(self, "SORSA")
         for name in adapter_names:
             if name not in self.sorsa_A:
                 continue
@@ -183,7 +182,7 @@ class SorsaLayer(BaseTunerLayer):
         """Subtract merged adapters again, last merged first."""
         if not self.merged:
             return
-        self._check_mergeable()
+        check_mergeable(self, "SORSA")
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name not in self.sorsa_A:
@@ -192,14 +191,6 @@ class SorsaLayer(BaseTunerLayer):
                 base = self.get_base_weight()
                 delta = self.get_delta_weight(name)
                 self.set_base_weight((base.to(delta.dtype) - delta).to(base.dtype))
-
-    def _check_mergeable(self) -> None:
-        backend = self.quantization_backend
-        if backend is not None and not backend.supports_merge:
-            raise TypeError(
-                f"Cannot merge SORSA into a {backend} base layer: that quantization format is forward-only. "
-                "Load the base in 16/32-bit to merge."
-            )
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
