@@ -190,6 +190,7 @@ class TestConformance:
         n_base = sum(p.numel() for p in _base(case, model_root).parameters())
         unloaded = model.unload()
         assert not _tuner_layers(unloaded)
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in unloaded.modules()), "hooks left behind"
         assert sum(p.numel() for p in unloaded.parameters()) == n_base
         torch.testing.assert_close(_out(unloaded, case, inputs), base_out, atol=1e-5, rtol=1e-5)
 
