@@ -2,9 +2,12 @@
 
 Usage::
 
-    python benchmarks/sorsa_speed.py            # tiny Llama + SmolLM2-135M, about 5-8 minutes on 2 cores
+    python benchmarks/sorsa_speed.py            # tiny Llama + SmolLM2-135M, about 5 minutes on 2 idle cores
     python benchmarks/sorsa_speed.py --quick    # tiny Llama only, fewer repeats, under 2 minutes
     python benchmarks/sorsa_speed.py --no-smollm2 --repeats 9
+
+On a busy machine the timed repeats stop at a per-model time budget (``--budget``), but warm-up, the profiled
+memory step and the init timing still take longer.
 
 Results are printed as tables and written to ``benchmarks/results/sorsa_speed.json``.
 The issue's target is a SORSA train step of at most 1.1x LoRA's.
@@ -37,11 +40,15 @@ phase measured by optimizer step pre-hooks registered just before and just after
 Noise control: every variant lives in the same process with its own copy of the base model. After
 ``warmup`` untimed steps each, the variants run in blocks of ``steps_per_block`` steps, interleaved, and the
 order rotates every repeat (lora, sorsa, sorsa_gamma0; then sorsa, sorsa_gamma0, lora; ...), so slow phases
-of a shared machine fall on all variants alike. Reported per variant: the median step time over all timed
-steps. Reported per ratio: the ratio of medians, plus the median and range of the per-repeat ratios (the
-ratio of the two variants' block medians within one repeat, i.e. measured seconds apart). torch's thread
-count is left as it is; the 1-minute load average is recorded before and after, since other processes on
-the machine make every absolute time larger.
+of a shared machine fall on all variants alike. Up to ``repeats`` repeats run; a per-model time budget may
+stop them early (at least 2 always run), which keeps ``--quick`` and the full run bounded on a busy machine.
+Reported per variant: the median and the minimum step time over all timed steps. Reported per ratio: the
+ratio of medians (the headline), the median and range of the per-repeat ratios (the two variants' block
+medians within one repeat, measured seconds apart), and the ratio of minima (the least disturbed steps;
+the better estimate when the machine is busy, since load only ever adds time). torch's thread count is left
+as it is; the 1-minute load average is recorded before and after: above the CPU count, other processes
+compete for the cores and with 2 OpenMP threads every small op can stall, so absolute times swell and the
+ratios should be read with their ranges.
 
 Peak memory: CPU has no caching-allocator statistics and RSS is blurred by glibc's allocator (freed memory is
 kept or returned at its discretion) and by everything else in the process. Instead one extra step per variant
@@ -49,7 +56,7 @@ runs under ``torch.profiler`` with ``profile_memory=True``, which records every 
 tensor memory made through torch's CPU allocator, with a timestamp. The running sum of those events gives the
 tensor memory allocated during the step above what was live when it began; its maximum is the step's
 *transient peak* (activations saved for backward, gradients, temporaries; gradients are freed by
-``zero_grad`` so the sum returns to ~0, which the script checks). What was live at the start (*static*:
+``zero_grad`` so the sum returns to ~0, which the script checks and reports). What was live at the start (*static*:
 model weights, adapter parameters and frozen buffers, AdamW state, the batch) is counted exactly from the
 tensors themselves, each storage once. ``peak = static + transient``. Not counted: memory that libraries
 allocate outside torch's allocator (oneDNN/BLAS scratch space), the Python heap. The profiled step is not
@@ -222,6 +229,8 @@ class StepRunner:
         for _, nbytes in events:
             running += nbytes
             peak = max(peak, running)
+        if abs(running) > MIB:  # a step should free what it allocated (zero_grad drops the gradients)
+            print(f"  WARNING: tensor memory changed by {running / MIB:.1f} MiB over the profiled step", flush=True)
         return {
             "static_mib": static["total"] / MIB,
             "static_breakdown_mib": {k: v / MIB for k, v in static.items() if k != "total"},
@@ -237,7 +246,9 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def bench_training(spec: ModelSpec, rank: int, warmup: int, repeats: int, steps_per_block: int) -> dict:
+def bench_training(
+    spec: ModelSpec, rank: int, warmup: int, repeats: int, steps_per_block: int, budget_s: float
+) -> dict:
     print(f"\n== {spec.name}: {spec.description}; batch {spec.batch} x {spec.seq} tokens, r={rank}", flush=True)
     generator = torch.Generator().manual_seed(0)
     configs = peft_configs(rank)
@@ -261,7 +272,11 @@ def bench_training(spec: ModelSpec, rank: int, warmup: int, repeats: int, steps_
     steps: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     block_medians: dict[str, list[float]] = {n: [] for n in names}
     load_before = os.getloadavg()[0]
+    deadline = time.perf_counter() + budget_s
     for rep in range(repeats):
+        if rep >= 2 and time.perf_counter() > deadline:
+            print(f"  time budget of {budget_s:.0f}s spent: stopping after {rep} repeats", flush=True)
+            break
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             gc.collect()
@@ -297,6 +312,7 @@ def bench_training(spec: ModelSpec, rank: int, warmup: int, repeats: int, steps_
         paired = [s / l for s, l in zip(block_medians[name], block_medians["lora"])]
         ratios[f"{name}/lora"] = {
             "step_time": variants[name]["step_s_median"] / variants["lora"]["step_s_median"],
+            "step_time_min": variants[name]["step_s_min"] / variants["lora"]["step_s_min"],
             "step_time_paired_median": median(paired),
             "step_time_paired_range": [min(paired), max(paired)],
             "peak_memory": memory[name]["peak_mib"] / memory["lora"]["peak_mib"],
@@ -311,8 +327,9 @@ def bench_training(spec: ModelSpec, rank: int, warmup: int, repeats: int, steps_
         "rank": rank,
         "target_modules": TARGET_MODULES,
         "warmup_steps": warmup,
-        "repeats": repeats,
+        "repeats": len(block_medians["lora"]),
         "steps_per_block": steps_per_block,
+        "time_budget_s": budget_s,
         "loadavg_1min_before_after": [load_before, load_after],
         "variants": variants,
         "ratios": ratios,
@@ -366,9 +383,9 @@ def print_training_table(name: str, res: dict) -> None:
     for key, r in res["ratios"].items():
         lo, hi = r["step_time_paired_range"]
         verdict = "OK" if r["step_time"] <= 1.1 else "ABOVE TARGET"
-        print(f"  {key:<19} step time {r['step_time']:.3f}x (paired median {r['step_time_paired_median']:.3f}x,"
-              f" range {lo:.3f}-{hi:.3f}) [{verdict} vs 1.1x]; peak memory {r['peak_memory']:.3f}x,"
-              f" transient {r['transient_memory']:.3f}x")
+        print(f"  {key:<19} step time {r['step_time']:.3f}x [{verdict} vs 1.1x] (paired median "
+              f"{r['step_time_paired_median']:.3f}x, range {lo:.3f}-{hi:.3f}; ratio of minima "
+              f"{r['step_time_min']:.3f}x); peak memory {r['peak_memory']:.3f}x, transient {r['transient_memory']:.3f}x")
 
 
 def print_init_table(name: str, res: dict) -> None:
@@ -397,14 +414,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny Llama only, few repeats (< 2 minutes)")
     parser.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5, quick 3)")
-    parser.add_argument("--steps-per-block", type=int, default=2, help="timed steps per variant per repeat")
+    parser.add_argument("--repeats", type=int, default=None, help="max interleaved repeats (default 8, quick 4)")
+    parser.add_argument("--steps-per-block", type=int, default=None,
+                        help="timed steps per variant per repeat (default 2, quick 1)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 2, quick 1)")
     parser.add_argument("--init-repeats", type=int, default=3, help="repeats of the init-time measurement")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds per model for the timed repeats (default: 40 quick, 120 tiny Llama, 240 SmolLM2)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads(N) first (default: leave torch's thread count as it is)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (4 if args.quick else 8)
+    steps_per_block = args.steps_per_block or (1 if args.quick else 2)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     started = time.perf_counter()
 
@@ -416,7 +441,10 @@ def main(argv: list[str] | None = None) -> None:
                "target_step_time_ratio": 1.1, "training": {}, "init": {}}
     print("machine:", json.dumps(results["machine"]))
     for spec in specs:
-        results["training"][spec.name] = bench_training(spec, args.rank, warmup, repeats, args.steps_per_block)
+        budget = args.budget or (40 if args.quick else {"tiny_llama": 120}.get(spec.name, 240))
+        results["training"][spec.name] = bench_training(
+            spec, args.rank, warmup, repeats, steps_per_block, budget
+        )
     if not args.quick:
         init_spec = specs[-1]  # SmolLM2 unless --no-smollm2
         results["init"][init_spec.name] = bench_init(init_spec, args.rank, args.init_repeats)
@@ -425,6 +453,10 @@ def main(argv: list[str] | None = None) -> None:
     print("Train step = forward + backward + clip + AdamW step incl. petuning.TrainingHooks; seconds are medians.")
     print("Memory: static = tensors live between steps (counted exactly); transient = peak of torch CPU-allocator")
     print("allocations during one profiled step above its start; peak = static + transient.")
+    loads = [x for r in results["training"].values() for x in r["loadavg_1min_before_after"]]
+    if max(loads) > os.cpu_count():
+        print(f"NOTE: load average reached {max(loads):.1f} on {os.cpu_count()} CPUs: other processes competed for "
+              "the cores; absolute times are inflated and ratios noisy (see ranges and ratio of minima).")
     for name, res in results["training"].items():
         print_training_table(name, res)
     for name, res in results["init"].items():

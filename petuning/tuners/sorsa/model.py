@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Optional
+from typing import Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -93,14 +93,11 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
         return remapped
 
     # ---------------------------------------------------------------------------------- regularizer
-    def _sorsa_layers(self) -> list[SorsaLayer]:
-        return [m for m in self.model.modules() if isinstance(m, SorsaLayer)]
-
     def sorsa_factors(self, adapter_name: str) -> list[torch.Tensor]:
         """All ``sorsa_A`` (r, in) and ``sorsa_B`` (out, r) parameters of ``adapter_name``: A, B, A, B, ..."""
         factors = []
-        for layer in self._sorsa_layers():
-            if adapter_name in layer.sorsa_A:
+        for layer in self.model.modules():
+            if isinstance(layer, SorsaLayer) and adapter_name in layer.sorsa_A:
                 factors += [layer.sorsa_A[adapter_name], layer.sorsa_B[adapter_name]]
         return factors
 
@@ -108,47 +105,53 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
         """L_reg = mean over all A and B of ``||A Aᵀ - I||_F`` and ``||Bᵀ B - I||_F`` (squared for
         ``ortho_norm="fro2"``), in float32 or better with autocast off. Differentiable."""
         name = adapter_name or self.active_adapters[0]
-        factors = self.sorsa_factors(name)
-        rows = [f if i % 2 == 0 else f.T for i, f in enumerate(factors)]  # A and Bᵀ: r rows each
-        return orthonormal_regularizer(rows, squared=self.peft_config[name].ortho_norm == "fro2")
+        return orthonormal_regularizer(_as_rows(self.sorsa_factors(name)), self.peft_config[name].ortho_norm == "fro2")
 
-    def _regularized_adapters(self, mode: str) -> Iterable[tuple[str, SorsaConfig]]:
+    def _regularized(self, mode: str) -> Iterator[tuple[SorsaConfig, list[torch.Tensor], list[torch.Tensor]]]:
+        """For each active adapter regularized in ``mode``: its config, its A/B factors and the gradient of
+        L_reg with respect to each (computed in closed form, batched by shape, without autograd)."""
         for name in self.active_adapters:
             config = self.peft_config.get(name)
-            if isinstance(config, SorsaConfig) and config.gamma > 0 and config.ortho_mode == mode:
-                if any(f.requires_grad for f in self.sorsa_factors(name)):  # False when disabled or frozen
-                    yield name, config
-
-    def _regularizer_gradients(self, name: str) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
-        factors = [f for f in self.sorsa_factors(name) if f.requires_grad]
-        return factors, torch.autograd.grad(self.orthonormal_regularizer(name), factors)
+            if not (isinstance(config, SorsaConfig) and config.gamma > 0 and config.ortho_mode == mode):
+                continue
+            factors = self.sorsa_factors(name)
+            if not any(f.requires_grad for f in factors):  # adapters disabled or frozen
+                continue
+            row_grads = orthonormal_regularizer_grads(_as_rows(factors), config.ortho_norm == "fro2")
+            yield config, factors, _as_rows(row_grads)
 
     # ------------------------------------------------------------------------------ training hooks
     def petuning_auxiliary_loss(self) -> Optional[torch.Tensor]:
-        terms = [config.gamma * self.orthonormal_regularizer(name) for name, config in self._regularized_adapters("loss")]
+        terms = []
+        for name in self.active_adapters:
+            config = self.peft_config.get(name)
+            if isinstance(config, SorsaConfig) and config.gamma > 0 and config.ortho_mode == "loss":
+                if any(f.requires_grad for f in self.sorsa_factors(name)):
+                    terms.append(config.gamma * self.orthonormal_regularizer(name))
         return torch.stack(terms).sum() if terms else None
 
     def petuning_before_optimizer_step(self, ctx: StepContext) -> None:
-        for name, config in self._regularized_adapters("official"):
+        for config, factors, grads in self._regularized("official"):
             if not ctx.peak_lr:
                 raise ValueError(
                     "SORSA's 'official' orthonormal regularizer scales its gradient by gamma / peak learning rate, "
                     "but no peak learning rate is known. Pass peak_lr= to petuning.TrainingHooks."
                 )
             coefficient = config.gamma / ctx.peak_lr
-            factors, grads = self._regularizer_gradients(name)
             for factor, grad in zip(factors, grads):
+                if not factor.requires_grad:
+                    continue
                 if factor.grad is None:
-                    factor.grad = coefficient * grad
+                    factor.grad = (coefficient * grad).to(factor.dtype)
                 else:
-                    factor.grad.add_(grad, alpha=coefficient)
+                    factor.grad.add_(grad.to(factor.grad.dtype), alpha=coefficient)
 
     def petuning_after_optimizer_step(self, ctx: StepContext) -> None:
-        for name, config in self._regularized_adapters("decoupled"):
-            factors, grads = self._regularizer_gradients(name)
-            with torch.no_grad():
+        with torch.no_grad():
+            for config, factors, grads in self._regularized("decoupled"):
                 for factor, grad in zip(factors, grads):
-                    factor.sub_(grad, alpha=config.gamma)
+                    if factor.requires_grad:
+                        factor.sub_(grad.to(factor.dtype), alpha=config.gamma)
 
     def petuning_metrics(self) -> dict[str, float]:
         name = self.active_adapters[0] if self.active_adapters else None
@@ -157,20 +160,48 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
         return {"sorsa_orthonormality": float(self.orthonormal_regularizer(name))}
 
 
+def _as_rows(factors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A, B, A, B, ... -> A, Bᵀ, A, Bᵀ, ...: every matrix with its r orthonormal vectors as rows. Applying it
+    twice gives the original list back, which maps row gradients to factor gradients."""
+    return [f if i % 2 == 0 else f.T for i, f in enumerate(factors)]
+
+
 def orthonormal_regularizer(rows: list[torch.Tensor], squared: bool = False) -> torch.Tensor:
     """Mean over the (r, n) matrices ``rows`` of ``||M Mᵀ - I_r||_F`` (or its square), computed in float32 or
     better with autocast off: a 16-bit Gram matrix is too coarse near the identity to regularize anything."""
+    norms = torch.cat([norm for _, _, _, norm in _gram_residuals(rows)])
+    return (norms.square() if squared else norms).mean()
+
+
+def orthonormal_regularizer_grads(rows: list[torch.Tensor], squared: bool = False) -> list[torch.Tensor]:
+    """Gradient of :func:`orthonormal_regularizer` with respect to each of ``rows``, in closed form:
+    with D = M Mᵀ - I and N = len(rows), d/dM ||D||_F / N = 2 D M / (||D||_F N) and d/dM ||D||_F² / N = 4 D M / N.
+    The matrices are batched by shape, so a model with hundreds of layers costs a few batched products."""
+    grads: list[Optional[torch.Tensor]] = [None] * len(rows)
+    with torch.no_grad():
+        for index, m, d, norm in _gram_residuals(rows):
+            scale = 4.0 / len(rows) if squared else 2.0 / (norm.clamp_min(torch.finfo(norm.dtype).tiny) * len(rows))
+            g = d @ m * (scale if squared else scale[:, None, None])
+            for i, grad in zip(index, g):
+                grads[i] = grad
+    return grads
+
+
+def _gram_residuals(rows: list[torch.Tensor]):
+    """Yield, per group of same-shaped matrices: their indices, the stack M (k, r, n), D = M Mᵀ - I (k, r, r) and
+    ||D||_F (k,), in float32 (float64 for float64 factors) with autocast off."""
     if not rows:
         raise ValueError("No SORSA factors found: is a SORSA adapter attached and active?")
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(rows):
+        groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
     with torch.autocast(device_type=rows[0].device.type, enabled=False):
-        terms = []
-        for m in rows:
-            f = m if m.dtype in (torch.float32, torch.float64) else m.float()
-            gram = f @ f.T
-            eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-            norm = torch.linalg.matrix_norm(gram - eye)
-            terms.append(norm.square() if squared else norm)
-        return torch.stack(terms).mean()
+        for (shape, dtype, device), index in groups.items():
+            m = torch.stack([rows[i] for i in index])
+            if dtype not in (torch.float32, torch.float64):
+                m = m.float()
+            d = m @ m.transpose(1, 2) - torch.eye(shape[0], device=device, dtype=m.dtype)
+            yield index, m, d, torch.linalg.matrix_norm(d)
 
 
 def _is_quantized_linear(module: nn.Module) -> bool:
