@@ -2,7 +2,8 @@
 
 Examples are chat conversations in the ``"messages"`` format TRL and the chat templates use::
 
-    {"messages": [{"role": "user", "content": "What is 47 + 385?"},
+    {"messages": [{"role": "system", "content": "Answer with the number only."},
+                  {"role": "user", "content": "What is 47 + 385?"},
                   {"role": "assistant", "content": "432"}]}
 
 The embedded task ships as ``petuning/data/arithmetic_{train,test}.jsonl``; both files are
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 #: Split name -> (number of questions, seed) of the shipped files.
-EMBEDDED_SPLITS = {"train": (4000, 0), "test": (200, 1)}
+EMBEDDED_SPLITS = {"train": (2000, 0), "test": (200, 1)}
 
 IGNORE_INDEX = -100
 
@@ -29,45 +30,42 @@ IGNORE_INDEX = -100
 # --------------------------------------------------------------------------- the task
 
 
-def _question(a: int, b: int) -> dict:
-    return {
-        "messages": [
-            {"role": "user", "content": f"What is {a} + {b}?"},
-            {"role": "assistant", "content": str(a + b)},
-        ]
-    }
+#: System message of every embedded question: the base model is told the expected format.
+SYSTEM_PROMPT = "Answer with the number only."
 
 
-def make_arithmetic_split(n: int, seed: int, exclude: set[tuple[int, int]] = frozenset()) -> list[dict]:
-    """``n`` distinct addition questions ``a + b`` with ``a`` two-digit and ``b`` three-digit.
+def make_arithmetic_split(n: int, seed: int, exclude: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+    """``n`` distinct questions "What is a + b?" with ``a`` two-digit and ``b`` three-digit.
 
-    Deterministic in ``seed``; pairs ``(a, b)`` in ``exclude`` are never drawn. The
-    assistant's answer is the bare sum.
+    Deterministic in ``seed``. Questions whose text is in ``exclude`` are never drawn. Each
+    example is a system message (:data:`SYSTEM_PROMPT`), the user's question and the
+    assistant's answer, which is the bare sum.
     """
     rng = random.Random(seed)
     seen = set(exclude)
     examples = []
     while len(examples) < n:
-        pair = (rng.randint(10, 99), rng.randint(100, 999))
-        if pair not in seen:
-            seen.add(pair)
-            examples.append(_question(*pair))
+        a, b = rng.randint(10, 99), rng.randint(100, 999)
+        question = f"What is {a} + {b}?"
+        if question in seen:
+            continue
+        seen.add(question)
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": str(a + b)},
+        ]
+        examples.append({"messages": messages})
     return examples
 
 
-def _operands(example: dict) -> tuple[int, int]:
-    question = example["messages"][0]["content"]
-    a, b = question.removeprefix("What is ").removesuffix("?").split(" + ")
-    return int(a), int(b)
-
-
 def make_embedded_task() -> dict[str, list[dict]]:
-    """Generate both splits of the embedded task; the training split excludes every test
-    question."""
+    """Generate both splits of the embedded task; no test question appears in training."""
     n_test, test_seed = EMBEDDED_SPLITS["test"]
     test = make_arithmetic_split(n_test, test_seed)
     n_train, train_seed = EMBEDDED_SPLITS["train"]
-    train = make_arithmetic_split(n_train, train_seed, exclude={_operands(ex) for ex in test})
+    test_questions = {ex["messages"][-2]["content"] for ex in test}
+    train = make_arithmetic_split(n_train, train_seed, exclude=test_questions)
     return {"train": train, "test": test}
 
 
