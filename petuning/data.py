@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Set as AbstractSet
 from importlib import resources
 from pathlib import Path
 
@@ -24,17 +25,16 @@ import torch
 #: Split name -> (number of questions, seed) of the shipped files.
 EMBEDDED_SPLITS = {"train": (2000, 0), "test": (200, 1)}
 
+#: System message of every embedded question: the base model is told the expected format.
+SYSTEM_PROMPT = "Answer with the number only."
+
 IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------- the task
 
 
-#: System message of every embedded question: the base model is told the expected format.
-SYSTEM_PROMPT = "Answer with the number only."
-
-
-def make_arithmetic_split(n: int, seed: int, exclude: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+def make_arithmetic_split(n: int, seed: int, exclude: AbstractSet[str] = frozenset()) -> list[dict]:
     """``n`` distinct questions "What is a + b?" with ``a`` two-digit and ``b`` three-digit.
 
     Deterministic in ``seed``. Questions whose text is in ``exclude`` are never drawn. Each
@@ -73,7 +73,7 @@ def load_embedded_task(split: str) -> list[dict]:
     """The shipped ``"train"`` or ``"test"`` split, as a list of ``{"messages": [...]}``."""
     if split not in EMBEDDED_SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(EMBEDDED_SPLITS)}")
-    text = resources.files("petuning").joinpath("data", f"arithmetic_{split}.jsonl").read_text()
+    text = resources.files("petuning").joinpath("data", f"arithmetic_{split}.jsonl").read_text("utf-8")
     return [json.loads(line) for line in text.splitlines() if line]
 
 
@@ -83,7 +83,7 @@ def write_embedded_task(directory: str | Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for split, examples in make_embedded_task().items():
         lines = "".join(json.dumps(ex) + "\n" for ex in examples)
-        (directory / f"arithmetic_{split}.jsonl").write_text(lines)
+        (directory / f"arithmetic_{split}.jsonl").write_text(lines, "utf-8")
 
 
 # --------------------------------------------------------------------------- SFT

@@ -13,7 +13,7 @@ This is what ``make demo`` runs. On 2 CPU cores it takes about 7 minutes:
 
 Usage::
 
-    python recipes/demo.py [--steps 100] [--lr 5e-4] [--rank 16] [--output-dir out/demo]
+    python recipes/demo.py [--steps 100] [--lr 2e-4] [--rank 16] [--output-dir out/demo]
     python recipes/demo.py --check out/demo      # step 5 alone, on a finished run
 """
 
@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per step")
-    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, linear decay)")
+    parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW, linear decay)")
     parser.add_argument("--rank", type=int, default=16, help="SORSA rank r")
     parser.add_argument("--gamma", type=float, default=4e-4, help="SORSA orthonormal regularizer weight")
     parser.add_argument("--n-eval", type=int, default=100, help="held-out questions to score (at most 200)")
