@@ -107,27 +107,29 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
         name = adapter_name or self.active_adapters[0]
         return orthonormal_regularizer(_as_rows(self.sorsa_factors(name)), self.peft_config[name].ortho_norm == "fro2")
 
-    def _regularized(self, mode: str) -> Iterator[tuple[SorsaConfig, list[torch.Tensor], list[torch.Tensor]]]:
-        """For each active adapter regularized in ``mode``: its config, its A/B factors and the gradient of
-        L_reg with respect to each (computed in closed form, batched by shape, without autograd)."""
+    def _adapters_in_mode(self, mode: str) -> Iterator[tuple[str, SorsaConfig, list[torch.Tensor]]]:
+        """Active adapters regularized in ``mode`` whose factors train: name, config and A/B factors."""
         for name in self.active_adapters:
             config = self.peft_config.get(name)
             if not (isinstance(config, SorsaConfig) and config.gamma > 0 and config.ortho_mode == mode):
                 continue
             factors = self.sorsa_factors(name)
-            if not any(f.requires_grad for f in factors):  # adapters disabled or frozen
-                continue
+            if any(f.requires_grad for f in factors):  # False when adapters are disabled or frozen
+                yield name, config, factors
+
+    def _regularized(self, mode: str) -> Iterator[tuple[SorsaConfig, list[torch.Tensor], list[torch.Tensor]]]:
+        """Like :meth:`_adapters_in_mode`, with the gradient of L_reg for each factor (closed form, batched by
+        shape, without autograd)."""
+        for _, config, factors in self._adapters_in_mode(mode):
             row_grads = orthonormal_regularizer_grads(_as_rows(factors), config.ortho_norm == "fro2")
             yield config, factors, _as_rows(row_grads)
 
     # ------------------------------------------------------------------------------ training hooks
     def petuning_auxiliary_loss(self) -> Optional[torch.Tensor]:
-        terms = []
-        for name in self.active_adapters:
-            config = self.peft_config.get(name)
-            if isinstance(config, SorsaConfig) and config.gamma > 0 and config.ortho_mode == "loss":
-                if any(f.requires_grad for f in self.sorsa_factors(name)):
-                    terms.append(config.gamma * self.orthonormal_regularizer(name))
+        terms = [
+            config.gamma * orthonormal_regularizer(_as_rows(factors), config.ortho_norm == "fro2")
+            for _, config, factors in self._adapters_in_mode("loss")
+        ]
         return torch.stack(terms).sum() if terms else None
 
     def petuning_before_optimizer_step(self, ctx: StepContext) -> None:
