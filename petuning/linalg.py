@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 
 def top_singular_triplets(
@@ -52,3 +61,44 @@ def _randomized_svd(w: torch.Tensor, k: int, niter: int, seed: int):
         q = torch.linalg.qr(w @ q).Q
     ub, s, vh = torch.linalg.svd(q.T @ w, full_matrices=False)
     return q @ ub, s, vh
+
+
+def cached_top_singular_triplets(
+    weight: torch.Tensor,
+    rank: int,
+    method: str = "full",
+    niter: int = 4,
+    oversampling: int = 8,
+    cache_dir: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`top_singular_triplets`, memoized on disk under ``cache_dir`` (no caching when it is None).
+
+    The key is a SHA-256 of the weight's bytes, shape and dtype plus the SVD settings, so a restarted run (or
+    another adapter on the same base) reads the factors back instead of redoing the SVD, and a changed weight
+    never hits a stale entry. Entries are safetensors files written atomically; an unreadable entry is
+    recomputed and replaced with a warning.
+    """
+    if cache_dir is None:
+        return top_singular_triplets(weight, rank, method, niter, oversampling)
+    digest = hashlib.sha256()
+    host = weight.detach().contiguous().cpu()
+    digest.update(f"{tuple(host.shape)}|{host.dtype}|{rank}|{method}|{niter}|{oversampling}".encode())
+    digest.update(host.view(torch.uint8).numpy().tobytes() if host.numel() else b"")
+    path = Path(cache_dir) / f"svd-{digest.hexdigest()}.safetensors"
+    if path.exists():
+        try:
+            entry = load_file(path, device=str(weight.device))
+            return entry["U"], entry["S"], entry["Vh"]
+        except (SafetensorError, KeyError, OSError) as error:
+            warnings.warn(f"Ignoring unreadable SVD cache entry {path} ({error}); recomputing it.")
+    u, s, vh = top_singular_triplets(weight, rank, method, niter, oversampling)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file({"U": u.cpu(), "S": s.cpu(), "Vh": vh.cpu()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return u, s, vh

@@ -90,6 +90,13 @@ class SorsaConfig(PeftConfig):
     )
     svd_niter: int = field(default=4, metadata={"help": "Power iterations of the randomized SVD."})
     svd_oversampling: int = field(default=8, metadata={"help": "Extra random directions of the randomized SVD."})
+    svd_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Directory caching the SVD of each base weight (keyed by a hash of the weight, the rank and the "
+            "SVD settings), so a restarted run or a second adapter on the same base does not redo it. None: no cache."
+        },
+    )
     gamma: float = field(
         default=4e-4, metadata={"help": "Strength of the orthonormal regularizer (paper: 4e-4). 0 turns it off."}
     )

@@ -28,7 +28,7 @@ from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
-from petuning.linalg import top_singular_triplets
+from petuning.linalg import cached_top_singular_triplets
 from petuning.tuners.common import NAN_MESSAGE, check_mergeable
 
 
@@ -68,11 +68,17 @@ class SorsaLayer(BaseTunerLayer):
         svd_method: str = "full",
         svd_niter: int = 4,
         svd_oversampling: int = 8,
+        svd_cache_dir: Optional[str] = None,
         module_name: str = "",
         inference_mode: bool = False,
         **_: Any,
     ) -> None:
-        """Add adapter ``adapter_name``: SVD of the base weight, trainable factors and frozen copies."""
+        """Add adapter ``adapter_name``: SVD of the base weight, trainable factors and frozen copies.
+
+        The SVD is skipped when the factors are about to be overwritten by a saved adapter: when the adapter is
+        created for inference (``inference_mode=True``, which ``PeftModel.from_pretrained`` and transformers'
+        ``load_adapter`` set unless ``is_trainable=True``) and when PEFT creates it on the meta device
+        (``low_cpu_mem_usage=True``). The factors then start at zero, which is still an exact identity."""
         where = f" (layer {module_name!r})" if module_name else ""
         limit = min(self.in_features, self.out_features)
         if r > limit:
@@ -87,14 +93,20 @@ class SorsaLayer(BaseTunerLayer):
                 f"SORSA needs a floating-point base weight, but the weight{where} has dtype {base.weight.dtype}. "
                 "Load the model in float32/bfloat16/float16, or quantize it with bitsandbytes (supported)."
             )
-        with gather_params_ctx(base.weight):
-            weight = self._base_weight_out_in()
-            if not torch.isfinite(weight).all():
-                raise ValueError(f"The base weight{where} contains NaN or Inf; SORSA cannot take its SVD.")
-            u, s, vh = top_singular_triplets(weight, r, svd_method, svd_niter, svd_oversampling)
-        s = s / scale
         dtype = self._factor_dtype()
-        a0, s0, b0 = vh.to(dtype), s.to(dtype), u.to(dtype)
+        if inference_mode or _creating_on_meta():
+            a0 = torch.zeros(r, self.in_features, dtype=dtype)
+            s0 = torch.zeros(r, dtype=dtype)
+            b0 = torch.zeros(self.out_features, r, dtype=dtype)
+        else:
+            with gather_params_ctx(base.weight):  # full weight under DeepSpeed ZeRO-3
+                weight = self._base_weight_out_in()
+                if not torch.isfinite(weight).all():
+                    raise ValueError(f"The base weight{where} contains NaN or Inf; SORSA cannot take its SVD.")
+                u, s, vh = cached_top_singular_triplets(
+                    weight, r, svd_method, svd_niter, svd_oversampling, svd_cache_dir
+                )
+            a0, s0, b0 = vh.to(dtype), (s / scale).to(dtype), u.to(dtype)
         a, sv, b = a0.clone(), s0.clone(), b0.clone()
         if not init_weights:  # seeded by the global RNG, like PEFT's other tuners
             a = a + 0.3 * torch.randn_like(a) / a.shape[1] ** 0.5
@@ -194,6 +206,14 @@ class SorsaLayer(BaseTunerLayer):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
+
+
+def _creating_on_meta() -> bool:
+    """True inside PEFT's ``init_empty_weights`` context (``low_cpu_mem_usage=True``), where new parameters are
+    placed on the meta device and their values come from the state dict loaded next."""
+    probe = nn.Module()
+    probe.register_parameter("probe", nn.Parameter(torch.empty(0)))
+    return probe.probe.device.type == "meta"
 
 
 class Linear(nn.Module, SorsaLayer):

@@ -46,7 +46,9 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
             "svd_method": config.svd_method,
             "svd_niter": config.svd_niter,
             "svd_oversampling": config.svd_oversampling,
+            "svd_cache_dir": config.svd_cache_dir,
             "module_name": current_key,
+            "inference_mode": config.inference_mode,
             **get_quantization_kwargs(self),
         }
         if isinstance(target, SorsaLayer):
@@ -121,6 +123,12 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
         """Like :meth:`_adapters_in_mode`, with the gradient of L_reg for each factor (closed form, batched by
         shape, without autograd)."""
         for _, config, factors in self._adapters_in_mode(mode):
+            if any(_is_sharded(f) for f in factors):
+                raise RuntimeError(
+                    f"SORSA's ortho_mode={mode!r} computes the regularizer's gradient from whole factors, but the "
+                    "factors are sharded (FSDP2 DTensor), so each rank would see only its shard. Use "
+                    "ortho_mode='loss' under FSDP (autograd handles the sharding), or DDP / DeepSpeed ZeRO-2."
+                )
             row_grads = orthonormal_regularizer_grads(_as_rows(factors), config.ortho_norm == "fro2")
             yield config, factors, _as_rows(row_grads)
 
@@ -204,6 +212,12 @@ def _gram_residuals(rows: list[torch.Tensor]):
                 m = m.float()
             d = m @ m.transpose(1, 2) - torch.eye(shape[0], device=device, dtype=m.dtype)
             yield index, m, d, torch.linalg.matrix_norm(d)
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a DTensor sharded over several ranks (FSDP2); a replicated one holds the whole factor."""
+    placements = getattr(tensor, "placements", None)
+    return placements is not None and any(p.is_shard() for p in placements)
 
 
 def _is_quantized_linear(module: nn.Module) -> bool:
