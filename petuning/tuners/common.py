@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
+import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 
 NAN_MESSAGE = "NaNs detected in the merged weights. The adapter {} seems to be broken"
 """PEFT's wording for a failed ``safe_merge`` (PEFT's own tests match it)."""
@@ -29,3 +33,44 @@ def check_mergeable(layer: BaseTunerLayer, method: str) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+def adapter_dtype(layer: BaseTunerLayer) -> torch.dtype:
+    """Dtype for a layer's adapter tensors: float64 on a float64 base (exact tests), else float32, so that products
+    of several small factors are not rounded to 16 bits on fp16/bf16 bases."""
+    base_dtype = layer._get_base_layer_device_and_dtype(layer.get_base_layer())[1]
+    return torch.float64 if base_dtype == torch.float64 else torch.float32
+
+
+def move_adapter_to_base_device(layer: BaseTunerLayer, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    """Move ``adapter_name``'s tensors (in every per-adapter container of ``layer``) to the base layer's device,
+    keeping their dtype (PEFT's default would also cast them to the base dtype). Tensors on meta stay there."""
+    target = device or layer._get_base_layer_device_and_dtype(layer.get_base_layer())[0]
+    if target is None:
+        return
+    for attr in layer.adapter_layer_names + layer.other_param_names:
+        container = getattr(layer, attr, None)
+        if not isinstance(container, (nn.ModuleDict, nn.ParameterDict, BufferDict)) or adapter_name not in container:
+            continue
+        item = container[adapter_name]
+        tensors = list(item.parameters()) + list(item.buffers()) if isinstance(item, nn.Module) else [item]
+        if any(t.device.type == "meta" for t in tensors):
+            continue
+        container[adapter_name] = item.to(target)
+
+
+def check_adapter_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], config, method: str) -> None:
+    """Refuse an adapter state dict (already remapped to the model's keys) whose tensors do not have the model's
+    shapes, naming a mismatching tensor: such an adapter was made for a different base model."""
+    expected = model.state_dict()
+    wrong = [
+        f"{key}: adapter {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+        for key, value in state_dict.items()
+        if key in expected and expected[key].shape != value.shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"This {method} adapter was made for a base model (or ranks) with different layer shapes than the model "
+            f"it is being loaded into ({len(wrong)} tensors differ, e.g. {wrong[0]}). Load it on the base model it "
+            f"was made for: {getattr(config, 'base_model_name_or_path', None)!r}."
+        )

@@ -1,0 +1,85 @@
+"""FLoRA tuner: picks the FLoRA layer type for each targeted module and resolves per-module ranks and scales."""
+
+from __future__ import annotations
+
+import warnings
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    get_quantization_kwargs,
+    resolve_quantization_backend,
+)
+from peft.utils.other import get_pattern_key
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from petuning.tuners.common import check_adapter_shapes
+
+from .config import FloraConfig
+from .layer import Conv, Embedding, FloraLayer, Linear
+
+SUPPORTED = "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv1d/2d/3d and bitsandbytes/quantized linear layers"
+
+
+class FloraModel(BaseTuner):
+    """Adds FLoRA (Tucker low-rank core) adapters to a model. Created by ``peft.get_peft_model(model, FloraConfig(...))``."""
+
+    prefix: str = "flora_"
+    tuner_layer_cls = FloraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(self, config: FloraConfig, adapter_name, target, target_name, parent, current_key, **kw):
+        rank_key = get_pattern_key(config.rank_pattern.keys(), current_key) if config.rank_pattern else None
+        scale_key = get_pattern_key(config.scale_pattern.keys(), current_key) if config.scale_pattern else None
+        kwargs = {
+            "r": (config.rank_pattern or {}).get(rank_key, config.r),
+            "r_kernel": config.r_kernel,
+            "scale": (config.scale_pattern or {}).get(scale_key, config.scale),
+            "dropout": config.dropout,
+            "init_weights": config.init_weights,
+            "module_name": current_key,
+            **get_quantization_kwargs(self),
+        }
+        if isinstance(target, FloraLayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, current_key, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter does not train
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(config: FloraConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, Conv1D):
+            return Linear(target, adapter_name, fan_in_fan_out=True, **kwargs)
+        if config.fan_in_fan_out and not isinstance(base, nn.Embedding):
+            warnings.warn(f"fan_in_fan_out=True does not fit {key!r} ({type(base).__name__}); ignored.")
+        if isinstance(base, nn.Linear) or _is_quantized_linear(base):
+            return Linear(target, adapter_name, **kwargs)
+        if resolve_quantization_backend(base) is not None:
+            raise TypeError(
+                f"FLoRA cannot adapt {key!r}: it is a quantized {type(base).__name__}, and only quantized linear "
+                "layers are supported. Load that layer unquantized or leave it out of target_modules."
+            )
+        if isinstance(base, nn.Embedding):
+            return Embedding(target, adapter_name, **kwargs)
+        if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return Conv(target, adapter_name, **kwargs)
+        raise TypeError(
+            f"FLoRA cannot adapt {key!r} of type {type(base).__name__}: supported layers are {SUPPORTED}. "
+            "Leave it out of target_modules (or add it to exclude_modules)."
+        )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's structural key remapping, plus a clear error when the adapter's shapes do not fit the model."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_shapes(model, remapped, config, "FLoRA")
+        return remapped
+
+
+def _is_quantized_linear(module: nn.Module) -> bool:
+    backend = resolve_quantization_backend(module)
+    return backend is not None and backend.layer_type == "linear"
