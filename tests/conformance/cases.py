@@ -11,7 +11,8 @@ from typing import Callable
 
 from peft.config import PeftConfig
 
-from petuning import SorsaConfig
+from petuning import FloraConfig, SorsaConfig
+from petuning import MaskTuningConfig
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,74 @@ def _sorsa(targets, task_type=None, **extra):
     return make
 
 
+def _flora(targets, task_type=None, **extra):
+    def make(init_weights: bool) -> PeftConfig:
+        return FloraConfig(target_modules=targets, init_weights=init_weights, task_type=task_type, **{"r": 2, **extra})
+
+    return make
+
+
+def _mask_tuning(targets, task_type=None, **extra):
+    # save_scores=True: the suite compares adapter tensors after a state-dict round trip, and bit-packed masks
+    # (the default) keep the masks, not the scores; tests/test_mask_tuning_saving.py covers the packed format.
+    def make(init_weights: bool) -> PeftConfig:
+        return MaskTuningConfig(
+            target_modules=targets, init_weights=init_weights, task_type=task_type, **{"save_scores": True, **extra}
+        )
+
+    return make
+
+
 CASES = [
     MethodCase("sorsa", "mlp", _sorsa(["lin0", "lin1", "lin2"]), "sorsa_"),
     MethodCase("sorsa", "conv1d_gpt2", _sorsa(["c_fc", "c_proj"]), "sorsa_"),
     MethodCase("sorsa", "llama", _sorsa("all-linear", "CAUSAL_LM"), "sorsa_"),
     MethodCase("sorsa", "opt", _sorsa(["q_proj", "v_proj", "fc1", "fc2"], "CAUSAL_LM", alpha=8.0), "sorsa_"),
+    MethodCase("flora", "mlp", _flora(["lin0", "lin1", "lin2"], scale=1.5), "flora_"),
+    MethodCase("flora", "conv1d_gpt2", _flora(["c_fc", "c_proj"]), "flora_"),
+    MethodCase("flora", "embedding", _flora(["emb", "lin"], r=3), "flora_"),
+    MethodCase("flora", "conv1d", _flora(["conv0", "conv1"], r_kernel=2), "flora_"),
+    MethodCase("flora", "conv2d", _flora(["conv"], r=[2, 3, 2, 3]), "flora_"),
+    MethodCase("flora", "conv2d_1x1", _flora(["conv0", "conv1"], r=4), "flora_"),
+    MethodCase(
+        "flora", "conv2d_groups", _flora(["grouped", "depthwise"], rank_pattern={"depthwise": [1, 4, 2, 3]}), "flora_"
+    ),
+    MethodCase("flora", "conv3d", _flora(["conv"], r_kernel=2), "flora_"),
+    MethodCase("flora", "llama", _flora("all-linear", "CAUSAL_LM", r=4), "flora_"),
+    MethodCase("flora", "opt", _flora(["q_proj", "v_proj", "fc1", "fc2"], "CAUSAL_LM", r=4, scale=1.0), "flora_"),
+    MethodCase("mask_tuning", "mlp", _mask_tuning(["lin0", "lin1", "lin2"]), "mask_tuning_"),
+    MethodCase("mask_tuning", "conv1d_gpt2", _mask_tuning(["c_fc", "c_proj"], mask_share=0.3), "mask_tuning_"),
+    MethodCase("mask_tuning", "llama", _mask_tuning("all-linear", "CAUSAL_LM", mask_share=0.25), "mask_tuning_"),
+    MethodCase(
+        "mask_tuning",
+        "opt",
+        _mask_tuning(["q_proj", "v_proj", "fc1", "fc2"], "CAUSAL_LM", gradient_dropout=True),
+        "mask_tuning_",
+    ),
+]
+
+
+from petuning import SparseLowRankConfig  # noqa: E402
+
+
+def _sparse_low_rank(targets, task_type=None, **extra):
+    def make(init_weights: bool) -> PeftConfig:
+        kwargs = {"r": 4, "density": 0.1, **extra}
+        return SparseLowRankConfig(target_modules=targets, init_weights=init_weights, task_type=task_type, **kwargs)
+
+    return make
+
+
+CASES += [
+    MethodCase("sparse_low_rank", "mlp", _sparse_low_rank(["lin0", "lin1", "lin2"], support="random"), "sparse_low_rank_"),
+    MethodCase(
+        "sparse_low_rank", "conv1d_gpt2", _sparse_low_rank(["c_fc", "c_proj"], support="magnitude", r=2), "sparse_low_rank_"
+    ),
+    MethodCase("sparse_low_rank", "llama", _sparse_low_rank("all-linear", "CAUSAL_LM", density=0.05), "sparse_low_rank_"),
+    MethodCase(
+        "sparse_low_rank",
+        "opt",
+        _sparse_low_rank(["q_proj", "v_proj", "fc1", "fc2"], "CAUSAL_LM", support="magnitude", alpha=16.0),
+        "sparse_low_rank_",
+    ),
 ]

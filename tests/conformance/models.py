@@ -1,6 +1,8 @@
 """Locally built models for the conformance suite, each with a seeded input batch.
 
 Kinds: ``mlp`` (nn.Linear), ``conv1d_gpt2`` (transformers' Conv1D, GPT-2 layout), ``conv2d`` (nn.Conv2d),
+``embedding`` (nn.Embedding, integer inputs), ``conv1d`` (nn.Conv1d, circular padding), ``conv2d_1x1`` (pointwise
+nn.Conv2d), ``conv2d_groups`` (grouped and depthwise nn.Conv2d, dilation, reflect padding), ``conv3d`` (nn.Conv3d),
 ``llama`` and ``opt`` (tiny causal LMs saved to disk, so PEFT records a loadable base path).
 """
 
@@ -56,7 +58,75 @@ class ConvNet(nn.Module):
         return self.lin(torch.relu(self.conv(x)).flatten(1))
 
 
-_MODULES = {"mlp": MLP, "conv1d_gpt2": Conv1DNet, "conv2d": ConvNet}
+class EmbeddingNet(nn.Module):
+    """Token ids -> nn.Embedding(30, 12) -> nn.Linear(12, 6)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 12)
+        self.lin = nn.Linear(12, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.emb(x))
+
+
+class Conv1dNet(nn.Module):
+    """nn.Conv1d 4 -> 8 (k3), then 8 -> 6 (k5, stride 2, circular padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv1d(4, 8, 3, padding=1)
+        self.conv1 = nn.Conv1d(8, 6, 5, stride=2, padding=2, padding_mode="circular")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(torch.relu(self.conv0(x)))
+
+
+class Conv2d1x1Net(nn.Module):
+    """Two pointwise (1x1) nn.Conv2d layers, 6 -> 12 -> 6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(6, 12, 1)
+        self.conv1 = nn.Conv2d(12, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(torch.relu(self.conv0(x)))
+
+
+class Conv2dGroupsNet(nn.Module):
+    """A grouped nn.Conv2d (4 -> 8, groups 2) and a depthwise one (8 -> 8, groups 8, dilation 2, reflect padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grouped = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8, padding_mode="reflect")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.depthwise(torch.relu(self.grouped(x)))
+
+
+class Conv3dNet(nn.Module):
+    """nn.Conv3d 3 -> 6 with a (2, 3, 3) kernel, stride (1, 2, 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(3, 6, (2, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+_MODULES = {
+    "mlp": MLP,
+    "conv1d_gpt2": Conv1DNet,
+    "conv2d": ConvNet,
+    "embedding": EmbeddingNet,
+    "conv1d": Conv1dNet,
+    "conv2d_1x1": Conv2d1x1Net,
+    "conv2d_groups": Conv2dGroupsNet,
+    "conv3d": Conv3dNet,
+}
 
 
 def build_base(kind: str, root: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -77,7 +147,17 @@ def make_inputs(kind: str) -> dict:
     if kind in LANGUAGE_MODELS:
         ids = torch.randint(4, 100, (2, 10), generator=generator)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    shape = {"mlp": (5, 12), "conv1d_gpt2": (5, 12), "conv2d": (2, 3, 6, 6)}[kind]
+    if kind == "embedding":
+        return {"x": torch.randint(0, 30, (5, 7), generator=generator)}
+    shape = {
+        "mlp": (5, 12),
+        "conv1d_gpt2": (5, 12),
+        "conv2d": (2, 3, 6, 6),
+        "conv1d": (2, 4, 10),
+        "conv2d_1x1": (2, 6, 5, 5),
+        "conv2d_groups": (2, 4, 6, 6),
+        "conv3d": (2, 3, 4, 6, 6),
+    }[kind]
     return {"x": torch.randn(*shape, generator=generator)}
 
 
