@@ -2,5 +2,7 @@
 
 from .flora import FloraConfig, FloraModel
 from .sorsa import SorsaConfig, SorsaModel
+from .sparse_low_rank import SparseLowRankConfig, SparseLowRankModel
 
 __all__ = ["FloraConfig", "FloraModel", "SorsaConfig", "SorsaModel"]
+__all__ += ["SparseLowRankConfig", "SparseLowRankModel"]

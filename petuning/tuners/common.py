@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import resolve_quantization_backend
 from torch import nn
 
 NAN_MESSAGE = "NaNs detected in the merged weights. The adapter {} seems to be broken"
@@ -74,3 +75,10 @@ def check_adapter_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], 
             f"it is being loaded into ({len(wrong)} tensors differ, e.g. {wrong[0]}). Load it on the base model it "
             f"was made for: {getattr(config, 'base_model_name_or_path', None)!r}."
         )
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """True for a linear layer of one of PEFT's generic quantization backends (bitsandbytes 4/8-bit, HQQ, torchao,
+    forward-only formats)."""
+    backend = resolve_quantization_backend(module)
+    return backend is not None and backend.layer_type == "linear"
