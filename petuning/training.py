@@ -8,6 +8,7 @@ knows no method by name; it finds the providers on the model and calls them at f
 ================================  ===========================================================================
 hook                              when
 ================================  ===========================================================================
+``petuning_training_forward(ctx)`` in the model's forward (training mode, gradients on), before the loss term
 ``petuning_auxiliary_loss()``     in the model's forward, added to ``outputs.loss`` (training mode only)
 ``petuning_before_optimizer_step`` gradients are final: after backward, accumulation and clipping
 ``petuning_after_optimizer_step``  right after the optimizer updated the parameters
@@ -51,8 +52,27 @@ class StepContext:
     peak_lr: Optional[float]
 
 
+@dataclass
+class ForwardContext:
+    """What a forward-level hook knows about a training forward of the wrapped model: the model itself, the
+    arguments it was called with, its output, and this micro-batch's share of the optimizer step's label tokens
+    (1.0 when the driver does not say; see :class:`AuxiliaryLossMixin`)."""
+
+    model: nn.Module
+    args: tuple
+    kwargs: dict
+    output: Any
+    share: Any
+
+
 class TrainingHooksMixin:
     """Hooks a tuner or tuner layer may override. The defaults do nothing."""
+
+    def petuning_training_forward(self, ctx: ForwardContext) -> None:
+        """Observe a training forward (for terms that need the batch or the outputs, e.g. a second forward on the
+        same inputs). It may take gradients of its own terms with ``torch.autograd.grad(..., retain_graph=True)``
+        and keep them for ``petuning_before_optimizer_step``; it must not call ``backward`` or touch ``.grad``.
+        Forwards it runs itself must run without gradients (the hook does not fire for those)."""
 
     def petuning_auxiliary_loss(self) -> Optional[torch.Tensor]:
         """A scalar added to the task loss, or None."""
@@ -100,14 +120,19 @@ class AuxiliaryLossMixin(TrainingHooksMixin):
 
 
 def _add_auxiliary_loss(tuner: nn.Module, module: nn.Module, args: tuple, kwargs: dict, output: Any):
-    """Forward hook of the wrapped model: ``output.loss += share * auxiliary_loss(tuner)``."""
+    """Forward hook of the wrapped model: runs the providers' ``petuning_training_forward``, then
+    ``output.loss += share * auxiliary_loss(tuner)``."""
+    if not module.training or not torch.is_grad_enabled():
+        return None
+    share = _micro_batch_share(module, kwargs)
+    training_forward(tuner, ForwardContext(module, args, kwargs, output, share))
     loss = getattr(output, "loss", None)
-    if loss is None or not module.training or not torch.is_grad_enabled():
+    if loss is None:
         return None
     extra = auxiliary_loss(tuner)
     if extra is None:
         return None
-    output.loss = loss + _micro_batch_share(module, kwargs) * extra.to(loss.dtype)
+    output.loss = loss + share * extra.to(loss.dtype)
     return output
 
 
@@ -146,6 +171,11 @@ def auxiliary_loss(model: nn.Module) -> Optional[torch.Tensor]:
     passing ``labels``) add this to it."""
     terms = [t for p in hook_providers(model) if (t := p.petuning_auxiliary_loss()) is not None]
     return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+
+def training_forward(model: nn.Module, ctx: ForwardContext) -> None:
+    for provider in hook_providers(model):
+        provider.petuning_training_forward(ctx)
 
 
 def before_optimizer_step(model: nn.Module, ctx: StepContext) -> None:

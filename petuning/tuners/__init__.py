@@ -3,6 +3,7 @@
 from .flora import FloraConfig, FloraModel
 from .sorsa import SorsaConfig, SorsaModel
 from .sparse_low_rank import SparseLowRankConfig, SparseLowRankModel
+from .mask_tuning import MaskTuningConfig, MaskTuningModel
 
-__all__ = ["FloraConfig", "FloraModel", "SorsaConfig", "SorsaModel"]
+__all__ = ["FloraConfig", "FloraModel", "MaskTuningConfig", "MaskTuningModel", "SorsaConfig", "SorsaModel"]
 __all__ += ["SparseLowRankConfig", "SparseLowRankModel"]

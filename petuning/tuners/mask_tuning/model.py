@@ -1,0 +1,365 @@
+"""Masked-tuning tuner: injects :class:`~petuning.tuners.mask_tuning.layer.Linear`, stores masks bit-packed, and
+applies R-AMT's L2 term and gradient dropout through petuning's training hooks."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from petuning.training import AuxiliaryLossMixin, ForwardContext, StepContext
+
+from .config import MaskTuningConfig
+from .layer import Linear, MaskTuningLayer, pack_bits, unpack_bits
+
+SCORES = "mask_tuning_scores"
+PACKED = "mask_tuning_mask"
+"""Key (in place of ``mask_tuning_scores``) of the bit-packed binary masks in a saved adapter."""
+
+
+def gradient_dropout(
+    g_task: torch.Tensor, g_kl: torch.Tensor, strength: float, uniform: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """R-AMT's gradient dropout rule, elementwise. Returns the new task gradient and the boolean "kept" tensor.
+
+    A task gradient is kept when it agrees in sign with the KL gradient (``g_task * g_kl >= 0``), else kept when
+    ``uniform < |g_task| / (|g_task| + |g_kl|)``; a dropped gradient is multiplied by ``1 - strength``.
+    ``uniform`` holds draws from U[0, 1) of the gradients' shape.
+    """
+    agree = (g_task * g_kl) >= 0
+    total = g_task.abs() + g_kl.abs()
+    keep_prob = torch.where(total > 0, g_task.abs() / total.clamp_min(torch.finfo(total.dtype).tiny), 1.0)
+    kept = agree | (uniform < keep_prob)
+    return torch.where(kept, g_task, g_task * (1.0 - strength)), kept
+
+
+def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``KL(softmax(reference) || softmax(logits))`` over the last axis, averaged over positions (those with
+    ``attention_mask == 1`` when a mask of the positions' shape is given), computed in float32 or better."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    log_p = F.log_softmax(logits.to(dtype), dim=-1)
+    log_q = F.log_softmax(reference.to(dtype), dim=-1)
+    per_position = (log_q.exp() * (log_q - log_p)).sum(-1)
+    if attention_mask is not None and attention_mask.shape == per_position.shape:
+        weights = attention_mask.to(dtype)
+        return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
+    return per_position.mean()
+
+
+class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
+    """Adds masked-tuning adapters to a model. Created by ``peft.get_peft_model(model, MaskTuningConfig(...))``.
+
+    Besides PEFT's tuner API it offers :meth:`select_masked_weights` (gradient-based choice of the entries that get
+    scores when ``mask_share < 1``), :meth:`mask_statistics` / :meth:`masked_share` (how much of the targeted
+    weights is masked out), and implements petuning's training hooks: the L2 term, gradient dropout, and the
+    metrics ``mask_tuning_masked_share`` and ``mask_tuning_gradient_dropped_share``.
+    """
+
+    prefix: str = "mask_tuning_"
+    tuner_layer_cls = MaskTuningLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    _kl_weight = 0.0  # sum of the micro-batch shares whose KL gradients are accumulated in the layers
+    _dropped_share: Optional[float] = None
+
+    # ------------------------------------------------------------------------------------ injection
+    def _create_and_replace(self, config: MaskTuningConfig, adapter_name, target, target_name, parent, current_key, **kw):
+        kwargs = {
+            "mask_share": config.mask_share,
+            "mask_init": config.mask_init,
+            "threshold": config.threshold,
+            "init_weights": config.init_weights,
+        }
+        if isinstance(target, MaskTuningLayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, current_key, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter does not train
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(config: MaskTuningConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if resolve_quantization_backend(base) is not None:
+            raise TypeError(
+                f"Masked tuning cannot target {key!r} ({type(base).__name__}): it multiplies the weight elementwise, "
+                "which a quantized weight does not allow. Load the model in float32/bfloat16/float16."
+            )
+        if isinstance(base, Conv1D):
+            fan_in_fan_out = True
+        elif isinstance(base, nn.Linear):
+            fan_in_fan_out = False
+        else:
+            raise TypeError(
+                f"Masked tuning cannot target {key!r} of type {type(base).__name__}: it masks the weight matrix of "
+                "a linear layer (torch.nn.Linear or transformers' Conv1D). Leave it out of target_modules (or add "
+                "it to exclude_modules)."
+            )
+        if not base.weight.dtype.is_floating_point:
+            raise TypeError(
+                f"Masked tuning needs a floating-point weight, but {key!r} has dtype {base.weight.dtype}. Load the "
+                "model in float32/bfloat16/float16."
+            )
+        return Linear(target, adapter_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
+
+    # ------------------------------------------------------------------------------------ save/load
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection, with each score tensor replaced by its bit-packed binary mask unless
+        ``config.save_scores``."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if getattr(config, "save_scores", True):
+            return selected
+        suffix = f".{SCORES}.{adapter_name}"
+        packed = {}
+        for key, value in selected.items():
+            if key.endswith(suffix):
+                key = key.removesuffix(suffix) + f".{PACKED}.{adapter_name}"
+                value = pack_bits(value.detach() > config.threshold)
+            packed[key] = value
+        return packed
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's key remapping; bit-packed masks become scores (``mask_init`` kept, ``2 tau - mask_init`` masked).
+        Refuses tensors whose shapes do not fit the model, naming one."""
+        renamed = {}
+        for key, value in state_dict.items():
+            if key.endswith(f".{PACKED}"):
+                key = key.removesuffix(f".{PACKED}") + f".{SCORES}"
+            renamed[key] = value
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, renamed)
+        expected = model.state_dict()
+        wrong = []
+        for key, value in remapped.items():
+            if key not in expected:
+                continue
+            target = expected[key]
+            if value.dtype == torch.uint8 and target.is_floating_point():  # packed mask for this score tensor
+                if value.numel() != (target.numel() + 7) // 8:
+                    wrong.append(f"{key}: {value.numel()} mask bytes vs {(target.numel() + 7) // 8} expected")
+                    continue
+                keep = unpack_bits(value, target.numel()).reshape(target.shape)
+                scores = torch.full(target.shape, config.masked_score, dtype=target.dtype, device=value.device)
+                remapped[key] = scores.masked_fill_(keep, config.mask_init)
+            elif value.shape != target.shape:
+                wrong.append(f"{key}: adapter {tuple(value.shape)} vs model {tuple(target.shape)}")
+        if wrong:
+            raise ValueError(
+                "This masked-tuning adapter does not fit the model it is being loaded into: it was made for a base "
+                f"model with other layer shapes or another mask_share ({len(wrong)} tensors differ, e.g. {wrong[0]}). "
+                f"Load it on the base model it was made for: {getattr(config, 'base_model_name_or_path', None)!r}, "
+                "with the adapter's own adapter_config.json."
+            )
+        return remapped
+
+    # ------------------------------------------------------------------------------------- queries
+    def _layers(self, adapter_name: str) -> Iterator[tuple[str, MaskTuningLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, MaskTuningLayer) and adapter_name in module.mask_tuning_scores:
+                yield name, module
+
+    def mask_statistics(self, adapter_name: Optional[str] = None) -> dict[str, int]:
+        """Entry counts over the targeted weights of ``adapter_name`` (default: the first active adapter):
+        ``total`` entries, ``scored`` entries that carry a score, ``masked`` entries whose mask is 0."""
+        name = adapter_name or self.active_adapters[0]
+        stats = {"total": 0, "scored": 0, "masked": 0}
+        for _, layer in self._layers(name):
+            stats["total"] += layer.get_base_layer().weight.numel()
+            stats["scored"] += layer.mask_tuning_scores[name].numel()
+            stats["masked"] += layer.masked_positions(name).numel()
+        return stats
+
+    def masked_share(self, adapter_name: Optional[str] = None) -> float:
+        """Share of the targeted weights' entries that ``adapter_name`` masks out (sets to 0)."""
+        stats = self.mask_statistics(adapter_name)
+        return stats["masked"] / max(stats["total"], 1)
+
+    # ------------------------------------------------------------------------------------ selection
+    @torch.no_grad()
+    def select_masked_weights(
+        self,
+        batches: Iterable,
+        loss_fn: Optional[Callable[[nn.Module, object], torch.Tensor]] = None,
+        adapter_name: Optional[str] = None,
+    ) -> dict[str, int]:
+        """Choose, per layer, which ``round(mask_share * numel)`` entries get a score: those with the largest
+        ``|dL/dm|`` at the all-ones mask, i.e. ``|(sum over batches of dL/dW) ⊙ W|`` (the first-order change of
+        the loss when the entry is masked). Resets the scores to ``mask_init``; call it before creating the
+        optimizer.
+
+        ``batches``: an iterable of model inputs (dicts are passed as ``model(**batch)``); ``loss_fn(model, batch)``
+        returns the loss, by default ``model(**batch).loss``. The model runs in eval mode (no dropout). Memory: one
+        float32 accumulator of each targeted weight's size while it runs. Returns ``{layer name: entries chosen}``.
+        """
+        name = adapter_name or self.active_adapters[0]
+        config = self.peft_config[name]
+        layers = [(n, layer) for n, layer in self._layers(name) if name in layer.mask_tuning_indices]
+        if not layers:
+            raise ValueError(
+                f"Adapter {name!r} has mask_share={config.mask_share}: every entry of the targeted weights already has "
+                "a score, so there is nothing to select. Use mask_share < 1 to mask only the most important entries."
+            )
+        probes = {}
+        for _, layer in layers:
+            weight = layer.get_base_layer().weight
+            probes[layer] = torch.full(weight.shape, config.mask_init, dtype=torch.float32, device=weight.device)
+        importance = {layer: torch.zeros_like(p) for layer, p in probes.items()}
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        n_batches = 0
+        try:
+            for layer, probe in probes.items():
+                layer._mask_tuning_probes[name] = probe.requires_grad_(True)
+            for batch in batches:
+                with torch.enable_grad():
+                    loss = loss_fn(self.model, batch) if loss_fn else _default_loss(self.model, batch)
+                    grads = torch.autograd.grad(loss, list(probes.values()), allow_unused=True)
+                for layer, grad in zip(probes, grads):
+                    if grad is not None:
+                        importance[layer] += grad
+                n_batches += 1
+        finally:
+            for layer in probes:
+                layer._mask_tuning_probes.pop(name, None)
+            for module, training in modes:
+                module.training = training
+        if n_batches == 0:
+            raise ValueError("select_masked_weights got no batches: pass an iterable of at least one model input.")
+        chosen = {}
+        for layer_name, layer in layers:
+            indices = layer.mask_tuning_indices[name]
+            top = torch.topk(importance[layer].abs().reshape(-1), indices.numel()).indices.sort().values
+            indices.copy_(top.to(indices.dtype))
+            layer.mask_tuning_scores[name].fill_(config.mask_init)
+            chosen[layer_name] = indices.numel()
+        return chosen
+
+    # ------------------------------------------------------------------------------ training hooks
+    def _trained(self, with_gradient_dropout: bool = False) -> Iterator[tuple[str, MaskTuningConfig, list[MaskTuningLayer]]]:
+        """Active adapters whose scores train (optionally only those with gradient dropout on)."""
+        for name in self.active_adapters:
+            config = self.peft_config.get(name)
+            if not isinstance(config, MaskTuningConfig) or (with_gradient_dropout and not config.gradient_dropout):
+                continue
+            layers = [layer for _, layer in self._layers(name) if layer.mask_tuning_scores[name].requires_grad]
+            if layers:
+                yield name, config, layers
+
+    def petuning_auxiliary_loss(self) -> Optional[torch.Tensor]:
+        """``l2_weight * sum over layers of ||m||_2`` for every training adapter."""
+        terms = [
+            config.l2_weight * torch.stack([layer.mask_tuning_scores[name].float().norm() for layer in layers]).sum()
+            for name, config, layers in self._trained()
+            if config.l2_weight > 0
+        ]
+        return torch.stack(terms).sum() if terms else None
+
+    def petuning_training_forward(self, ctx: ForwardContext) -> None:
+        """Gradient dropout, first half: the gradient of ``KL(p_base || p_tuned)`` on this batch with respect to the
+        scores, the reference being the same model with its masked-tuning adapters disabled. Accumulated (weighted
+        by the micro-batch share) until the optimizer step."""
+        adapters = list(self._trained(with_gradient_dropout=True))
+        if not adapters:
+            return
+        logits = getattr(ctx.output, "logits", None)
+        if logits is None or not logits.requires_grad:
+            raise TypeError(
+                "Masked tuning's gradient dropout compares the model's logits with those of the base model, but the "
+                f"output of {type(ctx.model).__name__} has no `logits` that depend on the masks. Use a model with a "
+                "logits output, or set gradient_dropout=False."
+            )
+        layers = [layer for _, _, ls in adapters for layer in ls]
+        params = [layer.mask_tuning_scores[name] for name, _, ls in adapters for layer in ls]
+        keys = [(layer, name) for name, _, ls in adapters for layer in ls]
+        reference = self._reference_logits(ctx, layers)
+        kl = kl_to_reference(logits, reference, ctx.kwargs.get("attention_mask"))
+        share = float(ctx.share)
+        grads = torch.autograd.grad(kl * share, params, retain_graph=True, allow_unused=True)
+        with torch.no_grad():
+            for (layer, name), grad in zip(keys, grads):
+                if grad is None:
+                    continue
+                acc = layer.mask_tuning_kl_grad.get(name)
+                layer.mask_tuning_kl_grad[name] = grad if acc is None else acc.add_(grad)
+        self._kl_weight += share
+
+    @torch.no_grad()
+    def _reference_logits(self, ctx: ForwardContext, layers: list[MaskTuningLayer]) -> torch.Tensor:
+        """Logits of the same model on the same inputs with the masked-tuning layers disabled, in eval mode (no
+        dropout), without gradients."""
+        disabled = [(layer, layer._disable_adapters) for layer in set(layers)]
+        modes = [(m, m.training) for m in ctx.model.modules()]
+        try:
+            for layer, _ in disabled:
+                layer._disable_adapters = True
+            ctx.model.eval()
+            kwargs = {k: v for k, v in ctx.kwargs.items() if k != "labels"}  # the reference needs no loss
+            return ctx.model(*ctx.args, **kwargs).logits
+        finally:
+            for layer, flag in disabled:
+                layer._disable_adapters = flag
+            for module, training in modes:
+                module.training = training
+
+    def petuning_before_optimizer_step(self, ctx: StepContext) -> None:
+        """Gradient dropout, second half: apply the rule to the (clipped, final) task gradients of the scores."""
+        pending = [
+            (layer, name, config)
+            for name, config, layers in self._trained(with_gradient_dropout=True)
+            for layer in layers
+            if name in layer.mask_tuning_kl_grad
+        ]
+        if not pending:
+            return
+        weight, self._kl_weight = self._kl_weight, 0.0
+        kl_grads = [layer.mask_tuning_kl_grad.pop(name) / max(weight, 1e-12) for layer, name, _ in pending]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([g.reshape(-1) for g in kl_grads])  # every rank must make the same choices
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+            kl_grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in kl_grads]), kl_grads)]
+        generator = torch.Generator().manual_seed(pending[0][2].gradient_dropout_seed * 1_000_003 + ctx.step)
+        dropped = total = 0
+        with torch.no_grad():
+            for (layer, name, config), g_kl in zip(pending, kl_grads):
+                param = layer.mask_tuning_scores[name]
+                uniform = torch.rand(param.shape, generator=generator, dtype=torch.float32).to(param.device)
+                if param.grad is None:
+                    continue
+                new, kept = gradient_dropout(param.grad, g_kl.to(param.grad.dtype), config.gradient_dropout_lambda, uniform)
+                param.grad.copy_(new)
+                dropped += int((~kept).sum())
+                total += kept.numel()
+        self._dropped_share = dropped / max(total, 1)
+
+    def petuning_metrics(self) -> dict[str, float]:
+        if not self.active_adapters or not any(True for _ in self._layers(self.active_adapters[0])):
+            return {}
+        metrics = {"mask_tuning_masked_share": self.masked_share()}
+        if self._dropped_share is not None:
+            metrics["mask_tuning_gradient_dropped_share"] = self._dropped_share
+        return metrics
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        for module in self.model.modules():
+            if isinstance(module, MaskTuningLayer):
+                module.mask_tuning_kl_grad.clear()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+
+def _default_loss(model: nn.Module, batch) -> torch.Tensor:
+    output = model(**batch) if isinstance(batch, dict) else model(batch)
+    loss = getattr(output, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "select_masked_weights could not find a loss: the model's output has no `loss` (pass `labels` in each "
+            "batch) or pass loss_fn=lambda model, batch: ... returning a scalar."
+        )
+    return loss
