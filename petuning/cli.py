@@ -1,0 +1,102 @@
+"""The ``petuning`` console script.
+
+    petuning export ADAPTER_DIR --out DIR [--format merged|lora|adapter] [--prune] [--base PATH_OR_ID]
+                    [--base-model-id ORG/NAME] [--dtype auto|float32|bfloat16|float16] [--max-shard-size 5GB]
+                    [--lora-rank R] [--training-summary FILE.json] [--overwrite] [--push-to-hub REPO_ID [--private]]
+    petuning push FOLDER REPO_ID [--private]
+
+Errors are printed as one ``error:`` paragraph (no traceback) and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="petuning", description="petuning command-line tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser(
+        "export",
+        help="merge an adapter into its base (or convert it to LoRA) and write a Hub-ready folder",
+        description="Load the base model named in the adapter config (or --base), apply the adapter and write a "
+        "plain transformers checkpoint (default), a standard peft LoRA adapter (--format lora) or the native "
+        "adapter (--format adapter), with tokenizer and model card. The folder is written atomically.",
+    )
+    export.add_argument("adapter_dir", type=Path, help="folder written by model.save_pretrained()")
+    export.add_argument("--out", type=Path, required=True, help="output folder (must not exist, unless --overwrite)")
+    export.add_argument("--format", choices=("merged", "lora", "adapter"), default="merged")
+    export.add_argument("--prune", action="store_true", help="PAT only: remove pruned hidden channels while merging")
+    export.add_argument("--base", help="base model folder or Hub id (default: the one in adapter_config.json)")
+    export.add_argument("--base-model-id", help="Hub id of the base for the model card, when --base is a local folder")
+    export.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    export.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    export.add_argument("--lora-rank", type=int, help="--format lora: LoRA rank (default: exact, rank of each update)")
+    export.add_argument("--training-summary", type=Path, help="JSON file of key/values for the card's training summary")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub model repo")
+    export.add_argument("--private", action="store_true", help="create the Hub repo as private")
+
+    push = commands.add_parser("push", help="upload an exported folder to the Hub (e.g. to retry a failed push)")
+    push.add_argument("folder", type=Path)
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    return parser
+
+
+def _export(args: argparse.Namespace) -> None:
+    from petuning.export import export_adapter
+
+    if args.private and not args.push_to_hub:
+        raise ValueError("--private only applies with --push-to-hub.")
+    summary = None
+    if args.training_summary is not None:
+        summary = json.loads(args.training_summary.read_text())
+        if not isinstance(summary, dict):
+            raise ValueError(f"{args.training_summary} must hold a JSON object of key/values.")
+    result = export_adapter(
+        args.adapter_dir,
+        args.out,
+        format=args.format,
+        base=args.base,
+        base_model_id=args.base_model_id,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        prune=args.prune,
+        lora_rank=args.lora_rank,
+        summary=summary,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+    )
+    if result.conversion is not None:
+        print(result.conversion.report())
+    print(f"wrote {result.folder} ({result.format}): {', '.join(result.files)}")
+    if result.url:
+        print(f"pushed to {args.push_to_hub}: {result.url}")
+
+
+def _push(args: argparse.Namespace) -> None:
+    from petuning.export import push_folder
+
+    url = push_folder(args.folder, args.repo_id, private=args.private)
+    print(f"pushed {args.folder} to {args.repo_id}: {url}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"export": _export, "push": _push}[args.command](args)
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
