@@ -10,8 +10,10 @@ from petuning.tuners import FloraConfig, FloraModel
 from petuning.tuners import SorsaConfig, SorsaModel
 from petuning.tuners import SparseLowRankConfig, SparseLowRankModel
 from petuning.tuners import MaskTuningConfig, MaskTuningModel
+from petuning.tuners import PatConfig, PatModel
 
 __version__ = "0.1.0"
 
 __all__ = ["FloraConfig", "FloraModel", "MaskTuningConfig", "MaskTuningModel", "PetuningCallback", "SorsaConfig", "SorsaModel", "TrainingHooks", "attach_to_trainer", "__version__"]
 __all__ += ["SparseLowRankConfig", "SparseLowRankModel"]
+__all__ += ["PatConfig", "PatModel"]

@@ -26,11 +26,15 @@ from transformers import (
     GgufConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
@@ -207,9 +211,21 @@ def tiny_opt_config(**overrides) -> OPTConfig:
     return OPTConfig(**fields)
 
 
+def tiny_qwen2_config(**overrides) -> Qwen2Config:
+    """The tiny Llama shape as a Qwen2 (biases on q/k/v), untied embeddings. ``overrides`` replace any field."""
+    return Qwen2Config(**{**tiny_llama_config().to_diff_dict(), "model_type": "qwen2", **overrides})
+
+
+def tiny_mistral_config(**overrides) -> MistralConfig:
+    """The tiny Llama shape as a Mistral, untied embeddings. ``overrides`` replace any field."""
+    return MistralConfig(**{**tiny_llama_config().to_diff_dict(), "model_type": "mistral", **overrides})
+
+
 _TINY_KINDS = {
     "llama": (tiny_llama_config, LlamaForCausalLM),
     "opt": (tiny_opt_config, OPTForCausalLM),
+    "qwen2": (tiny_qwen2_config, Qwen2ForCausalLM),
+    "mistral": (tiny_mistral_config, MistralForCausalLM),
 }
 
 
@@ -222,8 +238,8 @@ def build_tiny_model(
 ) -> PreTrainedModel:
     """Build a randomly initialised tiny causal LM, in eval mode.
 
-    ``kind`` is ``"llama"`` or ``"opt"``; the weights depend only on ``seed`` (the caller's
-    global RNG state is left untouched). With ``save_dir`` the model is saved there and
+    ``kind`` is ``"llama"``, ``"opt"``, ``"qwen2"`` or ``"mistral"``; the weights depend only on
+    ``seed`` (the caller's global RNG state is left untouched). With ``save_dir`` the model is saved there and
     loaded back, so its ``name_or_path`` is ``save_dir`` (PEFT records it as the base path).
     """
     if kind not in _TINY_KINDS:

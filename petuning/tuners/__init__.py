@@ -4,6 +4,8 @@ from .flora import FloraConfig, FloraModel
 from .sorsa import SorsaConfig, SorsaModel
 from .sparse_low_rank import SparseLowRankConfig, SparseLowRankModel
 from .mask_tuning import MaskTuningConfig, MaskTuningModel
+from .pat import PatConfig, PatModel
 
 __all__ = ["FloraConfig", "FloraModel", "MaskTuningConfig", "MaskTuningModel", "SorsaConfig", "SorsaModel"]
 __all__ += ["SparseLowRankConfig", "SparseLowRankModel"]
+__all__ += ["PatConfig", "PatModel"]

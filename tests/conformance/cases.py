@@ -21,6 +21,9 @@ class MethodCase:
     model: str
     make_config: Callable[[bool], PeftConfig]
     prefix: str
+    supports_injection: bool = True
+    """False for methods with state on the tuner (PEFT's ``uses_shared_state``): ``inject_adapter_in_model`` and
+    transformers' ``load_adapter`` must then refuse them with a clear error instead."""
 
     @property
     def id(self) -> str:
@@ -105,3 +108,18 @@ CASES += [
         "sparse_low_rank_",
     ),
 ]
+
+
+from petuning import PatConfig  # noqa: E402
+
+
+def _pat(**extra):
+    def make(init_weights: bool) -> PeftConfig:
+        kwargs = {"target_width": 48, "hsm_rank": 8, "lora_r": 4, "lora_dropout": 0.0, "schedule_steps": 20, **extra}
+        return PatConfig(init_weights=init_weights, task_type="CAUSAL_LM", **kwargs)
+
+    return make
+
+
+# PAT keeps its shared mask on the tuner, so it cannot live in a model without one.
+CASES += [MethodCase("pat", "llama", _pat(), "pat_", supports_injection=False)]

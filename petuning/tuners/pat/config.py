@@ -1,0 +1,185 @@
+"""Configuration of PAT (Pruning-Aware Tuning with Hybrid Sparsification Modules)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from petuning.registry import add_peft_type
+
+PAT = add_peft_type("PAT")
+
+PRODUCERS = ("o_proj", "down_proj")
+"""Linear layers that write into the residual stream; an HSM follows each of them (and the token embedding)."""
+CONSUMERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+"""Linear layers that read the residual stream; pruning removes their input columns."""
+DECODER_LINEARS = CONSUMERS[:3] + PRODUCERS[:1] + CONSUMERS[3:] + PRODUCERS[1:]
+
+
+@dataclass
+class PatConfig(PeftConfig):
+    """Configuration of a PAT adapter (Liu et al., "PAT: Pruning-Aware Tuning for Large Language Models", AAAI 2025).
+
+    PAT learns which channels of the hidden (residual-stream) dimension ``d`` of a Llama-family decoder to remove,
+    while it fine-tunes. A Hybrid Sparsification Module (HSM) sits after the token embedding and after every
+    ``o_proj`` and ``down_proj``, i.e. on every write into the residual stream. HSM k maps a hidden vector y to::
+
+        HSM_k(y) = s_k ⊙ g_t ⊙ (y + W1_k W0_k y)      W0_k (r, d), W1_k (d, r), s_k (d,)
+
+    where ``g_t = σ(τ_t m) + b_t`` is a gate computed from ONE trainable mask ``m`` (d,) shared by all HSMs. The
+    temperature τ_t rises and the offset b_t decays over ``schedule_steps`` optimizer steps T; m stops learning at
+    0.8 T, and from step T on the gate is the hard 0/1 indicator of the ``target_width`` largest entries of m. A
+    mask loss drives the number of kept channels to ``target_width``; an identity loss keeps each W0_k's rows
+    orthonormal. At initialization (W1 = 0, s = 1, m = 0, g_0 = 1) the model is exactly the base model.
+
+    Optionally (the paper's recipe) a LoRA adapter is trained on the decoder's linear layers as well.
+
+    The schedule and the losses run through petuning's training hooks: pass ``petuning.PetuningCallback()`` to
+    ``transformers.Trainer`` / TRL, or wrap the optimizer in ``petuning.TrainingHooks`` in a plain loop. Once the
+    mask is final, ``model.base_model.petuning_prune_and_unload()`` (CLI: ``petuning export --prune``) returns a
+    smaller stock transformers model with hidden size ``target_width`` that computes the same logits.
+    """
+
+    target_width: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Hidden channels to keep, d' (a positive integer below the model's hidden size). Give this or "
+            "`pruning_ratio`, not both."
+        },
+    )
+    pruning_ratio: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Fraction of hidden channels to remove, in (0, 1); the kept width is round(d * (1 - ratio)), "
+            "rounded down to a multiple of `width_multiple`. The paper's anchor: 0.25 on Llama-2-7B (4096 -> 3072)."
+        },
+    )
+    width_multiple: int = field(
+        default=1,
+        metadata={
+            "help": "With `pruning_ratio`: round the kept width down to a multiple of this (64 or 128 keeps matrix "
+            "kernels efficient on GPUs). Ignored with an explicit `target_width`."
+        },
+    )
+    hsm_rank: int = field(
+        default=200,
+        metadata={"help": "Rank r of each HSM's low-rank branch W1 W0 (the paper hard-codes 200); r <= hidden size."},
+    )
+    schedule_steps: int = field(
+        default=10000,
+        metadata={
+            "help": "Horizon T of the mask schedule in optimizer steps (the paper uses 10000). The mask stops "
+            "learning at 0.8 T and is hard from T on; training may continue past T."
+        },
+    )
+    mask_loss_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the mask loss (count term + polarization), paper: 1."}
+    )
+    count_loss_weight: float = field(
+        default=10.0,
+        metadata={
+            "help": "Factor of the kept-count term |count(m >= 0) - d'| / d' inside the mask loss (paper: 10)."
+        },
+    )
+    identity_loss_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the identity loss mean_k ||W0_k W0_kᵀ - I_r||_F² / r², averaged over ALL HSMs "
+            "(the official code counts only the embedding's and the last layer's). 0 turns it off."
+        },
+    )
+    lora_r: int = field(
+        default=20, metadata={"help": "Rank of the LoRA adapter on the decoder linears (paper: 20); 0: no LoRA."}
+    )
+    lora_alpha: float = field(default=4.0, metadata={"help": "LoRA scaling numerator: scale = lora_alpha / lora_r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (paper: 0.05)."})
+    lora_target_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Decoder linears that get LoRA, by name; None: all seven (q/k/v/o/gate/up/down_proj), as in "
+            "the paper. The LM head is never adapted."
+        },
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Filled in by PAT from the architecture (the embedding, o_proj/down_proj and the LoRA "
+            "targets); do not set it. Choose LoRA layers with `lora_target_modules`."
+        },
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules to train fully and save, e.g. a classifier head."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: start exactly at the base model. False: seeded random W1, s, m and LoRA B, so the "
+            "adapter is not an identity (for tests)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PAT
+        if (self.target_width is None) == (self.pruning_ratio is None):
+            raise ValueError(
+                "PatConfig needs exactly one of `target_width` (hidden channels to keep) and `pruning_ratio` "
+                f"(fraction to remove); got target_width={self.target_width!r}, pruning_ratio={self.pruning_ratio!r}."
+            )
+        if self.target_width is not None and (
+            isinstance(self.target_width, bool) or not isinstance(self.target_width, int) or self.target_width <= 0
+        ):
+            raise ValueError(
+                f"PatConfig.target_width must be a positive integer below the hidden size, got {self.target_width!r}."
+            )
+        if self.pruning_ratio is not None and not 0.0 < self.pruning_ratio < 1.0:
+            raise ValueError(f"PatConfig.pruning_ratio must be in (0, 1), got {self.pruning_ratio!r}.")
+        for name in ("width_multiple", "hsm_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"PatConfig.{name} must be a positive integer, got {value!r}.")
+        if isinstance(self.schedule_steps, bool) or not isinstance(self.schedule_steps, int) or self.schedule_steps < 2:
+            raise ValueError(f"PatConfig.schedule_steps must be an integer >= 2, got {self.schedule_steps!r}.")
+        for name in ("mask_loss_weight", "count_loss_weight", "identity_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PatConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 0:
+            raise ValueError(f"PatConfig.lora_r must be an integer >= 0 (0 turns LoRA off), got {self.lora_r!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"PatConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.lora_target_modules is not None:
+            self.lora_target_modules = sorted(set(self.lora_target_modules))
+            unknown = [n for n in self.lora_target_modules if n not in DECODER_LINEARS]
+            if unknown:
+                raise ValueError(
+                    f"PatConfig.lora_target_modules: {unknown} are not decoder linears of a Llama-family block; "
+                    f"choose among {list(DECODER_LINEARS)}."
+                )
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+
+    def kept_width(self, hidden_size: int) -> int:
+        """d', the number of hidden channels the pruned model keeps, for a model of hidden size ``hidden_size``."""
+        if self.target_width is not None:
+            width = self.target_width
+            if width >= hidden_size:
+                raise ValueError(
+                    f"PatConfig.target_width={width} must be below the model's hidden size {hidden_size} (PAT "
+                    "removes hidden channels)."
+                )
+            return width
+        width = round(hidden_size * (1.0 - self.pruning_ratio)) // self.width_multiple * self.width_multiple
+        if not 0 < width < hidden_size:
+            raise ValueError(
+                f"pruning_ratio={self.pruning_ratio} with width_multiple={self.width_multiple} leaves {width} of "
+                f"{hidden_size} hidden channels; choose values that keep between 1 and {hidden_size - 1}."
+            )
+        return width
+
+    def lora_targets(self) -> tuple[str, ...]:
+        """Names of the decoder linears that get LoRA (empty without LoRA)."""
+        if self.lora_r == 0:
+            return ()
+        return tuple(self.lora_target_modules) if self.lora_target_modules is not None else DECODER_LINEARS

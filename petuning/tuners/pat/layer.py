@@ -1,0 +1,394 @@
+"""PAT layers: Hybrid Sparsification Modules (HSMs) on the residual stream, optional LoRA, and the shared gate.
+
+Shapes, for hidden size d, HSM rank r, and a linear layer with weight W (out, in):
+
+- ``pat_hsm_down[name]``  W0 (r, d)   trainable, Kaiming-uniform (a = √5), like LoRA's A
+- ``pat_hsm_up[name]``    W1 (d, r)   trainable, zeros (so the HSM starts as the identity)
+- ``pat_hsm_scale[name]`` s  (d,)     trainable, ones
+- ``pat_lora_A[name]``    A  (r', in) trainable, Kaiming-uniform;  ``pat_lora_B[name]`` B (out, r') zeros
+- the mask m (d,) is NOT stored here: it lives once on the tuner, and every layer reads the gate g_t from the
+  shared :class:`PatGate`.
+
+An HSM follows the token embedding and every ``o_proj`` / ``down_proj`` (the layers whose output is d-wide and is
+added to the residual stream). With y the layer's output (base, plus LoRA if any)::
+
+    HSM(y) = s ⊙ g_t ⊙ (y + W1 (W0 y))
+
+computed in the adapter dtype (float32, or float64 on a float64 base) without ever forming a d x d matrix. The
+other decoder linears (q/k/v/gate/up) carry only the optional LoRA: ``y = W x + (α/r') B (A dropout(x))``.
+
+Gate schedule (T = ``schedule_steps``, t = optimizer steps taken)::
+
+    t < 0.8 T:        g_t = σ̃(τ_t m) + b_t,  τ_t = 1 / (1 - ln(max(t, 1)) / ln T + 1e-6),  b_t = max(0.5 - t/T, 0)
+    0.8 T <= t < T:   g_t = σ̃(τ_{0.8T} m), m no longer learns
+    t >= T:           g   = 1 on the d' largest entries of m, 0 elsewhere (the final, hard mask)
+
+where σ̃(x) = 1 / (1 + exp(min(-x, 10))) is the paper's sigmoid clipped below at σ(-10). At t = 0 with m = 0 the
+gate is exactly 1. The gate is a d-vector recomputed by each HSM (O(d) work, negligible next to the HSM's
+matrix products), so there is no per-forward cache to invalidate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from torch import nn
+
+from petuning.tuners.common import NAN_MESSAGE
+
+FREEZE_FRACTION = 0.8
+"""The mask stops learning at this fraction of the schedule (paper)."""
+GATE_LOGIT_CLAMP = 10.0
+"""exp(-x) is evaluated at min(-x, 10), so the soft gate never drops below σ(-10) ≈ 4.5e-5 (paper)."""
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+def schedule(step: int, total: int) -> tuple[float, float]:
+    """Temperature τ_t and offset b_t of the gate at optimizer step ``step`` of a schedule of ``total`` steps."""
+    freeze = FREEZE_FRACTION * total
+    t = min(float(step), freeze)
+    tau = 1.0 / (1.0 - math.log(max(t, 1.0)) / math.log(total) + 1e-6)
+    offset = max(0.5 - step / total, 0.0) if step < freeze else 0.0
+    return tau, offset
+
+
+def mask_phase(step: int, total: int) -> str:
+    """'learning' (t < 0.8 T), 'frozen' (0.8 T <= t < T) or 'final' (t >= T)."""
+    if step >= total:
+        return "final"
+    return "frozen" if step >= FREEZE_FRACTION * total else "learning"
+
+
+def kept_channels(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Indices (ascending) of the ``width`` largest entries of ``mask``; ties go to the lower index."""
+    order = torch.sort(mask.detach(), descending=True, stable=True).indices[:width]
+    return torch.sort(order).values
+
+
+def gate_values(mask: torch.Tensor, step: int, total: int, width: int) -> torch.Tensor:
+    """The gate g_t (d,) for mask ``mask`` at step ``step`` (see the module docstring), in the mask's dtype.
+
+    Once the mask stops learning, the gate still depends on ``mask`` through a zero-weighted term, so the mask
+    receives an exact-zero gradient (not none): DDP's reducer then sees the same parameters every step.
+    """
+    phase = mask_phase(step, total)
+    if phase == "final":
+        gate = torch.zeros_like(mask, requires_grad=False)
+        gate[kept_channels(mask, width)] = 1.0
+    else:
+        tau, offset = schedule(step, total)
+        logits = tau * (mask if phase == "learning" else mask.detach())
+        gate = 1.0 / (1.0 + torch.exp(torch.clamp(-logits, max=GATE_LOGIT_CLAMP))) + offset
+    if phase != "learning" and mask.requires_grad and torch.is_grad_enabled():
+        gate = gate + 0.0 * mask
+    return gate
+
+
+class PatGate:
+    """The tuner's shared mask state as the layers see it: for an adapter name, the current gate g_t (d,).
+
+    A plain object (not an ``nn.Module``), so holding it does not register the mask inside every layer: the mask
+    ``masks[name]`` (d,) and the step counter ``steps[name]`` live once, on the tuner. ``widths[name]`` is d' and
+    ``totals[name]`` the schedule length T.
+    """
+
+    def __init__(self, masks: nn.ParameterDict, steps: BufferDict) -> None:
+        self.masks = masks
+        self.steps = steps
+        self.widths: dict[str, int] = {}
+        self.totals: dict[str, int] = {}
+
+    def step(self, name: str) -> int:
+        return int(self.steps[name])
+
+    def phase(self, name: str) -> str:
+        return mask_phase(self.step(name), self.totals[name])
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return gate_values(self.masks[name], self.step(name), self.totals[name], self.widths[name])
+
+    def kept(self, name: str) -> torch.Tensor:
+        return kept_channels(self.masks[name], self.widths[name])
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+class PatLayer(BaseTunerLayer):
+    """State and math shared by PAT's linear and embedding layers."""
+
+    adapter_layer_names = ("pat_lora_A", "pat_lora_B", "pat_hsm_down", "pat_hsm_up", "pat_hsm_scale")
+    other_param_names = ("pat_lora_scaling", "pat_lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, gate: PatGate, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.pat_lora_A = nn.ParameterDict({})
+        self.pat_lora_B = nn.ParameterDict({})
+        self.pat_hsm_down = nn.ParameterDict({})
+        self.pat_hsm_up = nn.ParameterDict({})
+        self.pat_hsm_scale = nn.ParameterDict({})
+        self.pat_lora_scaling: dict[str, float] = {}
+        self.pat_lora_dropout = nn.ModuleDict({})
+        self.pat_gate = gate
+        self._pat_merge_backup: list[tuple[str, Any, Any]] = []
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.quantization_backend = None
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.kwargs = kwargs
+
+    # ----------------------------------------------------------------------------------------- init
+    def update_layer(
+        self,
+        adapter_name: str,
+        hsm_rank: int,
+        hsm: bool,
+        lora_r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_weights: bool,
+        inference_mode: bool = False,
+        **_: Any,
+    ) -> None:
+        """Add adapter ``adapter_name``: an HSM (if ``hsm``) and a LoRA of rank ``lora_r`` (if > 0)."""
+        dtype = self._adapter_dtype()
+        if lora_r > 0:
+            a = torch.empty(lora_r, self.in_features, dtype=dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            b = torch.zeros(self.out_features, lora_r, dtype=dtype)
+            if not init_weights:  # seeded by the global RNG, like PEFT's other tuners
+                b = 0.2 * torch.randn_like(b) / math.sqrt(lora_r)
+            self.pat_lora_A[adapter_name] = nn.Parameter(a)
+            self.pat_lora_B[adapter_name] = nn.Parameter(b)
+            self.pat_lora_scaling[adapter_name] = lora_alpha / lora_r
+            self.pat_lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        if hsm:
+            d = self.out_features
+            down = torch.empty(hsm_rank, d, dtype=dtype)
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+            up = torch.zeros(d, hsm_rank, dtype=dtype)
+            scale = torch.ones(d, dtype=dtype)
+            if not init_weights:
+                up = 0.3 * torch.randn_like(up) / math.sqrt(hsm_rank)
+                scale = scale + 0.2 * torch.randn_like(scale)
+            self.pat_hsm_down[adapter_name] = nn.Parameter(down)
+            self.pat_hsm_up[adapter_name] = nn.Parameter(up)
+            self.pat_hsm_scale[adapter_name] = nn.Parameter(scale)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _adapter_dtype(self) -> torch.dtype:
+        base_dtype = self.get_base_layer().weight.dtype
+        return torch.float64 if base_dtype == torch.float64 else torch.float32
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move this adapter's tensors to the base layer's device, keeping their (32/64-bit) dtype."""
+        target = device or self.get_base_layer().weight.device
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name in container and container[adapter_name].device.type != "meta":
+                container[adapter_name] = container[adapter_name].to(target)
+
+    # ---------------------------------------------------------------------------------------- math
+    def has_hsm(self, adapter_name: str) -> bool:
+        return adapter_name in self.pat_hsm_down
+
+    def lora_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``(α/r') B (A dropout(x))`` for ``x`` (..., in), in the adapter dtype; returns (..., out)."""
+        a = self.pat_lora_A[adapter_name]
+        x = self.pat_lora_dropout[adapter_name](self._cast_input_dtype(x, a.dtype))
+        return F.linear(F.linear(x, a), self.pat_lora_B[adapter_name]) * self.pat_lora_scaling[adapter_name]
+
+    def hsm(self, y: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``s ⊙ g_t ⊙ (y + W1 (W0 y))`` for ``y`` (..., d); computed in the adapter dtype, returned in y's dtype."""
+        down = self.pat_hsm_down[adapter_name]
+        y_adapter = self._cast_input_dtype(y, down.dtype)
+        z = y_adapter + F.linear(F.linear(y_adapter, down), self.pat_hsm_up[adapter_name])
+        return (z * (self.pat_hsm_scale[adapter_name] * self.pat_gate(adapter_name))).to(y.dtype)
+
+    def hsm_rows(self, adapter_name: str, rows: Optional[torch.Tensor] = None, dtype=torch.float64):
+        """The HSM as a matrix ``diag(s ⊙ g) (I + W1 W0)`` restricted to ``rows`` (all d if None), in factored form:
+        returns (scale (k,), up (k, r), down (r, d), rows) so that ``M[rows] = scale[:, None] * (I[rows] + up @ down)``.
+        Used by merge and prune; never forms the d x d matrix."""
+        rows = torch.arange(self.out_features) if rows is None else rows
+        with torch.no_grad():
+            scale = (self.pat_hsm_scale[adapter_name] * self.pat_gate(adapter_name)).to(dtype)[rows]
+            up = self.pat_hsm_up[adapter_name].to(dtype)[rows]
+            down = self.pat_hsm_down[adapter_name].to(dtype)
+        return scale, up, down, rows
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Only LoRA-only layers are additive; an HSM multiplies the output (and prunes channels)."""
+        return not self.has_hsm(adapter_name)
+
+    def _active_here(self) -> list[str]:
+        return [n for n in self.active_adapters if n in self.pat_lora_A or n in self.pat_hsm_down]
+
+
+class Linear(nn.Module, PatLayer):
+    """PAT around an ``nn.Linear``: LoRA (optional), then an HSM if the layer writes into the residual stream."""
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, gate: PatGate, **kwargs: Any) -> None:
+        super().__init__()
+        PatLayer.__init__(self, base_layer, gate, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self._active_here():
+            if name in self.pat_lora_A:
+                result = result + self.lora_delta(x, name).to(result.dtype)
+            if self.has_hsm(name):
+                result = self.hsm(result, name)
+        return result
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The LoRA update ``(α/r') B A`` (out, in) in the adapter dtype (zero without LoRA). An HSM is not a
+        weight delta; :meth:`merged_weight` folds it."""
+        if adapter_name not in self.pat_lora_A:
+            return torch.zeros_like(self.get_base_layer().weight, dtype=self._adapter_dtype())
+        b, a = self.pat_lora_B[adapter_name], self.pat_lora_A[adapter_name]
+        return (b @ a) * self.pat_lora_scaling[adapter_name]
+
+    def merged_weight(self, adapter_name: str, dtype=torch.float64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Weight (out, in) and bias of the layer with ``adapter_name`` folded in, in ``dtype``:
+        ``W' = diag(s ⊙ g)(I + W1 W0)(W + ΔW_LoRA)`` and ``b' = diag(s ⊙ g)(I + W1 W0) b`` for an HSM layer,
+        ``W + ΔW_LoRA`` and ``b`` otherwise."""
+        base = self.get_base_layer()
+        with torch.no_grad():
+            weight = base.weight.to(dtype) + self.get_delta_weight(adapter_name).to(dtype)
+            bias = None if base.bias is None else base.bias.to(dtype)
+            if self.has_hsm(adapter_name):
+                scale, up, down, _ = self.hsm_rows(adapter_name, dtype=dtype)
+                weight = scale[:, None] * (weight + up @ (down @ weight))
+                if bias is not None:
+                    bias = scale * (bias + up @ (down @ bias))
+        return weight, bias
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the active (or given) adapters into the base weight and bias. The original tensors are kept aside
+        (not copied) so that :meth:`unmerge` restores them exactly: a hard gate zeroes rows, which no subtraction
+        can undo."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.pat_lora_A and not self.has_hsm(name):
+                continue
+            weight, bias = self.merged_weight(name, dtype=torch.promote_types(base.weight.dtype, self._adapter_dtype()))
+            if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+                raise ValueError(NAN_MESSAGE.format(name))
+            self._pat_merge_backup.append((name, base.weight.data, None if base.bias is None else base.bias.data))
+            base.weight.data = weight.to(base.weight.dtype)
+            if bias is not None:
+                base.bias.data = bias.to(base.bias.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the base weight and bias as they were before merging, last merged first."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            self.merged_adapters.pop()
+            _, weight, bias = self._pat_merge_backup.pop()
+            base.weight.data = weight
+            if bias is not None:
+                base.bias.data = bias
+
+    def __repr__(self) -> str:
+        return "pat." + super().__repr__()
+
+
+class Embedding(nn.Module, PatLayer):
+    """PAT around the token embedding: the HSM acts on the embedding vectors, before the first decoder layer."""
+
+    def __init__(self, base_layer: nn.Embedding, adapter_name: str, gate: PatGate, **kwargs: Any) -> None:
+        super().__init__()
+        PatLayer.__init__(self, base_layer, gate, **kwargs)
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **{**kwargs, "lora_r": 0})
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self._active_here():
+            result = self.hsm(result, name)
+        return result
+
+    def merged_weight(self, adapter_name: str, dtype=torch.float64) -> torch.Tensor:
+        """The embedding (vocab, d) with the HSM folded in: ``E' = (E + (E W0ᵀ) W1ᵀ) diag(s ⊙ g)``."""
+        with torch.no_grad():
+            table = self.get_base_layer().weight.to(dtype)
+            scale, up, down, _ = self.hsm_rows(adapter_name, dtype=dtype)
+            return (table + (table @ down.T) @ up.T) * scale
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the HSM into the embedding table. The folded table is a new parameter, so an output layer tied to
+        the embedding keeps the original weights (the merged model's embeddings are untied); :meth:`unmerge`
+        puts the original parameter back (and so re-ties them)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if not self.has_hsm(name):
+                continue
+            table = self.merged_weight(name, dtype=torch.promote_types(base.weight.dtype, self._adapter_dtype()))
+            if safe_merge and not torch.isfinite(table).all():
+                raise ValueError(NAN_MESSAGE.format(name))
+            self._pat_merge_backup.append((name, base.weight, None))
+            base.weight = nn.Parameter(table.to(base.weight.dtype), requires_grad=base.weight.requires_grad)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            self.merged_adapters.pop()
+            _, weight, _ = self._pat_merge_backup.pop()
+            base.weight = weight
+
+    def __repr__(self) -> str:
+        return "pat." + super().__repr__()
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def mask_loss(mask: torch.Tensor, width: int, count_weight: float) -> torch.Tensor:
+    """The paper's mask loss: ``count_weight * |Σ_i STE(1[m_i >= 0]) - d'| / d'`` plus the polarization terms
+    ``mean_{m_i > 0} (m_i - 1/2)² + mean_{m_i <= 0} (m_i + 1/2)²``.
+
+    The straight-through estimator counts hard in the forward pass and passes the gradient through unchanged, so the
+    count term pushes every m_i by ``± count_weight / d'`` until the count reaches d'. An empty group contributes 0
+    (the official code takes the mean of an empty tensor at step 0 and logs NaN)."""
+    hard = (mask >= 0).to(mask.dtype)
+    count = (hard + mask - mask.detach()).sum()
+    positive = mask > 0
+    polarization = _masked_mean((mask - 0.5).square(), positive) + _masked_mean((mask + 0.5).square(), ~positive)
+    return count_weight * (count - width).abs() / width + polarization
+
+
+def _masked_mean(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    return (values * selected).sum() / selected.sum().clamp_min(1)
+
+
+def identity_loss(downs: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over HSMs k of ``||W0_k W0_kᵀ - I_r||_F² / r²`` for the (r, d) matrices ``downs``, in float32 or better
+    with autocast off (the paper's MSE against the identity, which keeps W0's rows orthonormal)."""
+    with torch.autocast(device_type=downs[0].device.type, enabled=False):
+        stacked = torch.stack(downs)
+        if stacked.dtype not in (torch.float32, torch.float64):
+            stacked = stacked.float()
+        r = stacked.shape[1]
+        residual = stacked @ stacked.transpose(1, 2) - torch.eye(r, dtype=stacked.dtype, device=stacked.device)
+        return residual.square().sum(dim=(1, 2)).mean() / r**2

@@ -1,0 +1,297 @@
+"""PAT tuner: places the HSMs on a Llama-family decoder, owns the shared mask, and drives schedule and losses."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Iterator, Optional
+
+import torch
+from accelerate import init_empty_weights
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from petuning.training import AuxiliaryLossMixin, StepContext
+
+from .config import PRODUCERS, PatConfig
+from .layer import Embedding, Linear, PatGate, PatLayer, identity_loss, mask_loss, schedule
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+"""transformers ``model_type`` values with the block shape PAT needs (RMSNorm -> attention -> o_proj -> residual,
+RMSNorm -> gated MLP -> down_proj -> residual, plain token embedding). SmolLM/SmolLM2 are ``llama``."""
+
+
+class PatModel(AuxiliaryLossMixin, BaseTuner):
+    """Adds PAT to a Llama-family causal LM. Created by ``peft.get_peft_model(model, PatConfig(...))``.
+
+    Layout: one HSM after the token embedding and after every ``o_proj`` and ``down_proj`` (1 + 2L HSMs), optional
+    LoRA on the decoder linears, and one mask ``pat_mask[adapter]`` (d,) plus a step counter ``pat_step[adapter]``
+    stored once, on this tuner (they are saved with the adapter). Several adapters may be loaded, one is active.
+
+    Training hooks (``petuning.PetuningCallback`` / ``petuning.TrainingHooks``): the mask loss and the identity loss
+    (averaged over all HSMs) join the task loss; the schedule advances by one after every optimizer step; once the
+    mask has stopped learning (0.8 T) its gradient is dropped before the optimizer step, so neither momentum nor
+    weight decay moves it. Logged: ``pat_step``, ``pat_tau``, ``pat_kept`` (channels with m >= 0), ``pat_final``,
+    ``pat_mask_loss``, ``pat_identity_loss``.
+
+    Once the mask is final (step >= T, or :meth:`finalize_pat_mask`), :meth:`petuning_prune_and_unload` builds the
+    smaller model. ``merge_and_unload()`` folds everything into the unpruned model (same shapes, exact).
+
+    ``inject_adapter_in_model`` and transformers' ``load_adapter`` cannot host PAT: the shared mask lives on the
+    tuner, which those paths discard. Use ``get_peft_model`` / ``PeftModel.from_pretrained``.
+    """
+
+    prefix: str = "pat_"
+    tuner_layer_cls = PatLayer
+    target_module_mapping: dict = {}
+    uses_shared_state = True
+
+    # ------------------------------------------------------------------------------------ injection
+    def _pre_injection_hook(self, model: nn.Module, config: PatConfig, adapter_name: str) -> None:
+        super()._pre_injection_hook(model, config, adapter_name)
+        self.pat_mask = nn.ParameterDict({})
+        self.pat_step = BufferDict({}, persistent=True)
+        self._pat_gate = PatGate(self.pat_mask, self.pat_step)
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """Create the adapter's mask and step counter on the tuner, then let PEFT place the layers."""
+        config = self.peft_config[adapter_name]
+        hidden, embedding = _check_architecture(model)
+        width = config.kept_width(hidden)
+        if config.hsm_rank > hidden:
+            raise ValueError(
+                f"PatConfig.hsm_rank={config.hsm_rank} exceeds the hidden size {hidden} of {type(model).__name__}: W0 "
+                f"(r, d) cannot have more than d orthonormal rows. Use hsm_rank <= {hidden}."
+            )
+        weight = embedding.weight
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        mask = torch.zeros(hidden, dtype=dtype)
+        if not config.init_weights:  # seeded by the global RNG, like PEFT's other tuners
+            mask = 0.5 * torch.randn(hidden, dtype=dtype)
+        with init_empty_weights() if low_cpu_mem_usage else nullcontext():
+            self.pat_mask[adapter_name] = nn.Parameter(mask.to(weight.device), requires_grad=False)
+        self.pat_step[adapter_name] = torch.zeros((), dtype=torch.long, device=weight.device)
+        self._pat_gate.widths[adapter_name] = width
+        self._pat_gate.totals[adapter_name] = config.schedule_steps
+        try:
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+        except Exception:
+            self._drop_shared_state(adapter_name)
+            raise
+        self._sync_mask_grad()
+
+    def _prepare_adapter_config(self, peft_config: PatConfig, model_config: dict) -> PatConfig:
+        """Derive ``target_modules`` from the method: the embedding, the producers and the LoRA targets. The
+        embedding is named by its full path: PEFT would save the whole embedding table with every adapter if a
+        bare embedding name (``embed_tokens``) were among the targets, and PAT never changes that table."""
+        targets = {_embedding_key(self.model), *PRODUCERS, *peft_config.lora_targets()}
+        given = peft_config.target_modules
+        if given is not None and (isinstance(given, str) or set(given) != targets):
+            raise ValueError(
+                f"PatConfig.target_modules is derived from the architecture ({sorted(targets)}), but {given!r} was "
+                "given. Leave target_modules unset; choose the LoRA layers with lora_target_modules."
+            )
+        peft_config.target_modules = targets
+        return peft_config
+
+    def _check_tied_modules(self, model: nn.Module, peft_config: PatConfig) -> None:
+        """PAT never writes a tied embedding while attached; merging unties it on purpose (the folded embedding
+        differs from the LM head), and pruning writes an untied model. Nothing to warn about."""
+
+    def _get_tied_target_modules(self, model: nn.Module) -> list[str]:
+        return []
+
+    def _create_and_replace(self, config: PatConfig, adapter_name, target, target_name, parent, current_key, **kw):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        is_embedding = isinstance(base, nn.Embedding)
+        kwargs = {
+            "hsm_rank": config.hsm_rank,
+            "hsm": is_embedding or target_name in PRODUCERS,
+            "lora_r": config.lora_r if target_name in config.lora_targets() else 0,
+            "lora_alpha": config.lora_alpha,
+            "lora_dropout": config.lora_dropout,
+            "init_weights": config.init_weights,
+            "inference_mode": config.inference_mode,
+        }
+        if isinstance(target, PatLayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        if is_embedding:
+            new_module = Embedding(base, adapter_name, self._pat_gate, **kwargs)
+        elif type(base) is nn.Linear:
+            new_module = Linear(base, adapter_name, self._pat_gate, **kwargs)
+        else:
+            raise TypeError(
+                f"PAT cannot adapt {current_key!r} of type {type(base).__name__}: it supports torch.nn.Linear and "
+                "torch.nn.Embedding (quantized bases are not supported; load the model in 16/32-bit)."
+            )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter does not train
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ----------------------------------------------------------------------------- adapter management
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) > 1:
+            raise ValueError(
+                f"PAT runs one adapter at a time, got {names}: each adapter has its own mask over the same hidden "
+                "channels, so two active adapters would gate the residual stream twice. Activate one of them."
+            )
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._sync_mask_grad()
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._sync_mask_grad()
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad)
+        self._sync_mask_grad()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._drop_shared_state(adapter_name)
+        self._sync_mask_grad()
+
+    def _drop_shared_state(self, adapter_name: str) -> None:
+        for container in (self.pat_mask, self.pat_step, self._pat_gate.widths, self._pat_gate.totals):
+            if adapter_name in container:
+                del container[adapter_name]
+
+    def _sync_mask_grad(self) -> None:
+        """An adapter's mask trains exactly when its layers do (PEFT sets requires_grad on the layers)."""
+        for name, mask in self.pat_mask.items():
+            mask.requires_grad_(any(p.requires_grad for _, p in self._layer_parameters(name)))
+
+    def _layer_parameters(self, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        for layer in self.model.modules():
+            if isinstance(layer, PatLayer):
+                for attr in layer.adapter_layer_names:
+                    container = getattr(layer, attr)
+                    if adapter_name in container:
+                        yield attr, container[adapter_name]
+
+    def _active_pat_adapter(self) -> Optional[str]:
+        return next((n for n in self.active_adapters if n in self.pat_mask), None)
+
+    # ----------------------------------------------------------------------------------- mask access
+    def pat_schedule_step(self, adapter_name: Optional[str] = None) -> int:
+        """Optimizer steps the adapter's mask schedule has taken."""
+        return self._pat_gate.step(self._resolve(adapter_name))
+
+    def pat_mask_phase(self, adapter_name: Optional[str] = None) -> str:
+        """'learning' (t < 0.8 T), 'frozen' (0.8 T <= t < T) or 'final' (t >= T: hard 0/1 gate)."""
+        return self._pat_gate.phase(self._resolve(adapter_name))
+
+    def pat_kept_channels(self, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """Indices (ascending) of the d' hidden channels the final mask keeps: the d' largest entries of m."""
+        return self._pat_gate.kept(self._resolve(adapter_name))
+
+    def pat_gate(self, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """The current gate g_t (d,), detached."""
+        with torch.no_grad():
+            return self._pat_gate(self._resolve(adapter_name))
+
+    def finalize_pat_mask(self, adapter_name: Optional[str] = None) -> None:
+        """End the schedule now: set the step to T, so the gate becomes the hard mask over the d' largest entries
+        of m (what training for T steps ends with) and the model can be pruned."""
+        name = self._resolve(adapter_name)
+        self.pat_step[name].fill_(max(self._pat_gate.step(name), self._pat_gate.totals[name]))
+
+    def petuning_prune_and_unload(self, adapter_name: Optional[str] = None):
+        """A new, smaller transformers model (hidden size d') that computes the logits of this model with its final
+        mask; see :func:`petuning.tuners.pat.prune.prune_and_unload`. This model is left unchanged."""
+        from .prune import prune_and_unload
+
+        return prune_and_unload(self, self._resolve(adapter_name))
+
+    def _resolve(self, adapter_name: Optional[str]) -> str:
+        name = adapter_name or self._active_pat_adapter()
+        if name is None or name not in self.pat_mask:
+            raise ValueError(f"No PAT adapter named {adapter_name!r}; loaded: {list(self.pat_mask)}.")
+        return name
+
+    def hsm_layers(self, adapter_name: str) -> list[PatLayer]:
+        """The layers holding an HSM of ``adapter_name``, in module order (embedding first)."""
+        return [m for m in self.model.modules() if isinstance(m, PatLayer) and m.has_hsm(adapter_name)]
+
+    # ------------------------------------------------------------------------------ training hooks
+    def _training_adapter(self) -> Optional[str]:
+        """The active adapter if it trains (its mask requires grad), else None."""
+        name = self._active_pat_adapter()
+        return name if name is not None and self.pat_mask[name].requires_grad else None
+
+    def _losses(self, name: str) -> dict[str, torch.Tensor]:
+        config: PatConfig = self.peft_config[name]
+        losses = {}
+        if config.mask_loss_weight > 0 and self._pat_gate.phase(name) == "learning":
+            mask = self.pat_mask[name]
+            losses["mask"] = config.mask_loss_weight * mask_loss(mask, self._pat_gate.widths[name], config.count_loss_weight)
+        downs = [layer.pat_hsm_down[name] for layer in self.hsm_layers(name)]
+        if config.identity_loss_weight > 0 and any(d.requires_grad for d in downs):
+            losses["identity"] = config.identity_loss_weight * identity_loss(downs)
+        return losses
+
+    def petuning_auxiliary_loss(self) -> Optional[torch.Tensor]:
+        name = self._training_adapter()
+        if name is None:
+            return None
+        losses = self._losses(name)
+        return torch.stack([t.float() for t in losses.values()]).sum() if losses else None
+
+    def petuning_before_optimizer_step(self, ctx: StepContext) -> None:
+        for name, mask in self.pat_mask.items():
+            if mask.grad is not None and self._pat_gate.phase(name) != "learning":
+                mask.grad = None  # the mask has stopped learning: no update, no momentum, no weight decay
+
+    def petuning_after_optimizer_step(self, ctx: StepContext) -> None:
+        name = self._training_adapter()
+        if name is not None:
+            self.pat_step[name].add_(1)
+
+    def petuning_metrics(self) -> dict[str, float]:
+        name = self._active_pat_adapter()
+        if name is None:
+            return {}
+        step, total = self._pat_gate.step(name), self._pat_gate.totals[name]
+        metrics = {
+            "pat_step": float(step),
+            "pat_tau": schedule(step, total)[0],
+            "pat_kept": float((self.pat_mask[name] >= 0).sum()),
+            "pat_final": float(self._pat_gate.phase(name) == "final"),
+        }
+        metrics.update({f"pat_{key}_loss": float(value) for key, value in self._losses(name).items()})
+        return metrics
+
+
+def _embedding_key(model: nn.Module) -> str:
+    embedding = model.get_input_embeddings()
+    return next(name for name, module in model.named_modules() if module is embedding)
+
+
+def _check_architecture(model: nn.Module) -> tuple[int, nn.Embedding]:
+    """Hidden size and (base) token embedding of a supported model; a clear error for anything else."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(model, "get_input_embeddings"):
+        raise ValueError(
+            f"PAT prunes the hidden width of Llama-family decoders (transformers model_type {SUPPORTED_MODEL_TYPES}: "
+            f"Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2, ...). {type(model).__name__} has model_type {model_type!r}, "
+            "whose blocks PAT does not know how to prune. Use a supported architecture."
+        )
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, BaseTunerLayer):
+        embedding = embedding.get_base_layer()
+    if type(embedding) is not nn.Embedding:
+        raise ValueError(
+            f"PAT needs a plain torch.nn.Embedding as the token embedding, found {type(embedding).__name__} in "
+            f"{type(model).__name__} (scaled or custom embeddings would change the pruning math)."
+        )
+    return config.hidden_size, embedding
