@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -19,6 +20,7 @@ from petuning.tuners.common import check_adapter_shapes
 from .config import FloraConfig
 from .layer import Conv, Embedding, FloraLayer, Linear
 
+_NESTED = re.compile(r"(\.base_layer)+(?=\.flora_)")
 SUPPORTED = "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv1d/2d/3d and bitsandbytes/quantized linear layers"
 
 
@@ -41,9 +43,19 @@ class FloraModel(BaseTuner):
             "module_name": current_key,
             **get_quantization_kwargs(self),
         }
-        if isinstance(target, FloraLayer):
-            target.update_layer(adapter_name, **kwargs)
+        layer = target
+        while isinstance(layer, BaseTunerLayer) and not isinstance(layer, FloraLayer):
+            layer = layer.base_layer  # FLoRA added first, another method's layer wrapped around it
+        if isinstance(layer, FloraLayer):
+            layer.update_layer(adapter_name, **kwargs)
             return
+        if isinstance(target, BaseTunerLayer):
+            raise ValueError(
+                f"FLoRA cannot adapt {current_key!r}: it already holds an adapter of another PEFT method "
+                f"({type(target).__module__}.{type(target).__name__}). Wrapping it would move that adapter's tensors "
+                "under 'base_layer.' and its saved files would no longer load on a plain base model. Add the FLoRA "
+                "adapter first (other methods may then wrap it), or target different modules."
+            )
         new_module = self._create_new_module(config, adapter_name, target, current_key, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter does not train
@@ -71,6 +83,14 @@ class FloraModel(BaseTuner):
             f"FLoRA cannot adapt {key!r} of type {type(base).__name__}: supported layers are {SUPPORTED}. "
             "Leave it out of target_modules (or add it to exclude_modules)."
         )
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """PEFT's key without the adapter name, and without the ``base_layer.`` segments that another method's layer
+        adds when it wraps a FLoRA layer, so a FLoRA file is the same whether or not e.g. a LoRA adapter shares the
+        module. Loading maps keys through the same function, so both directions agree."""
+        key = super()._remove_adapter_name_from_key(key, adapter_name)
+        return _NESTED.sub("", key)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
