@@ -110,7 +110,7 @@ class SparseLowRankLayer(BaseTunerLayer):
         self.sparse_low_rank_scaling: dict[str, float] = {}
         self.sparse_low_rank_dropout = nn.ModuleDict({})
         self.sparse_low_rank_warmup: dict[str, int] = {}
-        # Summed squared gradients of W (out, in), float32, while a gradient-chosen support collects data.
+        # Summed squared gradients of W (out, in), float32 (float64 on float64 models), while a gradient-chosen support collects data.
         self.sparse_low_rank_scores: dict[str, torch.Tensor] = {}
         # Cached CSR structure per adapter: (index tensor it was built from, its version, structure or None).
         self.sparse_low_rank_structure: dict[str, tuple[torch.Tensor, int, Optional[SparseStructure]]] = {}
@@ -230,7 +230,8 @@ class SparseLowRankLayer(BaseTunerLayer):
     def _accumulate_scores(self, adapter_name: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
         def sink(grad_out: torch.Tensor, x: torch.Tensor) -> None:
             with torch.no_grad():
-                grad_w = grad_out.float().T @ x.float()  # (out, in): dL/dW of this micro-batch
+                dtype = torch.promote_types(grad_out.dtype, torch.float32)
+                grad_w = grad_out.to(dtype).T @ x.to(dtype)  # (out, in): dL/dW of this micro-batch
                 scores = self.sparse_low_rank_scores.get(adapter_name)
                 if scores is None:
                     self.sparse_low_rank_scores[adapter_name] = grad_w.square_()

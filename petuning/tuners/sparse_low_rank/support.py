@@ -36,7 +36,7 @@ def support_size(density: float, out_features: int, in_features: int, where: str
     if nnz == 0:
         raise ValueError(
             f"density={density} selects no entry of the {out_features}x{in_features} weight{where} "
-            f"(round(density * {numel}) = 0). Use density >= {0.5 / numel:.2g}, or leave this layer out."
+            f"(round(density * {numel}) = 0). Use density >= {1 / numel:.2g}, or leave this layer out."
         )
     return nnz
 
