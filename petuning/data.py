@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass, replace
 from collections.abc import Set as AbstractSet
 from importlib import resources
 from pathlib import Path
@@ -95,24 +96,60 @@ def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+
+
+def _chat_spans(tokenizer, messages: list[dict], first: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of the whole conversation and the ``[start, end)`` token spans of its assistant
+    messages from index ``first`` on (each span holds the message and the template's end-of-turn
+    tokens, not the assistant header).
+
+    A span is found by rendering the conversation up to the message with and without it; the
+    chat template must render every prefix of the conversation as a prefix of the whole.
+    """
+    full = _chat_ids(tokenizer, messages)
+    spans = []
+    for i in range(first, len(messages)):
+        if messages[i].get("role") != "assistant":
+            continue
+        prompt = _prompt_ids(tokenizer, messages[:i])
+        upto = full if i == len(messages) - 1 else _chat_ids(tokenizer, messages[: i + 1])
+        if full[: len(prompt)] != prompt or full[: len(upto)] != upto:
+            raise ValueError(
+                "the chat template renders a conversation differently once later messages are appended, "
+                "so the assistant tokens cannot be located; use a template that renders prefixes "
+                "consistently (model.chat_template) or train on the whole text (completion_only_loss=false)"
+            )
+        spans.append((len(prompt), len(upto)))
+    return full, spans
+
+
+def _labels_from_spans(n: int, spans: list[tuple[int, int]], ids: list[int]) -> list[int]:
+    labels = [IGNORE_INDEX] * n
+    for start, end in spans:
+        labels[start:end] = ids[start:end]
+    return labels
+
+
 def tokenize_for_sft(example: dict, tokenizer, max_length: int | None = None) -> dict:
     """Tokenize one conversation whose last message is the assistant's answer.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels`` (lists of the same length);
-    labels are ``-100`` on the prompt, so only the answer and the template's end-of-turn
-    tokens are learned. ``max_length`` truncates from the right.
+    labels are ``-100`` except on the assistant messages (each message and the template's
+    end-of-turn tokens), so only the answers are learned. ``max_length`` truncates from the right.
     """
     messages = example["messages"]
-    if messages[-1]["role"] != "assistant":
+    if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("the last message of an SFT example must be the assistant's answer")
-    prompt = _prompt_ids(tokenizer, messages[:-1])
-    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    if full[: len(prompt)] != prompt:
-        raise ValueError("the chat template renders the prompt differently once the answer is appended")
-    labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt) :]
+    full, spans = _chat_spans(tokenizer, messages, first=0)
+    return _features(full, _labels_from_spans(len(full), spans, full), max_length)
+
+
+def _features(ids: list[int], labels: list[int], max_length: int | None) -> dict:
     if max_length is not None:
-        full, labels = full[:max_length], labels[:max_length]
-    return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
 class SFTCollator:
@@ -135,6 +172,185 @@ class SFTCollator:
         }
 
 
+# --------------------------------------------------------------------------- datasets for recipes
+
+#: Dataset layouts the recipes understand (the ones TRL's ``SFTTrainer`` uses).
+FORMATS = ("messages", "prompt_completion", "text")
+_JSON_SUFFIXES = (".json", ".jsonl")
+
+
+def read_json_records(path: str | Path) -> list[dict]:
+    """Records of a local ``.json`` (an array of objects, or one object per line) or ``.jsonl`` file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"dataset file {str(path)!r} does not exist; give an existing .json/.jsonl file, "
+            f"'embedded' for the embedded arithmetic task, or a Hugging Face Hub dataset id"
+        )
+    text = path.read_text("utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not a JSON object ({error})") from None
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: record {bad} is a {type(records[bad]).__name__}, expected a JSON object")
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    return records
+
+
+def load_records(source: str, split: str | None = None, subset: str | None = None) -> list[dict]:
+    """Records of a dataset, as a list of dicts.
+
+    ``source`` is ``"embedded"`` (the shipped arithmetic task; ``split`` ``"train"`` or ``"test"``),
+    a local ``.json``/``.jsonl`` file (``split`` does not apply), or anything
+    ``datasets.load_dataset`` accepts (a Hub id or a local dataset directory; ``subset`` is its
+    configuration name, ``split`` defaults to ``"train"``). Only the last needs the ``datasets``
+    package.
+    """
+    if source == "embedded":
+        return load_embedded_task(split or "train")
+    looks_local = source.startswith((".", "/", "~")) or source.endswith(_JSON_SUFFIXES)
+    if source.endswith(_JSON_SUFFIXES) or (looks_local and Path(source).expanduser().is_file()):
+        if split not in (None, "train"):
+            raise ValueError(f"a split ({split!r}) does not apply to the single file {source!r}; give the eval file itself")
+        return read_json_records(source)
+    if looks_local and not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"dataset {source!r} does not exist")
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"loading {source!r} needs the 'datasets' package (pip install datasets); local .json/.jsonl "
+            f"files and 'embedded' do not"
+        ) from None
+    return [dict(row) for row in datasets.load_dataset(source, subset, split=split or "train")]
+
+
+@dataclass(frozen=True)
+class SFTFormat:
+    """How the records of a dataset become SFT examples.
+
+    ``kind`` is one of :data:`FORMATS` or ``"auto"`` (decided from the first record's columns):
+
+    - ``"messages"``: a chat conversation (list of ``{"role", "content"}``) in ``messages_field``,
+      rendered with the tokenizer's chat template; the assistant messages are the completion.
+    - ``"prompt_completion"``: ``prompt_field`` and ``completion_field``, both strings (tokenized
+      as they are, EOS appended to the completion) or both conversations (chat template). With
+      ``prompt_template`` (a ``str.format`` pattern over the record's columns, e.g. an Alpaca
+      prompt ``"### Instruction:\\n{query}\\n\\n### Response:"``) the prompt is built from it.
+    - ``"text"``: plain text in ``text_field``, EOS appended; every token is learned.
+    """
+
+    kind: str = "auto"
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    text_field: str = "text"
+    prompt_template: str | None = None
+
+    def columns(self) -> dict[str, tuple[str, ...]]:
+        prompt = () if self.prompt_template else (self.prompt_field,)
+        return {
+            "messages": (self.messages_field,),
+            "prompt_completion": prompt + (self.completion_field,),
+            "text": (self.text_field,),
+        }
+
+    def resolve(self, records: list[dict], name: str) -> "SFTFormat":
+        """This format with ``kind`` decided, after checking that every record has its columns.
+
+        ``name`` names the dataset in error messages.
+        """
+        columns = self.columns()
+        kind = self.kind
+        if kind == "auto":
+            first = records[0] if records else {}
+            kind = next((k for k, needed in columns.items() if all(c in first for c in needed)), None)
+            if kind is None:
+                expected = " or ".join("+".join(map(repr, c)) for c in columns.values())
+                raise ValueError(
+                    f"dataset {name} has columns {sorted(first)}, none of the layouts it could be: {expected}. "
+                    f"Map your columns with data.messages_field / data.prompt_field / data.completion_field / "
+                    f"data.text_field (or data.prompt_template), or set data.format"
+                )
+        elif kind not in columns:
+            raise ValueError(f"unknown data format {kind!r}; expected 'auto' or one of {FORMATS}")
+        for index, record in enumerate(records):
+            missing = [c for c in columns[kind] if c not in record]
+            if missing:
+                raise ValueError(
+                    f"dataset {name}, record {index}: missing column(s) {missing} needed by the {kind!r} format "
+                    f"(it has {sorted(record)}); map your column names with data.{kind.split('_')[0]}_field"
+                    + (" / data.completion_field" if kind == "prompt_completion" else "")
+                )
+        return replace(self, kind=kind)
+
+    def prompt(self, record: dict):
+        if self.prompt_template is None:
+            return record[self.prompt_field]
+        try:
+            return self.prompt_template.format_map(record)
+        except KeyError as error:
+            raise ValueError(f"data.prompt_template names column {error} that the dataset does not have") from None
+
+
+def tokenize_record(
+    record: dict, tokenizer, fmt: SFTFormat, max_length: int | None = None, completion_only: bool = True
+) -> dict:
+    """``input_ids``, ``attention_mask`` and ``labels`` of one record in the resolved format ``fmt``.
+
+    With ``completion_only`` the labels are ``-100`` outside the completion (the assistant messages,
+    or the completion with its EOS); ``"text"`` records learn every token.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if fmt.kind == "text":
+        ids = tokenizer(record[fmt.text_field])["input_ids"] + eos
+        return _features(ids, list(ids), max_length)
+    if fmt.kind == "messages":
+        messages = record[fmt.messages_field]
+        full, spans = _chat_spans(tokenizer, messages, first=0)
+    else:
+        prompt, completion = fmt.prompt(record), record[fmt.completion_field]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            full = prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
+            spans = [(len(prompt_ids), len(full))]
+        elif isinstance(prompt, list) and isinstance(completion, list):
+            full, _ = _chat_spans(tokenizer, prompt + completion, first=len(prompt))
+            spans = [(len(_prompt_ids(tokenizer, prompt)), len(full))]
+        else:
+            raise ValueError("prompt and completion must both be strings or both be lists of chat messages")
+    labels = _labels_from_spans(len(full), spans, full) if completion_only else list(full)
+    return _features(full, labels, max_length)
+
+
+def prompt_and_reference(record: dict, tokenizer, fmt: SFTFormat) -> tuple[list[int], str]:
+    """Token ids of the prompt a model answers at evaluation, and the reference answer text."""
+    if fmt.kind == "messages":
+        messages = record[fmt.messages_field]
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("an evaluation conversation must end with the assistant's reference answer")
+        return _prompt_ids(tokenizer, messages[:-1]), messages[-1]["content"]
+    if fmt.kind == "prompt_completion":
+        prompt, completion = fmt.prompt(record), record[fmt.completion_field]
+        if isinstance(prompt, str):
+            return tokenizer(prompt)["input_ids"], completion
+        return _prompt_ids(tokenizer, prompt), "".join(m["content"] for m in completion)
+    raise ValueError("a 'text' dataset has no prompt/reference pairs; a generation metric does not apply to it")
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -143,36 +359,47 @@ def _pad_token_id(tokenizer) -> int:
 
 
 @torch.no_grad()
-def generate_answers(
-    model, tokenizer, examples: list[dict], max_new_tokens: int = 16, batch_size: int = 32
+def generate_from_ids(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 16, batch_size: int = 32, **generate_kwargs
 ) -> list[str]:
-    """Greedy answers to each example's prompt (every message but the last), stripped.
+    """Greedy continuations of token-id prompts, decoded without special tokens and stripped.
 
-    Prompts are left-padded into batches of ``batch_size``; the model is put in eval mode
-    for the call and its training flag restored afterwards.
+    Prompts are left-padded into batches of ``batch_size``; the model is put in eval mode for
+    the call and its training flag restored afterwards. ``generate_kwargs`` go to
+    ``model.generate`` (e.g. ``synced_gpus=True`` under ZeRO-3 / FSDP).
     """
     was_training = model.training
     model.eval()
     pad = _pad_token_id(tokenizer)
     answers = []
     try:
-        for start in range(0, len(examples), batch_size):
-            prompts = [_prompt_ids(tokenizer, ex["messages"][:-1]) for ex in examples[start : start + batch_size]]
-            width = max(len(p) for p in prompts)
-            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            width = max(len(p) for p in batch)
+            input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch])
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
             output = model.generate(
                 input_ids=input_ids.to(model.device),
                 attention_mask=attention_mask.to(model.device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad,
+                **generate_kwargs,
             )
             new_tokens = output[:, width:]
             answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:
         model.train(was_training)
     return answers
+
+
+def generate_answers(
+    model, tokenizer, examples: list[dict], max_new_tokens: int = 16, batch_size: int = 32
+) -> list[str]:
+    """Greedy answers to each example's prompt (every message but the last), stripped; see
+    :func:`generate_from_ids`."""
+    prompts = [_prompt_ids(tokenizer, ex["messages"][:-1]) for ex in examples]
+    return generate_from_ids(model, tokenizer, prompts, max_new_tokens, batch_size)
 
 
 def exact_match_accuracy(
