@@ -1,0 +1,81 @@
+"""Plots of the method comparison: loss curves, and test accuracy against peak memory and forgetting.
+
+Usage::
+
+    python benchmarks/method_comparison/plots.py [RESULTS_DIR]   # default: benchmarks/results/method_comparison/toy
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DEFAULT = Path(__file__).resolve().parent.parent / "results" / "method_comparison" / "toy"
+
+
+def load_results(directory: Path) -> dict[str, dict]:
+    """Experiment name -> result JSON, for every ``*.json`` in ``directory``."""
+    results = {path.stem: json.loads(path.read_text()) for path in sorted(Path(directory).glob("*.json"))}
+    if not results:
+        raise FileNotFoundError(f"No result JSON files in {directory}; run benchmarks/method_comparison/run.py first.")
+    return results
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names of the points not dominated by another (lower x is better, higher y is better), by increasing x."""
+    front = [
+        name
+        for name, (x, y) in points.items()
+        if not any((x2 <= x and y2 >= y) and (x2, y2) != (x, y) for x2, y2 in points.values())
+    ]
+    return sorted(front, key=lambda name: points[name][0])
+
+
+def plot_all(directory: Path = DEFAULT, out: Path | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = load_results(directory)
+    out = Path(out or directory)
+    out.mkdir(parents=True, exist_ok=True)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, result in results.items():
+        metrics = result["train_info"]["metrics"]
+        ax.plot([m["step"] for m in metrics], [m["train loss"] for m in metrics], marker=".", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (running mean)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths = [out / "loss_curves.png"]
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    for key, label, filename in [
+        ("cpu_rss_peak_delta", "peak RSS during training (MiB)", "pareto_memory.png"),
+        ("forgetting", "forgetting (rise of task-A loss)", "pareto_forgetting.png"),
+    ]:
+        scale = 2**20 if key == "cpu_rss_peak_delta" else 1.0
+        points = {n: (r["train_info"][key] / scale, r["train_info"]["test accuracy"]) for n, r in results.items()}
+        front = pareto_front(points)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, (x, y) in points.items():
+            ax.scatter(x, y, color="tab:red" if name in front else "tab:gray")
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.plot([points[n][0] for n in front], [points[n][1] for n in front], color="tab:red", alpha=0.4)
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (new task)")
+        fig.tight_layout()
+        paths.append(out / filename)
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+if __name__ == "__main__":
+    for path in plot_all(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT):
+        print(path)

@@ -1,0 +1,53 @@
+"""The method-comparison benchmark: toy tasks, every experiment end to end for a few steps, Pareto front."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "method_comparison"
+sys.path.insert(0, str(BENCH))
+
+from methods import EXPERIMENTS  # noqa: E402
+from plots import pareto_front  # noqa: E402
+from toy import TASK_A, TASK_B, Encoder  # noqa: E402
+
+import run  # noqa: E402
+
+
+def test_toy_tasks_answers_and_splits():
+    assert TASK_A.answer(47, 85) == "231" and TASK_A.answer(0, 5) == "500"
+    assert TASK_B.answer(47, 85) == "38" and TASK_B.answer(9, 9) == "00"
+    test, train = set(TASK_A.split("test")), set(TASK_A.split("train"))
+    assert len(test) == 1000 and len(train) == 9000 and not test & train
+    batch = Encoder().batch(TASK_A, [(47, 85)])
+    tokens = Encoder().tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    assert "".join(tokens[1:-1]) == "47+85=231"
+    assert (batch["labels"][0, :7] == -100).all() and torch.equal(batch["labels"][0, 7:], batch["input_ids"][0, 7:])
+
+
+def test_pareto_front():
+    points = {"a": (1.0, 0.5), "b": (2.0, 0.9), "c": (2.0, 0.4), "d": (0.5, 0.1), "e": (3.0, 0.9)}
+    assert pareto_front(points) == ["d", "a", "b"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("toy-cache")
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_every_experiment_runs_and_writes_peft_shaped_json(name, cache, tmp_path):
+    run.main(["--worker", name, "--steps", "3", "--base-steps", "3", "--batch-size", "8",
+              "--out", str(tmp_path), "--cache", str(cache)])
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert set(result) == {"run_info", "train_info", "meta_info"}
+    info = result["train_info"]
+    assert info["status"] == "success" and info["steps"] == 3 and len(info["metrics"]) == 3
+    assert 0 <= info["test accuracy"] <= 1 and info["num_trainable_params"] > 0 and info["file_size"] > 0
+    assert info["num_trainable_params"] < info["num_total_params"] / 5  # parameter-efficient
+    merge_error = info["merge max abs logit diff"]
+    assert isinstance(merge_error, str) or merge_error < 1e-3
+    assert result["run_info"]["peft_config"]["peft_type"]
