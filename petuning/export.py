@@ -671,10 +671,22 @@ def push_folder(folder: PathLike, repo_id: str, *, private: bool = False, token:
             repo_type="model",
             commit_message=f"Upload {folder.name} exported by petuning",
         )
-    except (HfHubHTTPError, OSError, ValueError) as error:
-        message = str(error).replace(token, "***")
+    except (HfHubHTTPError, OSError, ValueError, RuntimeError) as error:
+        message = _describe_chain(error).replace(token, "***")
         raise PushError(
-            f"Upload of {folder} to {repo_id} failed: {message.strip()}\nThe local export in {folder} is complete "
+            f"Upload of {folder} to {repo_id} failed: {message}\nThe local export in {folder} is complete "
             f"and unchanged, and the Hub repo received no partial commit. Retry with: petuning push {folder} {repo_id}"
         ) from None
     return str(commit.commit_url)
+
+
+def _describe_chain(error: BaseException) -> str:
+    """The first line of an error and of each error that caused it ("uploading x failed: 507 Server Error ...")."""
+    lines, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        line = _first_line(error)
+        if line not in lines:
+            lines.append(line)
+        error = error.__cause__ or error.__context__
+    return " <- ".join(lines)

@@ -51,7 +51,7 @@ def card_errors(readme: str) -> list[str]:
 class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, dict] = {}  # repo id -> {"private": bool, "commits": [(sha, {path: bytes})]}
-        self.lfs: dict[str, bytes] = {}
+        self.lfs: dict[tuple[str, str], bytes] = {}  # (repo, oid) -> bytes: LFS storage is per repo
         self.tokens: set[str] = set()
         self.lfs_uploads = 0
         self.fail_after: int | None = None
@@ -158,8 +158,8 @@ def _handler(hub: FakeHub):
                 objects = []
                 for obj in json.loads(body)["objects"]:
                     entry = {"oid": obj["oid"], "size": obj["size"]}
-                    if obj["oid"] not in hub.lfs:
-                        entry["actions"] = {"upload": {"href": f"{hub.url}/lfs-upload/{obj['oid']}"}}
+                    if (m["repo"], obj["oid"]) not in hub.lfs:
+                        entry["actions"] = {"upload": {"href": f"{hub.url}/lfs-upload/{m['repo']}/{obj['oid']}"}}
                     objects.append(entry)
                 return self._send(200, {"transfer": "basic", "objects": objects})
             if m := re.fullmatch(rf"/api/models/{REPO}/commit/(?P<rev>[^/]+)", path):
@@ -179,9 +179,9 @@ def _handler(hub: FakeHub):
                     if item["key"] == "file":
                         files[value["path"]] = base64.b64decode(value["content"])
                     elif item["key"] == "lfsFile":
-                        if value["oid"] not in hub.lfs:
+                        if (repo, value["oid"]) not in hub.lfs:
                             return self._send(422, {"error": f"LFS object {value['oid']} was never uploaded"})
-                        files[value["path"]] = hub.lfs[value["oid"]]
+                        files[value["path"]] = hub.lfs[repo, value["oid"]]
                     elif item["key"] in ("deletedFile", "deletedFolder"):
                         files = {p: d for p, d in files.items() if not (p == value["path"] or p.startswith(value["path"] + "/"))}
                 parent = hub.repos[repo]["commits"][-1][0] if hub.repos[repo]["commits"] else ""
@@ -192,7 +192,7 @@ def _handler(hub: FakeHub):
         def do_PUT(self) -> None:
             path = urlparse(self.path).path
             body = self._body()
-            m = re.fullmatch(r"/lfs-upload/(?P<oid>[0-9a-f]{64})", path)
+            m = re.fullmatch(rf"/lfs-upload/{REPO}/(?P<oid>[0-9a-f]{{64}})", path)
             if not m:
                 return self._send(404, {"error": f"unknown route PUT {path}"})
             with hub.lock:
@@ -202,7 +202,7 @@ def _handler(hub: FakeHub):
                 return self._send(507, {"error": "Insufficient storage (injected failure)"})
             if hashlib.sha256(body).hexdigest() != m["oid"]:
                 return self._send(400, {"error": "sha256 of the body does not match the oid"})
-            hub.lfs[m["oid"]] = body
+            hub.lfs[m["repo"], m["oid"]] = body
             return self._send(200, {})
 
         def do_HEAD(self) -> None:
