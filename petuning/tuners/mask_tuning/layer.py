@@ -7,6 +7,7 @@ threshold tau:
   k selected entries of a layer with ``mask_share < 1``
 - ``mask_tuning_indices[name]``  (k,) int32 flat positions in W of the selected entries (only when k < W.numel());
   saved with the adapter, never re-derived
+- ``mask_tuning_mask[name]``     :class:`PackedMask`, the binary mask bit-packed in the state dict (extra state)
 - ``M = 1[m > tau]`` on scored entries, 1 elsewhere; with several active adapters their masks multiply
 
 Forward (``MaskedLinear``): ``y = x (W ⊙ M)ᵀ + b``. The masked weight is the one weight-sized temporary; it is
@@ -130,16 +131,53 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].bool()
 
 
+class PackedMask(nn.Module):
+    """One adapter's binary mask as bit-packed *extra state* of the layer: ``state_dict()`` holds
+    ``pack_bits(m > tau)`` under ``<layer>.mask_tuning_mask.<adapter>._extra_state`` (computed from the scores when
+    asked, so never stale), and loading it (torch's ``load_state_dict``, PEFT, or transformers' ``load_adapter``)
+    changes exactly the scores whose mask disagrees with the loaded bit: to ``mask_init`` (kept) or to
+    ``2 tau - mask_init`` (masked). Scores loaded alongside, in either order, are therefore kept as they are."""
+
+    def __init__(self, scores: nn.ParameterDict, adapter_name: str, threshold: float, mask_init: float) -> None:
+        super().__init__()
+        object.__setattr__(self, "_scores", scores)  # the layer's container, deliberately not registered twice
+        self.adapter_name = adapter_name
+        self.threshold = threshold
+        self.mask_init = mask_init
+
+    def get_extra_state(self) -> torch.Tensor:
+        return pack_bits(self._scores[self.adapter_name].detach() > self.threshold)
+
+    def set_extra_state(self, state: Any) -> None:
+        scores = self._scores[self.adapter_name]
+        expected = (scores.numel() + 7) // 8
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.numel() != expected:
+            got = f"{state.numel()} {state.dtype} values" if isinstance(state, torch.Tensor) else type(state).__name__
+            raise ValueError(
+                f"The packed mask of adapter {self.adapter_name!r} has {got}, but {expected} uint8 mask bytes are "
+                f"expected for {scores.numel()} scores: the adapter file is truncated, corrupt, or made for another "
+                "base model or mask_share."
+            )
+        keep = unpack_bits(state.to(scores.device), scores.numel()).view(scores.shape)
+        with torch.no_grad():
+            current = scores > self.threshold
+            scores.masked_fill_(keep & ~current, self.mask_init)
+            scores.masked_fill_(~keep & current, 2 * self.threshold - self.mask_init)
+
+
 class MaskTuningLayer(BaseTunerLayer):
     """State and math shared by every masked-tuning layer type."""
 
     adapter_layer_names = ("mask_tuning_scores",)
-    other_param_names = ("mask_tuning_indices", "mask_tuning_threshold", "mask_tuning_removed", "mask_tuning_kl_grad")
+    other_param_names = (
+        "mask_tuning_indices", "mask_tuning_mask", "mask_tuning_threshold", "mask_tuning_removed", "mask_tuning_kl_grad"
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.mask_tuning_scores = nn.ParameterDict({})
         self.mask_tuning_indices = BufferDict({}, persistent=True)
+        self.mask_tuning_mask = nn.ModuleDict({})  # PackedMask per adapter: the bit-packed masks in the state dict
         self.mask_tuning_threshold: dict[str, float] = {}
         self.mask_tuning_removed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # merged adapters' zeroed entries
         self.mask_tuning_kl_grad: dict[str, torch.Tensor] = {}  # gradient dropout's accumulated KL gradients
@@ -181,6 +219,7 @@ class MaskTuningLayer(BaseTunerLayer):
             low = 2 * threshold - mask_init
             scores = low + (mask_init - low) * torch.rand(shape, dtype=dtype, device=weight.device)
         self.mask_tuning_scores[adapter_name] = nn.Parameter(scores)
+        self.mask_tuning_mask[adapter_name] = PackedMask(self.mask_tuning_scores, adapter_name, threshold, mask_init)
         self.mask_tuning_threshold[adapter_name] = threshold
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 

@@ -3,6 +3,7 @@ applies R-AMT's L2 term and gradient dropout through petuning's training hooks."
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -16,11 +17,11 @@ from transformers.pytorch_utils import Conv1D
 from petuning.training import AuxiliaryLossMixin, ForwardContext, StepContext
 
 from .config import MaskTuningConfig
-from .layer import Linear, MaskTuningLayer, pack_bits, unpack_bits
+from .layer import Linear, MaskTuningLayer, unpack_bits
 
 SCORES = "mask_tuning_scores"
 PACKED = "mask_tuning_mask"
-"""Key (in place of ``mask_tuning_scores``) of the bit-packed binary masks in a saved adapter."""
+"""Container of the bit-packed binary masks (state-dict key ``<layer>.mask_tuning_mask[.<adapter>]._extra_state``)."""
 
 
 def gradient_dropout(
@@ -66,6 +67,7 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     _kl_weight = 0.0  # sum of the micro-batch shares whose KL gradients are accumulated in the layers
+    _kl_forwards = 0  # forwards since the last optimizer step that applied gradient dropout
     _dropped_share: Optional[float] = None
 
     # ------------------------------------------------------------------------------------ injection
@@ -112,43 +114,34 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
     # ------------------------------------------------------------------------------------ save/load
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """PEFT's selection, with each score tensor replaced by its bit-packed binary mask unless
+        """PEFT's selection: scores, indices and the bit-packed masks; the float scores only if
         ``config.save_scores``."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if getattr(config, "save_scores", True):
             return selected
-        suffix = f".{SCORES}.{adapter_name}"
-        packed = {}
-        for key, value in selected.items():
-            if key.endswith(suffix):
-                key = key.removesuffix(suffix) + f".{PACKED}.{adapter_name}"
-                value = pack_bits(value.detach() > config.threshold)
-            packed[key] = value
-        return packed
+        return {k: v for k, v in selected.items() if not k.endswith(f".{SCORES}.{adapter_name}")}
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT's key remapping; bit-packed masks become scores (``mask_init`` kept, ``2 tau - mask_init`` masked).
-        Refuses tensors whose shapes do not fit the model, naming one."""
-        renamed = {}
-        for key, value in state_dict.items():
-            if key.endswith(f".{PACKED}"):
-                key = key.removesuffix(f".{PACKED}") + f".{SCORES}"
-            renamed[key] = value
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, renamed)
+        """PEFT's key remapping; scores missing from a bit-packed adapter are built from its masks (``mask_init``
+        kept, ``2 tau - mask_init`` masked). Refuses tensors whose shapes do not fit the model, naming one."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         expected = model.state_dict()
+        packed_suffix = f".{PACKED}.{adapter_name}._extra_state"
         wrong = []
-        for key, value in remapped.items():
+        for key, value in list(remapped.items()):
             if key not in expected:
                 continue
             target = expected[key]
-            if value.dtype == torch.uint8 and target.is_floating_point():  # packed mask for this score tensor
-                if value.numel() != (target.numel() + 7) // 8:
-                    wrong.append(f"{key}: {value.numel()} mask bytes vs {(target.numel() + 7) // 8} expected")
-                    continue
-                keep = unpack_bits(value, target.numel()).reshape(target.shape)
-                scores = torch.full(target.shape, config.masked_score, dtype=target.dtype, device=value.device)
-                remapped[key] = scores.masked_fill_(keep, config.mask_init)
+            if key.endswith(packed_suffix):
+                scores_key = key.removesuffix(packed_suffix) + f".{SCORES}.{adapter_name}"
+                n = expected[scores_key].numel()
+                if value.numel() != (n + 7) // 8:
+                    wrong.append(f"{key}: {value.numel()} mask bytes vs {(n + 7) // 8} expected")
+                elif scores_key not in remapped:
+                    keep = unpack_bits(value, n).view(expected[scores_key].shape)
+                    scores = torch.full(keep.shape, config.masked_score, dtype=expected[scores_key].dtype)
+                    remapped[scores_key] = scores.masked_fill_(keep.to(scores.device), config.mask_init)
             elif value.shape != target.shape:
                 wrong.append(f"{key}: adapter {tuple(value.shape)} vs model {tuple(target.shape)}")
         if wrong:
@@ -256,7 +249,7 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
     def petuning_auxiliary_loss(self) -> Optional[torch.Tensor]:
         """``l2_weight * sum over layers of ||m||_2`` for every training adapter."""
         terms = [
-            config.l2_weight * torch.stack([layer.mask_tuning_scores[name].float().norm() for layer in layers]).sum()
+            config.l2_weight * torch.stack([layer.mask_tuning_scores[name].norm() for layer in layers]).sum()
             for name, config, layers in self._trained()
             if config.l2_weight > 0
         ]
@@ -290,6 +283,15 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
                 acc = layer.mask_tuning_kl_grad.get(name)
                 layer.mask_tuning_kl_grad[name] = grad if acc is None else acc.add_(grad)
         self._kl_weight += share
+        self._kl_forwards += 1
+        if self._kl_forwards == 256:
+            warnings.warn(
+                "Masked tuning's gradient dropout has computed KL gradients for 256 forwards without an optimizer step "
+                "applying them: attach petuning.PetuningCallback (Trainer/TRL) or petuning.TrainingHooks (plain loops), "
+                "otherwise gradient dropout has no effect.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     @torch.no_grad()
     def _reference_logits(self, ctx: ForwardContext, layers: list[MaskTuningLayer]) -> torch.Tensor:
@@ -319,7 +321,7 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
         ]
         if not pending:
             return
-        weight, self._kl_weight = self._kl_weight, 0.0
+        weight, self._kl_weight, self._kl_forwards = self._kl_weight, 0.0, 0
         kl_grads = [layer.mask_tuning_kl_grad.pop(name) / max(weight, 1e-12) for layer, name, _ in pending]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flat = torch.cat([g.reshape(-1) for g in kl_grads])  # every rank must make the same choices
