@@ -385,29 +385,39 @@ def _adapter_names(layer: BaseTunerLayer) -> set[str]:
 
 
 def training_summary(adapter_dir: PathLike) -> dict:
-    """A short summary of the training run from ``trainer_state.json`` (written by transformers' Trainer next to
-    checkpoints and by ``trainer.save_state()``), looked up in the adapter folder and its parent. Empty if absent."""
+    """A short summary of the training run for the model card, from the files training leaves next to the adapter
+    (in the adapter folder or its parent): ``trainer_state.json`` (transformers' Trainer, in checkpoints and after
+    ``trainer.save_state()``: steps, epochs, batch size, last train loss, last eval metrics) and ``results.json``
+    (petuning's recipes: its scalar entries). Empty if neither exists."""
     adapter_dir = Path(adapter_dir)
-    for folder in (adapter_dir, adapter_dir.parent):
-        path = folder / "trainer_state.json"
-        if path.is_file():
-            state = json.loads(path.read_text())
-            break
-    else:
-        return {}
-    history = state.get("log_history") or []
-    summary = {
-        "steps": state.get("global_step"),
-        "epochs": state.get("epoch"),
-        "train_batch_size": state.get("train_batch_size"),
-    }
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    if losses:
-        summary["final_train_loss"] = losses[-1]
-    evals = [entry for entry in history if any(k.startswith("eval_") for k in entry)]
-    if evals:
-        summary.update({k: v for k, v in evals[-1].items() if k.startswith("eval_")})
+    folders = (adapter_dir, adapter_dir.parent)
+    summary: dict = {}
+    state = _first_json(folders, "trainer_state.json")
+    if state:
+        history = state.get("log_history") or []
+        summary.update(steps=state.get("global_step"), epochs=state.get("epoch"), train_batch_size=state.get("train_batch_size"))
+        losses = [entry["loss"] for entry in history if "loss" in entry]
+        if losses:
+            summary["final_train_loss"] = losses[-1]
+        evals = [entry for entry in history if any(k.startswith("eval_") for k in entry)]
+        if evals:
+            summary.update({k: v for k, v in evals[-1].items() if k.startswith("eval_")})
+    results = _first_json(folders, "results.json")
+    summary.update({k: v for k, v in results.items() if isinstance(v, (int, float, str, bool))})
     return {k: v for k, v in summary.items() if v is not None}
+
+
+def _first_json(folders: tuple[Path, ...], name: str) -> dict:
+    for folder in folders:
+        path = folder / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except ValueError:
+                warnings.warn(f"{path} is not valid JSON; the model card's training summary leaves it out.")
+                return {}
+            return data if isinstance(data, dict) else {}
+    return {}
 
 
 def hub_base_id(base_ref: Optional[str], base_model_id: Optional[str]) -> Optional[str]:

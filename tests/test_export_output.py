@@ -4,6 +4,7 @@ summary, method config, no local paths), the dtype asked for, the tokenizer, and
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -34,10 +35,17 @@ def tuned(tmp_path_factory):
     return root, adapter, base
 
 
-def test_training_summary_from_trainer_state(tuned):
+def test_training_summary_from_trainer_state_and_recipe_results(tuned, tmp_path):
     assert training_summary(tuned[1]) == {
         "steps": 120, "epochs": 2.0, "train_batch_size": 8, "final_train_loss": 0.75, "eval_loss": 0.81, "eval_accuracy": 0.9,
     }
+    run = tmp_path / "run"  # a recipe's output folder: run/adapter and run/results.json
+    shutil.copytree(tuned[1], run / "adapter", ignore=shutil.ignore_patterns("trainer_state.json"))
+    (run / "results.json").write_text(json.dumps({"global_step": 50, "exact_match": 0.9, "loss_history": [1.0, 0.5]}))
+    assert training_summary(run / "adapter") == {"global_step": 50, "exact_match": 0.9}
+    (run / "results.json").write_text("{broken")
+    with pytest.warns(UserWarning, match="not valid JSON"):
+        assert training_summary(run / "adapter") == {}
 
 
 @pytest.mark.parametrize(

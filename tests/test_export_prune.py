@@ -13,12 +13,10 @@ from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import petuning.tuners
+from petuning import PatConfig
 from petuning.export import export_adapter
 from petuning.models import build_tiny_tokenizer, build_tiny_model
 
-PatConfig = getattr(petuning.tuners, "PatConfig", None)
-pytestmark = pytest.mark.skipif(PatConfig is None, reason="PAT has not landed")
 WIDTH = 48
 
 RELOAD = """
