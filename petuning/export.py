@@ -577,7 +577,7 @@ def export_adapter(
     ``base``: base model folder or Hub id (default: the one in ``adapter_config.json``); ``base_model_id``: the Hub id
     written to the card when the base is a local folder; ``dtype``: "auto" (the base checkpoint's), "float32",
     "bfloat16", "float16" or a torch dtype; ``max_shard_size``: per safetensors shard (merged); ``summary``: training
-    summary for the card (default: read from ``trainer_state.json``); ``push_to_hub``: a repo id to upload the folder
+    summary for the card (default: :func:`training_summary`); ``push_to_hub``: a repo id to upload the folder
     to (see :func:`push_folder`).
     """
     if format not in FORMATS:
@@ -596,7 +596,11 @@ def export_adapter(
         if protected is not None and (out == protected or out in protected.parents):
             raise ValueError(f"--out {out} would overwrite the input {protected}; choose another folder.")
 
-    peft_model = load_adapter_model(adapter_dir, base, "float32" if format == "lora" else dtype)
+    if format == "adapter" and dtype != "auto":
+        raise ValueError("--dtype does not apply to --format adapter (the adapter's files are copied as they are).")
+    # Merge in the checkpoint's own dtype and cast afterwards, so each merged weight is rounded once; convert from
+    # float32, so that the SVD sees ΔW at full precision.
+    peft_model = load_adapter_model(adapter_dir, base, "float32" if format == "lora" else "auto")
     config = peft_model.peft_config[peft_model.active_adapter]
     base_ref = str(base) if base is not None else config.base_model_name_or_path
     base_id = hub_base_id(base_ref, base_model_id)
@@ -619,8 +623,11 @@ def export_adapter(
             save_file({k: v.to(out_dtype) for k, v in conversion.state_dict.items()}, tmp / ADAPTER_WEIGHTS)
             kind = "lora"
         else:
-            for file in ("adapter_config.json", ADAPTER_WEIGHTS):
-                shutil.copy2(adapter_dir / file, tmp / file)
+            shutil.copy2(adapter_dir / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
+            adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+            if base_id:  # a Hub id instead of a local path, so that AutoPeftModel works after download
+                adapter_config["base_model_name_or_path"] = base_id
+            (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
             kind = "adapter"
         tokenizer_source = _save_tokenizer(tmp, [str(adapter_dir), base_ref])
         write_model_card(tmp, config=config, kind=kind, base_model=base_id, summary=summary, conversion=conversion)

@@ -147,6 +147,8 @@ def test_inconsistent_options(tuned, tmp_path):
         export_adapter(adapter, tmp_path / "o", format="lora", prune=True)
     with pytest.raises(ValueError, match="--lora-rank only applies"):
         export_adapter(adapter, tmp_path / "o", lora_rank=2)
+    with pytest.raises(ValueError, match="--dtype does not apply to --format adapter"):
+        export_adapter(adapter, tmp_path / "o", format="adapter", dtype="float16")
     with pytest.raises(ValueError, match="dtype must be"):
         export_adapter(adapter, tmp_path / "o", dtype="int8")
     with pytest.raises(ValueError, match="LoRA rank must be a positive integer"):

@@ -12,7 +12,7 @@ from conformance.cases import CASES
 from export_utils import front_matter, tuned_adapter
 from fake_hub import card_errors
 from safetensors import safe_open
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from petuning.cli import main
 from petuning.export import export_adapter, training_summary
@@ -69,6 +69,7 @@ def test_model_card(tuned, tmp_path, fmt, library, relation, extra_tag):
     assert str(base) not in readme and str(root) not in readme  # no local paths in the card
     if fmt == "lora":
         assert "exact (every ΔW fits its rank)" in readme
+    if library == "peft":  # the adapter config names the Hub id, so AutoPeftModel works after a download
         assert json.loads((result.folder / "adapter_config.json").read_text())["base_model_name_or_path"] == BASE_ID
 
 
@@ -79,6 +80,16 @@ def test_local_base_without_hub_id_gives_a_valid_card_without_base_model(tuned, 
     assert "base_model" not in meta and "base_model_relation" not in meta and card_errors(readme) == []
     with pytest.raises(ValueError, match="not a Hub model id"):
         export_adapter(tuned[1], tmp_path / "m2", base_model_id="/home/me/models/base")
+
+
+def test_bfloat16_export_rounds_each_merged_weight_once(tuned, tmp_path):
+    """The float32 merge is cast to bfloat16 afterwards: every stored weight equals the float32 merged weight rounded
+    once (merging into a bfloat16 copy of the base would round twice)."""
+    full = export_adapter(tuned[1], tmp_path / "fp32")
+    half = export_adapter(tuned[1], tmp_path / "bf16", dtype="bfloat16")
+    fp32 = AutoModelForCausalLM.from_pretrained(full.folder, dtype=torch.float32).state_dict()
+    bf16 = AutoModelForCausalLM.from_pretrained(half.folder, dtype=torch.bfloat16).state_dict()
+    assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], fp32[k].to(torch.bfloat16)) for k in fp32)
 
 
 def test_dtype_and_tokenizer(tuned, tmp_path):
