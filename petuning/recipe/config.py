@@ -265,7 +265,7 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
             key, value = body[1:], REMOVE
         elif flag:
             key = body
-            if i < len(argv) and not argv[i].startswith("--") and "=" not in argv[i]:
+            if i < len(argv) and not argv[i].startswith(("--", "~")) and "=" not in argv[i]:
                 value, i = parse_value(argv[i]), i + 1
             else:
                 value = True
@@ -303,10 +303,12 @@ def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
         raw["method"] = value
         return
     section, _, name = key.partition(".")
-    if section not in SECTIONS or not name:
+    if not name:
         owners = [s for s in SECTIONS[1:] if (keys := _section_keys(s, None)) and key in keys]
         hint = f"; did you mean {owners[0]}.{key}?" if owners else f"; write section.key with a section of {SECTIONS}"
         raise ValueError(f"cannot apply override {key!r}{hint}")
+    if section not in SECTIONS:
+        raise _unknown_key(section, list(SECTIONS), f"override {key!r} (sections are {', '.join(SECTIONS)})")
     if "." in name:
         raise ValueError(f"override {key!r}: only section.key is supported")
     if value is REMOVE:

