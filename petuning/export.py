@@ -305,8 +305,9 @@ def convert_to_lora(
     """Express an additive petuning adapter as a standard peft LoRA adapter.
 
     For every adapted layer, ΔW = ``layer.get_delta_weight(adapter_name)`` (the dense update in the base weight's
-    layout, transposed to (out, in) for ``fan_in_fan_out`` layers) is decomposed as U diag(σ) Vᵀ in float64 and the
-    LoRA factors are ``lora_B = U_k diag(√σ_k)`` (out, k), ``lora_A = diag(√σ_k) V_kᵀ`` (k, in), with scaling 1
+    layout), arranged as the matrix peft's LoRA layer of that type factors (:func:`_lora_layout`: (out, in) for linear
+    layers, also for convolutions with the kernel flattened into the columns, (dim, num) for embeddings), is
+    decomposed as U diag(σ) Vᵀ in float64 and the LoRA factors are ``B = U_k diag(√σ_k)``, ``A = diag(√σ_k) V_kᵀ``, with scaling 1
     (``lora_alpha = r`` per layer). k = rank(ΔW) when ``rank`` is None (always exact), else min(rank, rank(ΔW)),
     truncating where ΔW's rank exceeds it. Modules trained in full (``modules_to_save``) are copied.
     Non-additive adapters (a layer whose ``supports_lora_conversion`` is False, e.g. PAT) are refused.
@@ -321,11 +322,15 @@ def convert_to_lora(
     layers = [(n, m) for n, m in _tuner_layers(peft_model) if name in _adapter_names(m)]
     refused = [n for n, m in layers if not m.supports_lora_conversion(name)]
     if not layers or refused:
+        where = (
+            f"layer {refused[0]!r} of this {method} adapter does not declare one (supports_lora_conversion() is "
+            "False; PAT, for example, scales the residual stream instead of adding to weights)"
+            if refused
+            else f"this {method} adapter has no layers with a weight update"
+        )
         raise ValueError(
-            f"--format lora needs an additive adapter (each layer adds an update ΔW to its weight); {method} "
-            + (f"is not additive in {refused[0]!r}" if refused else "has no layers with a weight update")
-            + ". Export it merged instead (the default format)"
-            + (", with --prune for PAT." if refused else ".")
+            f"--format lora needs an additive adapter (every layer adds an update ΔW to its weight), but {where}. "
+            "Export it merged instead (the default format; --prune for PAT)."
         )
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -333,11 +338,10 @@ def convert_to_lora(
     dropped_total = energy_total = 0.0
     with torch.no_grad():
         for module, layer in layers:
-            delta = layer.get_delta_weight(name)
-            if getattr(layer, "fan_in_fan_out", False):
-                delta = delta.T
-            u, s, vh = torch.linalg.svd(delta.detach().to(torch.float64), full_matrices=False)
-            tol = (s[0] * max(delta.shape) * torch.finfo(delta.dtype).eps).item() if s.numel() else 0.0
+            delta = layer.get_delta_weight(name).detach()
+            matrix, pack = _lora_layout(module, layer, delta)
+            u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+            tol = (s[0] * max(matrix.shape) * torch.finfo(delta.dtype).eps).item() if s.numel() else 0.0
             delta_rank = int((s > tol).sum()) if s.numel() and s[0] > 0 else 0
             k = max(1, delta_rank if rank is None else min(rank, delta_rank))
             root = s[:k].sqrt()
@@ -347,9 +351,8 @@ def convert_to_lora(
             reports.append(
                 LayerConversion(module, tuple(delta.shape), delta_rank, k, math.sqrt(dropped / energy) if energy else 0.0)
             )
-            key = f"base_model.model.{module}"
-            state[f"{key}.lora_A.weight"] = lora_a.to(torch.float32).contiguous()
-            state[f"{key}.lora_B.weight"] = lora_b.to(torch.float32).contiguous()
+            for suffix, tensor in pack(lora_a.to(torch.float32), lora_b.to(torch.float32)).items():
+                state[f"base_model.model.{module}.{suffix}"] = tensor.contiguous()
             ranks[module] = k
         for key, value in get_peft_model_state_dict(peft_model, adapter_name=name).items():
             if peft_model.base_model.prefix not in key:  # modules_to_save and trained biases
@@ -364,7 +367,7 @@ def convert_to_lora(
         rank_pattern=patterns,
         alpha_pattern=dict(patterns),
         target_modules=sorted(ranks),
-        fan_in_fan_out=False,
+        fan_in_fan_out=any(getattr(layer, "fan_in_fan_out", False) for _, layer in layers),  # GPT-2's Conv1D
         bias=bias if bias in ("none", "all") else "lora_only",
         modules_to_save=getattr(config, "modules_to_save", None),
         task_type=getattr(config, "task_type", None),
@@ -372,6 +375,40 @@ def convert_to_lora(
         inference_mode=True,
     )
     return LoraConversion(lora_config, state, reports, math.sqrt(dropped_total / energy_total) if energy_total else 0.0)
+
+
+def _lora_layout(module: str, layer: BaseTunerLayer, delta: torch.Tensor):
+    """ΔW as the matrix that peft's LoRA layer for this base layer type factors as B A, and a function packing the
+    factors A (k, cols), B (rows, k) into that layer's state-dict entries.
+
+    Linear (out, in) and transformers' Conv1D (stored (in, out)): ΔW = B A. Embedding (num, dim): ΔWᵀ = B A, stored as
+    ``lora_embedding_A`` (k, num) and ``lora_embedding_B`` (dim, k). ConvNd (out, in, *kernel): ΔW reshaped to
+    (out, in·prod(kernel)) = B A, with A a conv of the base's kernel and B a 1x1 conv.
+    """
+    base = layer.get_base_layer()
+    if isinstance(base, torch.nn.Embedding):
+        return delta.T, lambda a, b: {"lora_embedding_A": a, "lora_embedding_B": b}
+    if isinstance(base, torch.nn.modules.conv._ConvNd):
+        unsupported = {
+            "groups": base.groups != 1,
+            "dilation": any(d != 1 for d in base.dilation),
+            f"padding_mode={base.padding_mode!r}": base.padding_mode != "zeros",
+        }
+        unsupported = [feature for feature, present in unsupported.items() if present]
+        if unsupported:
+            raise ValueError(
+                f"{module!r} is a {type(base).__name__} with {', '.join(unsupported)}, which peft's LoRA conv layers "
+                "do not reproduce, so --format lora cannot express its update. Export it merged instead."
+            )
+        ones = (1,) * (delta.ndim - 2)
+        return delta.reshape(delta.shape[0], -1), lambda a, b: {
+            "lora_A.weight": a.reshape(a.shape[0], *delta.shape[1:]),
+            "lora_B.weight": b.reshape(*b.shape, *ones),
+        }
+    if delta.ndim != 2:
+        raise ValueError(f"--format lora does not know the layer type of {module!r} ({type(base).__name__}).")
+    matrix = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
+    return matrix, lambda a, b: {"lora_A.weight": a, "lora_B.weight": b}
 
 
 def _adapter_names(layer: BaseTunerLayer) -> set[str]:

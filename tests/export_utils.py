@@ -16,22 +16,17 @@ import torch
 import yaml
 from conformance.cases import MethodCase
 from conformance.models import build_base, make_inputs, training_loss
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 from petuning.models import build_tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def tuned_adapter(case: MethodCase, root: Path, name: str) -> tuple[Path, Path, torch.Tensor]:
-    """Save an adapter of ``case`` that is not an identity (random start plus three AdamW steps) on the tiny base
-    (which gets a tokenizer), and return (adapter folder, base folder, the adapter model's logits)."""
-    base_dir = root / f"tiny-{case.model}"
-    model = build_base(case.model, root)
-    if not (base_dir / "tokenizer_config.json").exists():
-        build_tiny_tokenizer().save_pretrained(base_dir)
+def tuned_model(case: MethodCase, root: Path) -> PeftModel:
+    """A PEFT model of ``case`` that is not an identity: random start plus three AdamW steps, in eval mode."""
     torch.manual_seed(0)
-    model = get_peft_model(model, case.make_config(False))
+    model = get_peft_model(build_base(case.model, root), case.make_config(False))
     inputs = make_inputs(case.model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -39,11 +34,20 @@ def tuned_adapter(case: MethodCase, root: Path, name: str) -> tuple[Path, Path, 
         training_loss(model, case.model, inputs).backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.eval()
+    return model.eval()
+
+
+def tuned_adapter(case: MethodCase, root: Path, name: str) -> tuple[Path, Path, torch.Tensor]:
+    """Save a :func:`tuned_model` of a language-model ``case`` on the tiny base (which gets a tokenizer), and return
+    (adapter folder, base folder, the adapter model's logits)."""
+    base_dir = root / f"tiny-{case.model}"
+    model = tuned_model(case, root)
+    if not (base_dir / "tokenizer_config.json").exists():
+        build_tiny_tokenizer().save_pretrained(base_dir)
     adapter_dir = root / name
     model.save_pretrained(adapter_dir)
     with torch.no_grad():
-        logits = model(**inputs).logits
+        logits = model(**make_inputs(case.model)).logits
     return adapter_dir, base_dir, logits
 
 

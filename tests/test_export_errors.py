@@ -135,7 +135,7 @@ def test_prune_applies_only_to_pat(tuned, tmp_path):
 
 def test_non_additive_adapter_is_not_converted_to_lora(tuned, tmp_path):
     ia3 = get_peft_model(AutoModelForCausalLM.from_pretrained(tuned[2]), IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
-    with pytest.raises(ValueError, match="--format lora needs an additive adapter.*IA3 is not additive"):
+    with pytest.raises(ValueError, match="--format lora needs an additive adapter.*of this IA3 adapter does not declare one"):
         convert_to_lora(ia3)
 
 

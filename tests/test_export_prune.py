@@ -86,6 +86,6 @@ def test_prune_before_the_mask_is_final_is_refused(tmp_path):
 
 def test_pat_is_not_converted_to_lora(tmp_path):
     adapter, _ = _pat_adapter(tmp_path, finalize=True)
-    with pytest.raises(ValueError, match="needs an additive adapter.*PAT is not additive.*--prune"):
+    with pytest.raises(ValueError, match="needs an additive adapter.*of this PAT adapter does not declare one.*--prune"):
         export_adapter(adapter, tmp_path / "lora", format="lora")
     assert not (tmp_path / "lora").exists()

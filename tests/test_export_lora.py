@@ -1,0 +1,49 @@
+"""``convert_to_lora`` on every other layer type of the conformance matrix (linear, GPT-2 Conv1D, embedding,
+Conv1d/2d/3d): the LoRA adapter it writes, loaded into a fresh base by peft, gives the tuned model's outputs; layers
+peft's LoRA cannot express (grouped or dilated convolutions, non-zero padding modes) are refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conformance.cases import CASES
+from conformance.models import LANGUAGE_MODELS, build_base, make_inputs, outputs
+from export_utils import tuned_model
+from peft import get_peft_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from petuning.export import convert_to_lora
+
+OTHER_CASES = [c for c in CASES if c.model not in LANGUAGE_MODELS]
+
+
+def _lora_expressible(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.groups == 1 and all(d == 1 for d in module.dilation) and module.padding_mode == "zeros"
+    return True
+
+
+@pytest.mark.parametrize("case", OTHER_CASES, ids=[c.id for c in OTHER_CASES])
+def test_lora_conversion_reproduces_outputs_or_is_refused(case, tmp_path):
+    model = tuned_model(case, tmp_path)
+    layers = {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, BaseTunerLayer)}
+    inputs = make_inputs(case.model)
+    if not all(m.supports_lora_conversion("default") for m in layers.values()):
+        with pytest.raises(ValueError, match="needs an additive adapter"):
+            convert_to_lora(model)
+        return
+    blocked = [n for n, m in layers.items() if not _lora_expressible(m.get_base_layer())]
+    if blocked:
+        with pytest.raises(ValueError, match=f"{blocked[0]}.*peft's LoRA conv layers do not reproduce"):
+            convert_to_lora(model)
+        return
+    conversion = convert_to_lora(model)
+    assert conversion.exact
+    assert {layer.module for layer in conversion.layers} == set(layers)
+    lora = get_peft_model(build_base(case.model, tmp_path), conversion.config)
+    result = set_peft_model_state_dict(lora, conversion.state_dict)
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lora_" in k]
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(lora.eval(), case.model, inputs), outputs(model, case.model, inputs), atol=2e-5, rtol=1e-5)
