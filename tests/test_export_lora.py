@@ -16,6 +16,7 @@ from torch import nn
 from petuning.export import convert_to_lora
 
 OTHER_CASES = [c for c in CASES if c.model not in LANGUAGE_MODELS]
+LAYOUT_CASES = [c for c in OTHER_CASES if c.model in ("embedding", "conv1d", "conv2d", "conv2d_1x1", "conv2d_groups", "conv3d")]
 
 
 def _lora_expressible(module: nn.Module) -> bool:
@@ -24,26 +25,44 @@ def _lora_expressible(module: nn.Module) -> bool:
     return True
 
 
-@pytest.mark.parametrize("case", OTHER_CASES, ids=[c.id for c in OTHER_CASES])
-def test_lora_conversion_reproduces_outputs_or_is_refused(case, tmp_path):
-    model = tuned_model(case, tmp_path)
+def _check_conversion(case, model, root) -> str:
+    """Convert ``model``; check that peft's LoRA reproduces it, or that the refusal names the reason. Returns
+    "converted", "not additive" or "not expressible"."""
     layers = {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, BaseTunerLayer)}
-    inputs = make_inputs(case.model)
     if not all(m.supports_lora_conversion("default") for m in layers.values()):
         with pytest.raises(ValueError, match="needs an additive adapter"):
             convert_to_lora(model)
-        return
+        return "not additive"
     blocked = [n for n, m in layers.items() if not _lora_expressible(m.get_base_layer())]
     if blocked:
         with pytest.raises(ValueError, match=f"{blocked[0]}.*peft's LoRA conv layers do not reproduce"):
             convert_to_lora(model)
-        return
+        return "not expressible"
     conversion = convert_to_lora(model)
     assert conversion.exact
     assert {layer.module for layer in conversion.layers} == set(layers)
-    lora = get_peft_model(build_base(case.model, tmp_path), conversion.config)
+    lora = get_peft_model(build_base(case.model, root), conversion.config)
     result = set_peft_model_state_dict(lora, conversion.state_dict)
     assert not result.unexpected_keys
     assert not [k for k in result.missing_keys if "lora_" in k]
+    inputs = make_inputs(case.model)
     with torch.no_grad():
         torch.testing.assert_close(outputs(lora.eval(), case.model, inputs), outputs(model, case.model, inputs), atol=2e-5, rtol=1e-5)
+    return "converted"
+
+
+@pytest.mark.parametrize("case", OTHER_CASES, ids=[c.id for c in OTHER_CASES])
+def test_lora_conversion_reproduces_outputs_or_is_refused(case, tmp_path):
+    _check_conversion(case, tuned_model(case, tmp_path), tmp_path)
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=[c.id for c in LAYOUT_CASES])
+def test_embedding_and_conv_layouts(case, tmp_path, monkeypatch):
+    """The embedding and convolution layouts, exercised through layers that do not opt in to conversion themselves
+    (their ``get_delta_weight`` is the exact update, so the opt-in is patched here)."""
+    model = tuned_model(case, tmp_path)
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            monkeypatch.setattr(type(layer), "supports_lora_conversion", lambda self, adapter_name="default": True)
+    outcome = _check_conversion(case, model, tmp_path)
+    assert outcome == ("not expressible" if case.model in ("conv1d", "conv2d_groups") else "converted")
