@@ -182,7 +182,7 @@ def available_methods() -> dict[str, type[PeftConfig]]:
     methods: dict[str, type[PeftConfig]] = {"lora": LoraConfig}
     for peft_type, config_cls in PEFT_TYPE_TO_CONFIG_MAPPING.items():
         if config_cls.__module__.split(".")[0] == "petuning":
-            methods[str(peft_type.value if hasattr(peft_type, "value") else peft_type).lower()] = config_cls
+            methods[str(getattr(peft_type, "value", peft_type)).lower()] = config_cls
     return dict(sorted(methods.items()))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import subprocess
 import sys
@@ -250,7 +251,8 @@ def training_arguments(cfg: RecipeConfig) -> tuple[TrainingArguments, bool, Any]
     kwargs.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     if kwargs.get("gradient_checkpointing"):
         kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-    use_cpu = bool(kwargs.get("use_cpu")) or not torch.cuda.is_available()
+    use_cpu = (bool(kwargs.get("use_cpu")) or not torch.cuda.is_available()
+               or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
     device = torch.device("cpu" if use_cpu else "cuda")
     kwargs["bf16"] = resolve_bf16(bf16, device)
     return TrainingArguments(**kwargs), kwargs["bf16"], resume
