@@ -244,7 +244,7 @@ class PatModel(AuxiliaryLossMixin, BaseTuner):
         if name is None:
             return None
         losses = self._losses(name)
-        return torch.stack([t.float() for t in losses.values()]).sum() if losses else None
+        return torch.stack(list(losses.values())).sum() if losses else None
 
     def petuning_before_optimizer_step(self, ctx: StepContext) -> None:
         for name, mask in self.pat_mask.items():

@@ -1,0 +1,188 @@
+"""PAT's schedule and losses in training, through petuning's hook protocol: a plain loop (TrainingHooks),
+transformers.Trainer (PetuningCallback, with gradient accumulation) and two-process DDP."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from peft import get_peft_model
+from torch.nn.parallel import DistributedDataParallel
+
+import petuning
+from petuning import PatConfig
+from petuning.models import build_tiny_model
+
+WIDTH = 48
+
+
+def tiny_pat(schedule_steps: int, seed: int = 0, **overrides):
+    base = build_tiny_model("llama", seed=0)
+    kwargs = dict(target_width=WIDTH, hsm_rank=8, lora_r=4, lora_dropout=0.0, schedule_steps=schedule_steps,
+                  task_type="CAUSAL_LM")
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return get_peft_model(base, PatConfig(**kwargs))
+
+
+def token_batch(n=4, length=16, seed=1):
+    ids = torch.randint(4, 100, (n, length), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def mask_of(model) -> torch.Tensor:
+    return model.base_model.pat_mask["default"]
+
+
+@pytest.fixture
+def reset_accelerate():
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+# ------------------------------------------------------------------------------------------------ plain loop
+def test_plain_loop_ends_with_a_binary_mask_of_the_target_width():
+    total = 60
+    model = tiny_pat(total)
+    batch = token_batch()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    hooks = petuning.TrainingHooks(model, optimizer)
+    model.train()
+    masks, losses, identity = [], [], []
+    for _ in range(total):
+        loss = model(**batch).loss
+        losses.append(loss.item())
+        identity.append(hooks.metrics()["pat_identity_loss"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        masks.append(mask_of(model).detach().clone())
+    tuner = model.base_model
+    assert hooks.step == total and tuner.pat_schedule_step() == total and tuner.pat_mask_phase() == "final"
+    assert all(math.isfinite(v) for v in losses), "the loss is finite from step 0 on (the official code logs NaN)"
+    freeze = math.ceil(0.8 * total)  # the update at step t < 0.8 T is the last one that moves the mask
+    assert not torch.equal(masks[freeze - 1], masks[freeze - 2])
+    assert all(torch.equal(m, masks[freeze - 1]) for m in masks[freeze:]), "the mask stops learning at 0.8 T"
+
+    gate = tuner.pat_gate()
+    assert set(gate.unique().tolist()) == {0.0, 1.0} and int(gate.sum()) == WIDTH
+    assert torch.equal(gate.nonzero().flatten(), tuner.pat_kept_channels())
+    # the mask loss drove the soft count (m >= 0, starting at all 64) to the target; the hard mask takes the top d'
+    soft_count = int((mask_of(model) >= 0).sum())
+    assert abs(soft_count - WIDTH) <= 3, soft_count
+    assert identity[-1] < 0.2 * identity[0]
+    model.eval()
+    with torch.no_grad():
+        masked = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        pruned = tuner.petuning_prune_and_unload()
+        torch.testing.assert_close(pruned(input_ids=batch["input_ids"]).logits, masked, atol=2e-5, rtol=1e-5)
+
+
+def test_hooks_leave_a_disabled_or_frozen_adapter_alone():
+    model = tiny_pat(10)
+    batch = token_batch()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    petuning.TrainingHooks(model, optimizer)
+    model.train()
+    with model.disable_adapter():
+        assert not mask_of(model).requires_grad
+        assert model.base_model.petuning_auxiliary_loss() is None
+        assert not model(**batch).loss.requires_grad
+        optimizer.step()  # the hooks fire, but nothing trains
+    assert model.base_model.pat_schedule_step() == 0, "no schedule step while the adapter is disabled"
+    assert mask_of(model).requires_grad, "enabling the adapter again makes the mask trainable"
+
+
+# ---------------------------------------------------------------------------------------------------- Trainer
+def test_trainer_with_callback_and_gradient_accumulation(tmp_path, reset_accelerate):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    total, steps = 6, 8
+    model = tiny_pat(total)
+    samples = [{k: v[0] for k, v in token_batch(n=1, seed=s).items()} for s in range(steps * 4)]
+    records = []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            records.append((model.base_model.pat_schedule_step(), mask_of(model).detach().clone()))
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-2, weight_decay=0.1, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+        disable_tqdm=True, seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=samples, callbacks=[petuning.PetuningCallback(), Spy()])
+    trainer.train()
+
+    assert [step for step, _ in records] == list(range(1, steps + 1)), "one schedule step per optimizer step"
+    frozen = [mask for step, mask in records if step > math.ceil(0.8 * total)]
+    assert frozen and all(torch.equal(m, records[math.ceil(0.8 * total) - 1][1]) for m in frozen)
+    assert not torch.equal(records[0][1], records[1][1])
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == steps and all(math.isfinite(entry["loss"]) for entry in logged)
+    assert [entry["pat_step"] for entry in logged] == [float(s) for s in range(1, steps + 1)]
+    assert "pat_mask_loss" in logged[0] and "pat_mask_loss" not in logged[-1]  # no mask loss once frozen
+    gate = model.base_model.pat_gate()
+    assert set(gate.unique().tolist()) == {0.0, 1.0} and int(gate.sum()) == WIDTH
+
+
+# -------------------------------------------------------------------------------------------------------- DDP
+DDP_STEPS, DDP_TOTAL = 5, 4  # crosses the freeze (t = 3.2) and the final mask (t = 4)
+
+
+def _ddp_train(model, module, batch) -> dict[str, torch.Tensor]:
+    # SGD, not Adam: Adam's g / sqrt(v) blows float32 summation-order differences of near-zero gradients up to lr
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.5)
+    hooks = petuning.TrainingHooks(model, optimizer)
+    module.train()
+    for _ in range(DDP_STEPS):
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert hooks.step == DDP_STEPS and module.base_model.pat_schedule_step() == DDP_STEPS
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        assert dist.get_world_size() == 2
+        module = tiny_pat(DDP_TOTAL)
+        shard = {k: v[rank * 2 : rank * 2 + 2] for k, v in token_batch().items()}
+        params = _ddp_train(DistributedDataParallel(module), module, shard)
+        torch.save(params, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_matches_single_process(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert rank0.keys() == rank1.keys() and "base_model.pat_mask.default" in rank0
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"
+    module = tiny_pat(DDP_TOTAL)
+    initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    single = _ddp_train(module, module, token_batch())
+    for name in single:
+        assert not torch.equal(single[name], initial[name]), name
+        torch.testing.assert_close(rank0[name], single[name], atol=1e-6, rtol=1e-5, msg=name)
