@@ -1,0 +1,242 @@
+"""PAT: inference speed of the pruned SmolLM2 against the original, and PAT's train step against PEFT's LoRA.
+
+Usage::
+
+    flock /tmp/petuning-heavy.lock python benchmarks/pat_speed.py            # about 3 minutes on 2 idle cores
+    flock /tmp/petuning-heavy.lock python benchmarks/pat_speed.py --quick    # fewer repeats
+
+Results are printed and written to ``benchmarks/results/pat_speed.json``. Paper anchor: 1.33x faster inference
+for Llama-2-7B pruned by 25% (hidden 4096 -> 3072), measured by the authors on GPUs.
+
+Method
+------
+*Inference.* SmolLM2-135M-Instruct (float32; hidden 576, 30 layers, tied 49152-token embedding) gets a PAT adapter
+with ``pruning_ratio=0.25`` (kept width 432) and random HSMs (``init_weights=False``), whose mask is finalized and
+which is pruned by ``petuning_prune_and_unload()``: the result is a stock ``LlamaForCausalLM`` with hidden size 432.
+The speed of a pruned model does not depend on how well it was trained, so no training is done here. Both models
+are in one process; two workloads, each timed with ``time.perf_counter`` under ``torch.inference_mode``:
+
+* ``prefill``: one forward pass over a batch of 4 x 256 token ids (tokens/s = 1024 / time);
+* ``decode``: greedy ``generate`` of 32 new tokens for one 16-token prompt with the KV cache (tokens/s = 32 / time;
+  ``min_new_tokens`` = ``max_new_tokens``, so both models produce exactly 32 tokens).
+
+The two models alternate, original first in even repeats and pruned first in odd ones, after one untimed warm-up
+each. Reported: median and minimum time per model and the speed-up (original time / pruned time) of the medians,
+of the minima (the least disturbed runs; load only ever adds time), and the median of the per-repeat ratios.
+
+*Training step.* On SmolLM2 with a batch of 2 x 128 tokens (labels = inputs):
+
+* ``lora``: PEFT ``LoraConfig(r=16, lora_alpha=16, lora_dropout=0)`` on q/k/v/o/gate/up/down_proj;
+* ``pat``: ``PatConfig(pruning_ratio=0.25, hsm_rank=32, lora_r=16, lora_alpha=16, lora_dropout=0)``: the same LoRA
+  plus 61 HSMs of rank 32, the mask/identity losses and the schedule (``petuning.TrainingHooks``);
+* ``pat_paper``: the paper's literal HSM rank 200 with LoRA r=20 (rank 200 is ~5% of Llama-2-7B's 4096 but 35% of
+  SmolLM2's 576, so this is the expensive end).
+
+A step is forward + backward + ``clip_grad_norm_`` + AdamW step (hooks run inside) + ``zero_grad``. Variants run
+interleaved, one step each per round, with the order rotating every round, after one warm-up step each. Reported:
+median and minimum step time and the ratios against ``lora``. The 1-minute load average is recorded before and
+after; above the core count other processes compete and absolute times swell, so read ratios with their ranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    import petuning
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import petuning
+
+import peft
+import transformers
+from peft import LoraConfig, get_peft_model
+
+from petuning.models import load_smollm2
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESULTS = Path(__file__).resolve().parent / "results" / "pat_speed.json"
+
+
+def pruned_smollm2() -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    original, _ = load_smollm2()
+    adapted, _ = load_smollm2()
+    torch.manual_seed(0)
+    model = get_peft_model(adapted, petuning.PatConfig(pruning_ratio=0.25, hsm_rank=32, lora_r=0, init_weights=False))
+    model.base_model.finalize_pat_mask()
+    start = time.perf_counter()
+    pruned = model.base_model.petuning_prune_and_unload()
+    export_seconds = time.perf_counter() - start
+    info = {
+        "hidden_size": [original.config.hidden_size, pruned.config.hidden_size],
+        "parameters": [sum(p.numel() for p in original.parameters()), sum(p.numel() for p in pruned.parameters())],
+        "prune_and_unload_seconds": round(export_seconds, 2),
+    }
+    return original.eval(), pruned.eval(), info
+
+
+def time_call(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def inference_benchmark(repeats: int) -> dict:
+    original, pruned, info = pruned_smollm2()
+    generator = torch.Generator().manual_seed(0)
+    prefill_ids = torch.randint(100, 40000, (4, 256), generator=generator)
+    prompt = torch.randint(100, 40000, (1, 16), generator=generator)
+    new_tokens = 32
+    workloads = {
+        "prefill": (lambda m: m(input_ids=prefill_ids), prefill_ids.numel()),
+        "decode": (
+            lambda m: m.generate(
+                prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+            ),
+            new_tokens,
+        ),
+    }
+    models = {"original": original, "pruned": pruned}
+    results = {"models": info}
+    with torch.inference_mode():
+        for workload, (run, tokens) in workloads.items():
+            times = {name: [] for name in models}
+            for model in models.values():
+                run(model)  # warm-up
+            for repeat in range(repeats):
+                order = list(models) if repeat % 2 == 0 else list(reversed(models))
+                for name in order:
+                    times[name].append(time_call(lambda: run(models[name])))
+            results[workload] = summarize(times, tokens, reference="original", other="pruned")
+            print_row(workload, results[workload])
+    return results
+
+
+def summarize(times: dict[str, list[float]], tokens: int, reference: str, other: str) -> dict:
+    out = {
+        name: {
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "tokens_per_s_median": tokens / statistics.median(ts),
+            "runs": len(ts),
+        }
+        for name, ts in times.items()
+    }
+    per_repeat = [r / o for r, o in zip(times[reference], times[other])]
+    out["speedup"] = {
+        "ratio_of_medians": statistics.median(times[reference]) / statistics.median(times[other]),
+        "ratio_of_minima": min(times[reference]) / min(times[other]),
+        "median_per_repeat": statistics.median(per_repeat),
+        "range_per_repeat": [min(per_repeat), max(per_repeat)],
+    }
+    return out
+
+
+def print_row(label: str, result: dict) -> None:
+    s = result["speedup"]
+    print(
+        f"{label:8s} original {result['original']['tokens_per_s_median']:8.1f} tok/s  pruned "
+        f"{result['pruned']['tokens_per_s_median']:8.1f} tok/s  speed-up {s['ratio_of_medians']:.3f} "
+        f"(minima {s['ratio_of_minima']:.3f}, per-repeat {s['range_per_repeat'][0]:.3f}-{s['range_per_repeat'][1]:.3f})"
+    )
+
+
+def train_benchmark(rounds: int) -> dict:
+    configs = {
+        "lora": lambda: LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS),
+        "pat": lambda: petuning.PatConfig(
+            pruning_ratio=0.25, hsm_rank=32, lora_r=16, lora_alpha=16, lora_dropout=0.0
+        ),
+        "pat_paper": lambda: petuning.PatConfig(pruning_ratio=0.25, hsm_rank=200, lora_r=20, lora_dropout=0.0),
+    }
+    batch = torch.randint(100, 40000, (2, 128), generator=torch.Generator().manual_seed(1))
+    runners = {}
+    for name, make in configs.items():
+        torch.manual_seed(0)
+        model = get_peft_model(load_smollm2()[0], make())
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+        hooks = petuning.TrainingHooks(model, optimizer)
+        runners[name] = (model, trainable, optimizer, hooks, sum(p.numel() for p in trainable))
+
+    def step(name: str) -> float:
+        model, trainable, optimizer, _, _ = runners[name]
+        start = time.perf_counter()
+        model(input_ids=batch, labels=batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    names = list(runners)
+    for name in names:
+        step(name)  # warm-up
+    times = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            times[name].append(step(name))
+    out = {
+        name: {
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "steps": len(ts),
+            "trainable_parameters": runners[name][4],
+        }
+        for name, ts in times.items()
+    }
+    for name in names[1:]:
+        per_round = [t / r for t, r in zip(times[name], times["lora"])]
+        out[f"{name}_vs_lora"] = {
+            "ratio_of_medians": statistics.median(times[name]) / statistics.median(times["lora"]),
+            "ratio_of_minima": min(times[name]) / min(times["lora"]),
+            "range_per_round": [min(per_round), max(per_round)],
+        }
+        print(
+            f"train step {name:9s} {out[name]['median_s']:.3f} s vs lora {out['lora']['median_s']:.3f} s: "
+            f"x{out[f'{name}_vs_lora']['ratio_of_medians']:.3f} (minima x{out[f'{name}_vs_lora']['ratio_of_minima']:.3f})"
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--no-train", action="store_true", help="skip the train-step comparison")
+    args = parser.parse_args()
+    repeats, rounds = (4, 3) if args.quick else (8, 5)
+    load_before = os.getloadavg()[0]
+    results = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/pat_speed.py" + (" --quick" if args.quick else ""),
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "paper_anchor": "1.33x inference speed-up, Llama-2-7B pruned by 25% (authors' GPUs)",
+        "inference": inference_benchmark(repeats),
+    }
+    if not args.no_train:
+        results["train_step"] = train_benchmark(rounds)
+    results["load_average_1min"] = [load_before, os.getloadavg()[0]]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"load average {results['load_average_1min']}; written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
