@@ -78,7 +78,7 @@ def gate_values(mask: torch.Tensor, step: int, total: int, width: int) -> torch.
     """
     phase = mask_phase(step, total)
     if phase == "final":
-        gate = torch.zeros_like(mask, requires_grad=False)
+        gate = torch.zeros_like(mask.detach())
         gate[kept_channels(mask, width)] = 1.0
     else:
         tau, offset = schedule(step, total)
@@ -209,16 +209,12 @@ class PatLayer(BaseTunerLayer):
         z = y_adapter + F.linear(F.linear(y_adapter, down), self.pat_hsm_up[adapter_name])
         return (z * (self.pat_hsm_scale[adapter_name] * self.pat_gate(adapter_name))).to(y.dtype)
 
-    def hsm_rows(self, adapter_name: str, rows: Optional[torch.Tensor] = None, dtype=torch.float64):
-        """The HSM as a matrix ``diag(s ⊙ g) (I + W1 W0)`` restricted to ``rows`` (all d if None), in factored form:
-        returns (scale (k,), up (k, r), down (r, d), rows) so that ``M[rows] = scale[:, None] * (I[rows] + up @ down)``.
-        Used by merge and prune; never forms the d x d matrix."""
-        rows = torch.arange(self.out_features) if rows is None else rows
+    def hsm_factors(self, adapter_name: str, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The HSM as a matrix ``M = diag(s ⊙ g)(I + W1 W0)`` in factored form, in ``dtype``: returns
+        ``(s ⊙ g (d,), W1 (d, r), W0 (r, d))``. Used by merge and prune, which never form the d x d matrix."""
         with torch.no_grad():
-            scale = (self.pat_hsm_scale[adapter_name] * self.pat_gate(adapter_name)).to(dtype)[rows]
-            up = self.pat_hsm_up[adapter_name].to(dtype)[rows]
-            down = self.pat_hsm_down[adapter_name].to(dtype)
-        return scale, up, down, rows
+            scale = (self.pat_hsm_scale[adapter_name] * self.pat_gate(adapter_name)).to(dtype)
+            return scale, self.pat_hsm_up[adapter_name].to(dtype), self.pat_hsm_down[adapter_name].to(dtype)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """Only LoRA-only layers are additive; an HSM multiplies the output (and prunes channels)."""
@@ -269,7 +265,7 @@ class Linear(nn.Module, PatLayer):
             weight = base.weight.to(dtype) + self.get_delta_weight(adapter_name).to(dtype)
             bias = None if base.bias is None else base.bias.to(dtype)
             if self.has_hsm(adapter_name):
-                scale, up, down, _ = self.hsm_rows(adapter_name, dtype=dtype)
+                scale, up, down = self.hsm_factors(adapter_name, dtype=dtype)
                 weight = scale[:, None] * (weight + up @ (down @ weight))
                 if bias is not None:
                     bias = scale * (bias + up @ (down @ bias))
@@ -315,7 +311,7 @@ class Embedding(nn.Module, PatLayer):
         PatLayer.__init__(self, base_layer, gate, **kwargs)
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, **{**kwargs, "lora_r": 0})
+        self.update_layer(adapter_name, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -333,7 +329,7 @@ class Embedding(nn.Module, PatLayer):
         """The embedding (vocab, d) with the HSM folded in: ``E' = (E + (E W0ᵀ) W1ᵀ) diag(s ⊙ g)``."""
         with torch.no_grad():
             table = self.get_base_layer().weight.to(dtype)
-            scale, up, down, _ = self.hsm_rows(adapter_name, dtype=dtype)
+            scale, up, down = self.hsm_factors(adapter_name, dtype=dtype)
             return (table + (table @ down.T) @ up.T) * scale
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

@@ -168,15 +168,15 @@ class PatModel(AuxiliaryLossMixin, BaseTuner):
     def _sync_mask_grad(self) -> None:
         """An adapter's mask trains exactly when its layers do (PEFT sets requires_grad on the layers)."""
         for name, mask in self.pat_mask.items():
-            mask.requires_grad_(any(p.requires_grad for _, p in self._layer_parameters(name)))
+            mask.requires_grad_(any(p.requires_grad for p in self._layer_parameters(name)))
 
-    def _layer_parameters(self, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
+    def _layer_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
         for layer in self.model.modules():
             if isinstance(layer, PatLayer):
                 for attr in layer.adapter_layer_names:
                     container = getattr(layer, attr)
                     if adapter_name in container:
-                        yield attr, container[adapter_name]
+                        yield container[adapter_name]
 
     def _active_pat_adapter(self) -> Optional[str]:
         return next((n for n in self.active_adapters if n in self.pat_mask), None)
