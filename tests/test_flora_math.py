@@ -227,3 +227,44 @@ def test_multiple_active_adapters_add_up():
     delta = layer.get_delta_weight(NAME) + layer.get_delta_weight("second")
     with torch.no_grad():
         torch.testing.assert_close(layer(x), _dense_reference_layer(layer, delta)(x), rtol=1e-10, atol=1e-11)
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """Like Gemma's scaled word embeddings: the looked-up rows are multiplied by ``embed_scale``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("embed_scale", torch.tensor(3.0, dtype=torch.float64), persistent=False)
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale
+
+
+def test_scaled_embedding_scales_the_update_so_merging_is_exact():
+    torch.manual_seed(0)
+    layer = Embedding(_ScaledEmbedding(30, 8).double(), NAME, r=[4, 3], scale=1.0, dropout=0.0, init_weights=False)
+    ids = torch.randint(0, 30, (2, 5))
+    with torch.no_grad():
+        unmerged = layer(ids)
+        expected = (layer.get_base_layer().weight + _reference_delta(layer, "embedding"))[ids] * 3.0
+        torch.testing.assert_close(unmerged, expected, rtol=1e-12, atol=1e-12)
+        layer.merge()
+        torch.testing.assert_close(layer(ids), unmerged, rtol=1e-12, atol=1e-12)
+
+
+def test_embed_tokens_of_a_language_model_merges_into_the_same_logits():
+    from peft import get_peft_model
+    from petuning import FloraConfig
+    from petuning.models import build_tiny_model
+
+    base = build_tiny_model("llama", seed=0, dtype=torch.float64)
+    ids = torch.randint(4, 100, (2, 7))
+    model = get_peft_model(base, FloraConfig(r=[8, 4], target_modules=["embed_tokens", "q_proj"], init_weights=False))
+    embed = model.base_model.model.model.embed_tokens
+    assert isinstance(embed, Embedding) and embed.flora_G[NAME].dtype == torch.float64
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        with model.disable_adapter():
+            assert not torch.allclose(model(input_ids=ids).logits, unmerged)
+        merged = model.merge_and_unload()(input_ids=ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-10, atol=1e-10)
