@@ -149,7 +149,10 @@ def _conv_configs(rank: int):
     def configs():
         lora = lambda: LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=CONV_TARGETS)  # noqa: E731
         target = trainable(lora())
-        best = min(range(1, 33), key=lambda j: abs(trainable(petuning.FloraConfig(r=j, target_modules=CONV_TARGETS)) - target))
+        def gap(j: int) -> int:
+            return abs(trainable(petuning.FloraConfig(r=j, target_modules=CONV_TARGETS)) - target)
+
+        best = min(range(1, 33), key=gap)
         return {"lora": lora, "flora": lambda: petuning.FloraConfig(r=best, scale=1.0, target_modules=CONV_TARGETS)}
 
     return configs
@@ -251,7 +254,8 @@ def bench(workload: Workload, warmup: int, repeats: int, steps_per_block: int, b
             block = [runners[name].step() for _ in range(steps_per_block)]
             times[name] += block
             blocks[name].append(statistics.median(block))
-        print("  repeat {}/{}: {}".format(rep + 1, repeats, "  ".join(f"{n} {blocks[n][-1]:.3f}s" for n in names)), flush=True)
+        summary = "  ".join(f"{n} {blocks[n][-1]:.3f}s" for n in names)
+        print(f"  repeat {rep + 1}/{repeats}: {summary}", flush=True)
     load_after = os.getloadavg()[0]
 
     variants = {}

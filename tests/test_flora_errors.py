@@ -76,7 +76,8 @@ def test_rank_larger_than_a_mode_names_the_mode_and_a_fix():
 
 
 def test_rank_list_of_the_wrong_length_names_the_modes():
-    with pytest.raises(ValueError, match=r"got 2 ranks \[2, 2\] for layer 'conv', whose weight has 4 modes \[in=6, out=8, kernel_h=3, kernel_w=3\]"):
+    message = r"got 2 ranks \[2, 2\] for layer 'conv', whose weight has 4 modes \[in=6, out=8, kernel_h=3, kernel_w=3\]"
+    with pytest.raises(ValueError, match=message):
         get_peft_model(Net(), FloraConfig(r=[2, 2], target_modules=["conv"]))
     with pytest.raises(ValueError, match=r"got 4 ranks .* layer 'lin', whose weight has 2 modes"):
         get_peft_model(Net(), FloraConfig(r=[2, 2, 1, 1], target_modules=["lin", "conv"]))

@@ -48,7 +48,8 @@ def test_4bit_base_forward_backward_equals_dequantized_formula():
 
     peft_model(x).square().sum().backward()
     with_grad = {n for n, p in peft_model.named_parameters() if p.grad is not None}
-    assert with_grad == {"base_model.model.proj.flora_G.default", "base_model.model.proj.flora_U.default.0", "base_model.model.proj.flora_U.default.1"}
+    prefix = "base_model.model.proj."
+    assert with_grad == {prefix + "flora_G.default", prefix + "flora_U.default.0", prefix + "flora_U.default.1"}
 
     with torch.no_grad():
         layer.flora_G["default"].normal_()

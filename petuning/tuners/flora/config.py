@@ -123,7 +123,8 @@ class FloraConfig(PeftConfig):
             if isinstance(ranks, tuple):
                 self.rank_pattern[key] = ranks = list(ranks)
             check_ranks(f"FloraConfig.rank_pattern[{key!r}]", ranks)
-        for key, value in {"scale": self.scale, **{f"scale_pattern[{k!r}]": v for k, v in self.scale_pattern.items()}}.items():
+        scales = {"scale": self.scale, **{f"scale_pattern[{k!r}]": v for k, v in self.scale_pattern.items()}}
+        for key, value in scales.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"FloraConfig.{key} must be a number, got {value!r}.")
         if not 0.0 <= self.dropout < 1.0:
@@ -136,5 +137,7 @@ def check_ranks(name: str, ranks: Ranks, allow_list: bool = True) -> None:
     """Raise a clear error unless ``ranks`` is a positive int or (if allowed) a non-empty list of them."""
     values = ranks if (allow_list and isinstance(ranks, list)) else [ranks]
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
-        kind = "a positive int or a list of positive ints (one per mode: [in, out, *kernel])" if allow_list else "a positive int"
+        kind = "a positive int"
+        if allow_list:
+            kind += " or a list of positive ints (one per mode: [in, out, *kernel])"
         raise ValueError(f"{name} must be {kind}, got {ranks!r}.")

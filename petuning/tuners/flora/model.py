@@ -21,7 +21,10 @@ from .config import FloraConfig
 from .layer import Conv, Embedding, FloraLayer, Linear
 
 _NESTED = re.compile(r"(\.base_layer)+(?=\.flora_)")
-SUPPORTED = "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv1d/2d/3d and bitsandbytes/quantized linear layers"
+SUPPORTED = (
+    "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv1d/2d/3d and bitsandbytes/quantized "
+    "linear layers"
+)
 
 
 class FloraModel(BaseTuner):
