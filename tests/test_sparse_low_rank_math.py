@@ -193,9 +193,9 @@ def test_value_gradient_is_sampled_product_in_token_chunks(monkeypatch):
     g, x = torch.randn(n, out_f, dtype=torch.float64), torch.randn(n, in_f, dtype=torch.float64)
     rows, cols = (idx.long() // in_f).numpy(), (idx.long() % in_f).numpy()
     want = np.einsum("tk,tk->k", np64(g)[:, rows], np64(x)[:, cols])
-    np.testing.assert_allclose(np64(structure.sampled_product(g, x)), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np64(structure.sampled_product(g.T, x)), want, rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(support_module, "TOKEN_CHUNK", 7)
-    np.testing.assert_allclose(np64(structure.sampled_product(g, x)), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np64(structure.sampled_product(g.T, x)), want, rtol=1e-12, atol=1e-12)
 
 
 def test_train_step_never_allocates_a_dense_update():

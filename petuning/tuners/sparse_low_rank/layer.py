@@ -45,23 +45,28 @@ class SparseLinear(torch.autograd.Function):
 
     Saves only ``x`` and ``values`` (x is the same tensor the low-rank part saves). Backward:
     ``dx = dy S`` through the CSR of Sᵀ, ``dvalues = (dyᵀ x)[support]`` through the sampled product.
+
+    The CSR kernels work on token-minor operands (features x tokens), so x and dy are transposed into contiguous
+    copies once per call (dy once for both products) and results are transposed back into contiguous row-major
+    tensors: elementwise ops on strided views cost several times a transposing copy.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, values: torch.Tensor, structure: SparseStructure) -> torch.Tensor:
         ctx.structure = structure
         ctx.save_for_backward(x, values)
-        return (structure.matrix(values) @ x.T).T
+        return (structure.matrix(values) @ x.T.contiguous()).T.contiguous()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, values = ctx.saved_tensors
         structure: SparseStructure = ctx.structure
+        grad_out_t = grad_out.T.contiguous()  # (out, N)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            grad_x = (structure.transposed(values) @ grad_out.T).T
+            grad_x = (structure.transposed(values) @ grad_out_t).T.contiguous()
         if ctx.needs_input_grad[1]:
-            grad_values = structure.sampled_product(grad_out, x)
+            grad_values = structure.sampled_product(grad_out_t, x)
         return grad_x, grad_values, None
 
 

@@ -70,20 +70,21 @@ class SparseStructure:
 
     ``matrix(values)`` is S as a sparse CSR tensor, ``transposed(values)`` is Sᵀ (in, out); both share their
     index tensors with this object, so building them per call costs only the tensor headers (and, for Sᵀ, one
-    gather of the values).
+    gather of the values). The CSR indices are int64 on CPU, where torch's MKL sparse kernels would otherwise
+    convert int32 indices on every call, and int32 on accelerators.
     """
 
     def __init__(self, flat: torch.Tensor, out_features: int, in_features: int) -> None:
         flat = flat.long()
+        index_dtype = torch.int64 if flat.device.type == "cpu" else torch.int32
         rows, cols = flat // in_features, flat % in_features
         self.shape = (out_features, in_features)
         self.nnz = flat.numel()
-        self.rows, self.cols = rows, cols
-        self.crow = _crow(rows, out_features)
-        self.col = cols.to(torch.int32)
+        self.crow = _crow(rows, out_features, index_dtype)
+        self.col = cols.to(index_dtype)
         self.perm_t = torch.argsort(cols * out_features + rows)  # keys are distinct, so the order is unique
-        self.crow_t = _crow(cols, in_features)
-        self.col_t = rows[self.perm_t].to(torch.int32)
+        self.crow_t = _crow(cols, in_features, index_dtype)
+        self.col_t = rows[self.perm_t].to(index_dtype)
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         return _csr(self.crow, self.col, values, self.shape)
@@ -91,19 +92,20 @@ class SparseStructure:
     def transposed(self, values: torch.Tensor) -> torch.Tensor:
         return _csr(self.crow_t, self.col_t, values[self.perm_t], self.shape[::-1])
 
-    def sampled_product(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def sampled_product(self, grad_out_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``g[k] = Σ_t grad_out[t, i_k] · x[t, j_k]`` for every support entry k = (i_k, j_k): the gradient of the
         sparse values, i.e. (grad_outᵀ x) read at the support only, without forming the (out, in) product.
 
-        ``grad_out`` (N, out), ``x`` (N, in); returns (nnz,). torch's sampled dense-dense matmul
-        (``torch.sparse.sampled_addmm``) computes one dot product over the tokens per support entry; the tokens
-        are processed in chunks of :data:`TOKEN_CHUNK`, so the kernel's working copies stay bounded.
+        ``grad_out_t`` (out, N) is grad_out transposed (contiguous is fastest), ``x`` (N, in); returns (nnz,).
+        torch's sampled dense-dense matmul (``torch.sparse.sampled_addmm``) computes one dot product over the
+        tokens per support entry; the tokens are processed in chunks of :data:`TOKEN_CHUNK`, so the kernel's
+        working copies stay bounded whatever the batch size.
         """
         pattern = self.matrix(torch.zeros(self.nnz, dtype=x.dtype, device=x.device))
         total: Optional[torch.Tensor] = None
         for start in range(0, x.shape[0], TOKEN_CHUNK):
-            g, xs = grad_out[start : start + TOKEN_CHUNK], x[start : start + TOKEN_CHUNK]
-            part = torch.sparse.sampled_addmm(pattern, g.T, xs, beta=0.0).values()
+            g, xs = grad_out_t[:, start : start + TOKEN_CHUNK], x[start : start + TOKEN_CHUNK]
+            part = torch.sparse.sampled_addmm(pattern, g, xs, beta=0.0).values()
             total = part if total is None else total + part
         if total is None:
             return torch.zeros(self.nnz, dtype=x.dtype, device=x.device)
@@ -128,9 +130,9 @@ def check_support(flat: torch.Tensor, nnz: int, numel: int, where: str = "") -> 
     return True
 
 
-def _crow(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+def _crow(rows: torch.Tensor, n_rows: int, dtype: torch.dtype) -> torch.Tensor:
     counts = torch.bincount(rows, minlength=n_rows)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(dtype)
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
