@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)
-	$(PY) benchmarks/sorsa_speed.py
+	$(PY) benchmarks/method_comparison/run.py
 
 clean:
 	rm -rf $(VENV)

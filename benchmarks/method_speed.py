@@ -1,27 +1,32 @@
-"""SORSA's training-step time, peak memory and initialization time, relative to PEFT's LoRA.
+"""Every petuning method's train-step time, forward-only time, peak memory, merge time and initialization
+time, relative to PEFT's LoRA at equal rank, measured in the same run.
 
 Usage::
 
-    python benchmarks/sorsa_speed.py            # tiny Llama + SmolLM2-135M, about 5 minutes on 2 idle cores
-    python benchmarks/sorsa_speed.py --quick    # tiny Llama only, fewer repeats, under 2 minutes
-    python benchmarks/sorsa_speed.py --no-smollm2 --repeats 9
+    python benchmarks/method_speed.py            # tiny Llama + SmolLM2-135M, about 15 minutes on 2 idle cores
+    python benchmarks/method_speed.py --quick    # tiny Llama only, fewer repeats
+    python benchmarks/method_speed.py --variants lora sorsa flora --no-smollm2
 
 On a busy machine the timed repeats stop at a per-model time budget (``--budget``), but warm-up, the profiled
 memory step and the init timing still take longer.
 
-Results are printed as tables and written to ``benchmarks/results/sorsa_speed.json``.
-The issue's target is a SORSA train step of at most 1.1x LoRA's.
+Results are printed as tables and written to ``benchmarks/results/method_speed.json``.
 
 Method
 ------
 Variants, all at the same rank ``r`` (default 16) on the same target modules (every linear layer of the
 attention and MLP blocks: q/k/v/o/gate/up/down_proj):
 
-* ``lora``          PEFT's ``LoraConfig(r, lora_alpha=r, lora_dropout=0)``
-* ``sorsa``         ``SorsaConfig(r, gamma=4e-4, ortho_mode="official")``: the paper's regularizer, whose
-                    gradient is added after clipping, before the optimizer step
-* ``sorsa_gamma0``  ``SorsaConfig(r, gamma=0)``: the same adapter without the regularizer, which separates the
-                    regularizer's cost from the cost of the adapter's forward/backward
+* ``lora``             PEFT's ``LoraConfig(r, lora_alpha=r, lora_dropout=0)``, the reference
+* ``sorsa``            ``SorsaConfig(r, gamma=4e-4, ortho_mode="official")``: the paper's regularizer, whose
+                       gradient is added after clipping, before the optimizer step
+* ``sorsa_gamma0``     ``SorsaConfig(r, gamma=0)``: the same adapter without the regularizer
+* ``flora``            ``FloraConfig(r=r)``: r x r Tucker core between U_in (in, r) and U_out (out, r)
+* ``sparse_low_rank``  ``SparseLowRankConfig(r=r, density=0.01)``: LoRA part plus 1% sparse values (random support)
+* ``mask_tuning``      ``MaskTuningConfig()``: a binary mask over every targeted weight (scores for all entries)
+* ``mask_tuning_gd``   the same with gradient dropout (one extra forward and backward for the KL gradient)
+* ``pat``              ``PatConfig(pruning_ratio=0.25, hsm_rank=r, lora_r=r)``: HSMs on the residual stream plus
+                       the paper's LoRA, mask schedule running
 
 Models: (a) a Llama built from a config (hidden 512, MLP 1376, 4 layers, 8 heads / 4 KV heads, vocabulary
 4096), batch 8 x 128 tokens; (b) the embedded SmolLM2-135M-Instruct (``petuning.models.load_smollm2``),
@@ -62,9 +67,14 @@ tensors themselves, each storage once. ``peak = static + transient``. Not counte
 allocate outside torch's allocator (oneDNN/BLAS scratch space), the Python heap. The profiled step is not
 timed.
 
-Initialization time: ``get_peft_model(fresh_base, config)`` for LoRA and for SORSA with
-``svd_method="full"`` and ``"randomized"``, each on a freshly built/loaded base (loading is not timed),
-interleaved over ``init_repeats`` repeats; medians are reported.
+Forward-only: after each block of train steps, the same number of ``torch.no_grad()`` forwards in eval mode
+(the adapter unmerged), timed the same way.
+
+Merge time: ``merge_and_unload()`` of each variant's trained model, once, after the timed steps.
+
+Initialization time: ``get_peft_model(fresh_base, config)`` for every variant (SORSA with ``svd_method="full"``
+and ``"randomized"``), each on a freshly built/loaded base (loading is not timed), interleaved over
+``init_repeats`` repeats; medians are reported.
 """
 
 from __future__ import annotations
@@ -100,7 +110,10 @@ from petuning.models import build_tiny_model, load_smollm2
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GAMMA = 4e-4  # SORSA paper's regularizer strength
 LR = 1e-4
-RESULTS = Path(__file__).resolve().parent / "results" / "sorsa_speed.json"
+MAX_STEPS = 1000  # schedule length given to the training hooks (PAT's mask schedule)
+RESULTS = Path(__file__).resolve().parent / "results" / "method_speed.json"
+STEP_TIME_TARGETS = {"sorsa": 1.1, "flora": 1.1, "sparse_low_rank": 1.25}  # the issues' targets vs LoRA
+ADAPTER_PREFIXES = ("lora_", "sorsa_", "flora_", "sparse_low_rank_", "mask_tuning_", "pat_")
 MIB = 2**20
 
 TINY_LLAMA = dict(
@@ -135,11 +148,27 @@ def smollm2_spec() -> ModelSpec:
 
 def peft_configs(rank: int) -> dict[str, Callable[[], PeftConfig]]:
     """The trained variants; factories because PEFT configs are mutated by get_peft_model."""
+    t = TARGET_MODULES
     return {
-        "lora": lambda: LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGET_MODULES),
-        "sorsa": lambda: petuning.SorsaConfig(r=rank, target_modules=TARGET_MODULES, gamma=GAMMA),
-        "sorsa_gamma0": lambda: petuning.SorsaConfig(r=rank, target_modules=TARGET_MODULES, gamma=0.0),
+        "lora": lambda: LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=t),
+        "sorsa": lambda: petuning.SorsaConfig(r=rank, target_modules=t, gamma=GAMMA),
+        "sorsa_gamma0": lambda: petuning.SorsaConfig(r=rank, target_modules=t, gamma=0.0),
+        "flora": lambda: petuning.FloraConfig(r=rank, target_modules=t),
+        "sparse_low_rank": lambda: petuning.SparseLowRankConfig(r=rank, density=0.01, target_modules=t),
+        "mask_tuning": lambda: petuning.MaskTuningConfig(target_modules=t),
+        "mask_tuning_gd": lambda: petuning.MaskTuningConfig(target_modules=t, gradient_dropout=True),
+        "pat": lambda: petuning.PatConfig(pruning_ratio=0.25, hsm_rank=rank, lora_r=rank, schedule_steps=MAX_STEPS),
     }
+
+
+def init_configs(rank: int) -> dict[str, Callable[[], PeftConfig]]:
+    """Variants of the init-time measurement: every method once, SORSA with both SVD methods."""
+    configs = {n: f for n, f in peft_configs(rank).items() if n not in ("sorsa", "sorsa_gamma0", "mask_tuning_gd")}
+    configs["sorsa_svd_full"] = lambda: petuning.SorsaConfig(r=rank, target_modules=TARGET_MODULES, svd_method="full")
+    configs["sorsa_svd_randomized"] = lambda: petuning.SorsaConfig(
+        r=rank, target_modules=TARGET_MODULES, svd_method="randomized"
+    )
+    return configs
 
 
 class StepRunner:
@@ -155,7 +184,7 @@ class StepRunner:
         # Timestamps around TrainingHooks' pre-hook: pre-hooks run in registration order.
         self._marks: dict[str, float] = {}
         self.optimizer.register_step_pre_hook(lambda *_: self._mark("hooks_start"))
-        self.hooks = petuning.TrainingHooks(self.model, self.optimizer, peak_lr=LR)
+        self.hooks = petuning.TrainingHooks(self.model, self.optimizer, peak_lr=LR, max_steps=MAX_STEPS)
         self.optimizer.register_step_pre_hook(lambda *_: self._mark("hooks_end"))
         self.batch = batch
 
@@ -184,6 +213,22 @@ class StepRunner:
             "adamw": (t4 - t3) - hooks,
         }
 
+    def forward_only(self) -> float:
+        """Seconds of one eval-mode forward without gradients (adapter unmerged)."""
+        self.model.eval()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.model(input_ids=self.batch)
+        seconds = time.perf_counter() - t0
+        self.model.train()
+        return seconds
+
+    def merge_seconds(self) -> float:
+        """Seconds of ``merge_and_unload()`` (destroys the runner's adapter; call last)."""
+        t0 = time.perf_counter()
+        self.model.merge_and_unload()
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------------------------ memory
     def static_bytes(self) -> dict[str, int]:
         """Bytes of tensors live between steps, each storage counted once."""
@@ -200,7 +245,7 @@ class StepRunner:
                     total += t.untyped_storage().nbytes()
             return total
 
-        prefixes = ("lora_", "sorsa_")
+        prefixes = ADAPTER_PREFIXES
         named = list(self.model.named_parameters()) + list(self.model.named_buffers())
         adapter = size(t for n, t in named if any(p in n for p in prefixes))
         base = size(t for _, t in named)
@@ -247,11 +292,11 @@ def median(xs: list[float]) -> float:
 
 
 def bench_training(
-    spec: ModelSpec, rank: int, warmup: int, repeats: int, steps_per_block: int, budget_s: float
+    spec: ModelSpec, rank: int, warmup: int, repeats: int, steps_per_block: int, budget_s: float, variants: list[str]
 ) -> dict:
     print(f"\n== {spec.name}: {spec.description}; batch {spec.batch} x {spec.seq} tokens, r={rank}", flush=True)
     generator = torch.Generator().manual_seed(0)
-    configs = peft_configs(rank)
+    configs = {n: f for n, f in peft_configs(rank).items() if n in variants}
     runners: dict[str, StepRunner] = {}
     init_seconds: dict[str, float] = {}
     batch = None
@@ -270,6 +315,7 @@ def bench_training(
             runners[name].step()
 
     steps: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    forwards: dict[str, list[float]] = {n: [] for n in names}
     block_medians: dict[str, list[float]] = {n: [] for n in names}
     load_before = os.getloadavg()[0]
     deadline = time.perf_counter() + budget_s
@@ -282,6 +328,7 @@ def bench_training(
             gc.collect()
             block = [runners[name].step() for _ in range(steps_per_block)]
             steps[name] += block
+            forwards[name] += [runners[name].forward_only() for _ in range(steps_per_block)]
             block_medians[name].append(median([s["total"] for s in block]))
         summary = "  ".join(f"{n} {block_medians[n][-1]:.3f}s" for n in names)
         print(f"  repeat {rep + 1}/{repeats}: {summary}", flush=True)
@@ -291,6 +338,7 @@ def bench_training(
     for name in names:
         gc.collect()
         memory[name] = runners[name].profile_step_memory()
+    merge = {name: runners[name].merge_seconds() for name in names}
 
     variants = {}
     for name in names:
@@ -301,6 +349,8 @@ def bench_training(
             "step_s_max": max(totals),
             "n_steps": len(totals),
             "phases_s_median": {p: median([s[p] for s in steps[name]]) for p in StepRunner.PHASES},
+            "forward_only_s_median": median(forwards[name]),
+            "merge_and_unload_s": merge[name],
             "get_peft_model_s": init_seconds[name],
             "trainable_params": n_trainable[name],
             "memory": memory[name],
@@ -315,6 +365,8 @@ def bench_training(
             "step_time_min": variants[name]["step_s_min"] / variants["lora"]["step_s_min"],
             "step_time_paired_median": median(paired),
             "step_time_paired_range": [min(paired), max(paired)],
+            "forward_only_time": variants[name]["forward_only_s_median"] / variants["lora"]["forward_only_s_median"],
+            "merge_time": variants[name]["merge_and_unload_s"] / variants["lora"]["merge_and_unload_s"],
             "peak_memory": memory[name]["peak_mib"] / memory["lora"]["peak_mib"],
             "transient_memory": memory[name]["transient_peak_mib"] / memory["lora"]["transient_peak_mib"],
         }
@@ -336,16 +388,10 @@ def bench_training(
     }
 
 
-def bench_init(spec: ModelSpec, rank: int, repeats: int) -> dict:
+def bench_init(spec: ModelSpec, rank: int, repeats: int, variants: list[str]) -> dict:
     """Median wall time of get_peft_model on a fresh base: LoRA vs SORSA full / randomized SVD."""
     print(f"\n== init time on {spec.name} (get_peft_model, {repeats} interleaved repeats)", flush=True)
-    configs = {
-        "lora": lambda: LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGET_MODULES),
-        "sorsa_svd_full": lambda: petuning.SorsaConfig(r=rank, target_modules=TARGET_MODULES, svd_method="full"),
-        "sorsa_svd_randomized": lambda: petuning.SorsaConfig(
-            r=rank, target_modules=TARGET_MODULES, svd_method="randomized"
-        ),
-    }
+    configs = {n: f for n, f in init_configs(rank).items() if n.removesuffix("_svd_full").removesuffix("_svd_randomized") in variants}
     times: dict[str, list[float]] = {n: [] for n in configs}
     names = list(configs)
     for rep in range(repeats):
@@ -372,20 +418,21 @@ def print_training_table(name: str, res: dict) -> None:
     print(f"\n{name}  (batch {res['batch']} x {res['seq']}, r={res['rank']}, "
           f"{res['repeats']} repeats x {res['steps_per_block']} steps, load avg "
           f"{res['loadavg_1min_before_after'][0]:.1f} -> {res['loadavg_1min_before_after'][1]:.1f})")
-    header = (f"  {'variant':<13} {'step med':>9} {'[min,max]':>16} {'fwd':>7} {'bwd':>7} {'clip':>6} {'hooks':>7}"
+    header = (f"  {'variant':<16} {'step med':>9} {'[min,max]':>16} {'fwd':>7} {'bwd':>7} {'clip':>6} {'hooks':>7}"
               f" {'adamw':>6} {'static':>9} {'transient':>10} {'peak':>9}")
     print(header)
     for v, d in res["variants"].items():
         ph, mem = d["phases_s_median"], d["memory"]
-        print(f"  {v:<13} {d['step_s_median']:>8.3f}s [{d['step_s_min']:>6.3f},{d['step_s_max']:>6.3f}] "
+        print(f"  {v:<16} {d['step_s_median']:>8.3f}s [{d['step_s_min']:>6.3f},{d['step_s_max']:>6.3f}] "
               f"{ph['forward']:>7.3f} {ph['backward']:>7.3f} {ph['clip']:>6.4f} {ph['hooks']:>7.4f} {ph['adamw']:>6.4f}"
               f" {mem['static_mib']:>7.1f}Mi {mem['transient_peak_mib']:>8.1f}Mi {mem['peak_mib']:>7.1f}Mi")
     for key, r in res["ratios"].items():
         lo, hi = r["step_time_paired_range"]
-        verdict = "OK" if r["step_time"] <= 1.1 else "ABOVE TARGET"
-        print(f"  {key:<19} step time {r['step_time']:.3f}x [{verdict} vs 1.1x] (paired median "
+        target = STEP_TIME_TARGETS.get(key.split("/")[0])
+        verdict = "" if target is None else (" [OK" if r["step_time"] <= target else " [ABOVE TARGET") + f" vs {target}x]"
+        print(f"  {key:<22} step time {r['step_time']:.3f}x{verdict} (paired median "
               f"{r['step_time_paired_median']:.3f}x, range {lo:.3f}-{hi:.3f}; ratio of minima "
-              f"{r['step_time_min']:.3f}x); peak memory {r['peak_memory']:.3f}x, transient {r['transient_memory']:.3f}x")
+              f"{r['step_time_min']:.3f}x); forward-only {r['forward_only_time']:.3f}x; merge {r['merge_time']:.2f}x; peak memory {r['peak_memory']:.3f}x, transient {r['transient_memory']:.3f}x")
 
 
 def print_init_table(name: str, res: dict) -> None:
@@ -422,10 +469,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds per model for the timed repeats (default: 40 quick, 120 tiny Llama, 240 SmolLM2)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--variants", nargs="+", default=list(peft_configs(1)), choices=list(peft_configs(1)),
+                        help="variants to run (lora, the reference, is always included)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads(N) first (default: leave torch's thread count as it is)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    args.variants = ["lora"] + [v for v in args.variants if v != "lora"]
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (4 if args.quick else 8)
@@ -438,16 +488,16 @@ def main(argv: list[str] | None = None) -> None:
         specs.append(smollm2_spec())
 
     results = {"machine": machine_info(), "method": __doc__.split("Method\n------\n")[1].strip(),
-               "target_step_time_ratio": 1.1, "training": {}, "init": {}}
+               "target_step_time_ratios": STEP_TIME_TARGETS, "training": {}, "init": {}}
     print("machine:", json.dumps(results["machine"]))
     for spec in specs:
         budget = args.budget or (40 if args.quick else {"tiny_llama": 120}.get(spec.name, 240))
         results["training"][spec.name] = bench_training(
-            spec, args.rank, warmup, repeats, steps_per_block, budget
+            spec, args.rank, warmup, repeats, steps_per_block, budget, args.variants
         )
     if not args.quick:
         init_spec = specs[-1]  # SmolLM2 unless --no-smollm2
-        results["init"][init_spec.name] = bench_init(init_spec, args.rank, args.init_repeats)
+        results["init"][init_spec.name] = bench_init(init_spec, args.rank, args.init_repeats, args.variants)
 
     print("\n" + "=" * 100)
     print("Train step = forward + backward + clip + AdamW step incl. petuning.TrainingHooks; seconds are medians.")
