@@ -69,7 +69,8 @@ def reference_delta(layer: SparseLowRankLayer, name: str = ADAPTER) -> np.ndarra
     delta[np64(layer.sparse_low_rank_indices[name]).astype(np.int64)] = np64(layer.sparse_low_rank_values[name])
     delta = delta.reshape(out_f, in_f)
     if layer.sparse_low_rank_r[name]:
-        delta += layer.sparse_low_rank_scaling[name] * np64(layer.sparse_low_rank_B[name]) @ np64(layer.sparse_low_rank_A[name])
+        b, a = np64(layer.sparse_low_rank_B[name]), np64(layer.sparse_low_rank_A[name])
+        delta += layer.sparse_low_rank_scaling[name] * b @ a
     return delta
 
 
@@ -95,7 +96,8 @@ def test_number_of_values_is_round_density_times_size(shape, density):
     nnz = round(density * out_f * in_f)
     if nnz == 0:
         pytest.skip("an empty support is refused (see the error tests)")
-    model = get_peft_model(nn.Sequential(nn.Linear(in_f, out_f)), SparseLowRankConfig(r=1, density=density, target_modules=["0"]))
+    config = SparseLowRankConfig(r=1, density=density, target_modules=["0"])
+    model = get_peft_model(nn.Sequential(nn.Linear(in_f, out_f)), config)
     (layer,) = layers(model).values()
     assert layer.sparse_low_rank_values[ADAPTER].numel() == nnz
     indices = layer.sparse_low_rank_indices[ADAPTER]

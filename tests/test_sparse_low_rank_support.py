@@ -35,7 +35,8 @@ class MLP(nn.Module):
 
 
 def layers(model) -> dict[str, SparseLowRankLayer]:
-    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, SparseLowRankLayer)}
+    prefix = "base_model.model."
+    return {n.removeprefix(prefix): m for n, m in model.named_modules() if isinstance(m, SparseLowRankLayer)}
 
 
 def support_set(layer: SparseLowRankLayer) -> set[int]:
@@ -64,7 +65,9 @@ def make(model, **kwargs):
 
 def batches(n=3, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(6, 12, generator=g, dtype=dtype), torch.randn(6, 5, generator=g, dtype=dtype)) for _ in range(n)]
+    return [
+        (torch.randn(6, 12, generator=g, dtype=dtype), torch.randn(6, 5, generator=g, dtype=dtype)) for _ in range(n)
+    ]
 
 
 def mse(model, batch):
@@ -220,7 +223,8 @@ def test_save_and_load_keep_the_exact_support(tmp_path):
             (path / "adapter_config.json").write_text(json.dumps(config))
         loaded = PeftModel.from_pretrained(base(), path)
         for name, layer in layers(loaded).items():
-            assert torch.equal(layer.sparse_low_rank_indices[ADAPTER], layers(model)[name].sparse_low_rank_indices[ADAPTER])
+            saved = layers(model)[name].sparse_low_rank_indices[ADAPTER]
+            assert torch.equal(layer.sparse_low_rank_indices[ADAPTER], saved)
         assert torch.equal(loaded(x), expected)
 
 
@@ -294,7 +298,8 @@ def test_density_outside_open_unit_interval_is_refused(density):
 
 
 def test_rank_larger_than_layer_and_empty_support_are_refused():
-    with pytest.raises(ValueError, match=r"rank r=6 is larger than min\(in_features, out_features\)=5 \(layer 'lin3'\)"):
+    too_large = r"rank r=6 is larger than min\(in_features, out_features\)=5 \(layer 'lin3'\)"
+    with pytest.raises(ValueError, match=too_large):
         make(MLP(), r=6)
     with pytest.raises(ValueError, match=r"selects no entry of the 16x12 weight \(layer 'lin1'\)"):
         make(MLP(), density=0.001)

@@ -47,11 +47,15 @@ class SparseLowRankConfig(PeftConfig):
     alpha: float = field(default=8.0, metadata={"help": "Scale numerator of the low-rank part: scaling = alpha / r."})
     density: float = field(
         default=0.01,
-        metadata={"help": "Fraction δ of each weight's entries in the sparse support, 0 < δ < 1 (nnz = round(δ·out·in))."},
+        metadata={
+            "help": "Fraction δ of each weight's entries in the sparse support, 0 < δ < 1 (nnz = round(δ·out·in))."
+        },
     )
     support: Literal["random", "magnitude", "gradient"] = field(
         default="random",
-        metadata={"help": "How the sparse support is chosen: 'random' (SLTrain), 'magnitude' (SaRA), 'gradient' (RoSA)."},
+        metadata={
+            "help": "How the sparse support is chosen: 'random' (SLTrain), 'magnitude' (SaRA), 'gradient' (RoSA)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' support (combined with each module's name)."})
     gradient_warmup_steps: int = field(
@@ -99,8 +103,8 @@ class SparseLowRankConfig(PeftConfig):
     nuclear_norm_weight: float = field(
         default=0.0,
         metadata={
-            "help": "λ of SaRA's regularizer λ·||ΔW||_* on the full update, added to the training loss by petuning's "
-            "training hooks (0 turns it off; SaRA uses 5e-4)."
+            "help": "λ of SaRA's regularizer λ·||ΔW||_* on the full update, added to the training loss by "
+            "petuning's training hooks (0 turns it off; SaRA uses 5e-4)."
         },
     )
     nuclear_norm_layers: int = field(
@@ -130,7 +134,9 @@ class SparseLowRankConfig(PeftConfig):
         if self.support not in SUPPORTS:
             raise ValueError(f"SparseLowRankConfig.support={self.support!r} is not one of {SUPPORTS}.")
         if self.gradient_warmup_steps < 0:
-            raise ValueError(f"SparseLowRankConfig.gradient_warmup_steps must be >= 0, got {self.gradient_warmup_steps}.")
+            raise ValueError(
+                f"SparseLowRankConfig.gradient_warmup_steps must be >= 0, got {self.gradient_warmup_steps}."
+            )
         if self.gradient_warmup_steps and self.support != "gradient":
             raise ValueError(
                 f"gradient_warmup_steps={self.gradient_warmup_steps} only applies to support='gradient' "
@@ -141,7 +147,9 @@ class SparseLowRankConfig(PeftConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"SparseLowRankConfig.dropout must be in [0, 1), got {self.dropout}.")
         if self.bias not in ("none", "all", "sparse_low_rank_only"):
-            raise ValueError(f"SparseLowRankConfig.bias={self.bias!r} is not one of ('none', 'all', 'sparse_low_rank_only').")
+            raise ValueError(
+                f"SparseLowRankConfig.bias={self.bias!r} is not one of ('none', 'all', 'sparse_low_rank_only')."
+            )
         if self.nuclear_norm_weight < 0:
             raise ValueError(f"SparseLowRankConfig.nuclear_norm_weight must be >= 0, got {self.nuclear_norm_weight}.")
         if self.nuclear_norm_layers < 0:

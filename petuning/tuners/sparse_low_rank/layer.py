@@ -115,7 +115,8 @@ class SparseLowRankLayer(BaseTunerLayer):
         self.sparse_low_rank_scaling: dict[str, float] = {}
         self.sparse_low_rank_dropout = nn.ModuleDict({})
         self.sparse_low_rank_warmup: dict[str, int] = {}
-        # Summed squared gradients of W (out, in), float32 (float64 on float64 models), while a gradient-chosen support collects data.
+        # Summed squared gradients of W (out, in), float32 (float64 on float64 models), while a gradient-chosen
+        # support collects data.
         self.sparse_low_rank_scores: dict[str, torch.Tensor] = {}
         # Cached CSR structure per adapter: (index tensor it was built from, its version, structure or None).
         self.sparse_low_rank_structure: dict[str, tuple[torch.Tensor, int, Optional[SparseStructure]]] = {}

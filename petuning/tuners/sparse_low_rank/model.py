@@ -232,5 +232,7 @@ def _layers(root: nn.Module, adapter_name: str) -> list[SparseLowRankLayer]:
 def _default_adapter(root: nn.Module) -> str:
     names = {n for m in root.modules() if isinstance(m, SparseLowRankLayer) for n in m.active_adapters}
     if len(names) != 1:
-        raise ValueError(f"Pass adapter_name=: the model has {len(names)} active sparse_low_rank adapters {sorted(names)}.")
+        raise ValueError(
+            f"Pass adapter_name=: the model has {len(names)} active sparse_low_rank adapters {sorted(names)}."
+        )
     return names.pop()
