@@ -1,8 +1,9 @@
 """The experiments: one PEFT config per method at comparable trainable-parameter budgets.
 
-Budget anchor: LoRA r=8 on all linear layers of the model. Each method's rank/density is chosen so its
-trainable-parameter count is of the same order (the JSON records the exact count). Learning rates are the
-methods' own choices for this toy (a short sweep per method would be fairer; see README).
+Budget anchor: LoRA r=8 on all linear layers of the toy model (34.8 k trainable parameters). Each method's
+rank/density/share is chosen so its trainable-parameter count is of the same order (the JSON records the exact
+count). ``make_config(steps)`` gets the run's step count (PAT's mask schedule spans the whole run). Learning
+rates are one choice per method for this toy, not a sweep.
 """
 
 from __future__ import annotations
@@ -19,20 +20,49 @@ import petuning
 @dataclass(frozen=True)
 class Experiment:
     name: str
-    make_config: Callable[[], PeftConfig]
+    make_config: Callable[[int], PeftConfig]
     lr: float
     hooks: dict = field(default_factory=dict)  # extra TrainingHooks arguments
 
 
+ALL = "all-linear"
+CAUSAL = "CAUSAL_LM"
+
 EXPERIMENTS = {
     e.name: e
     for e in [
-        Experiment("lora-r8", lambda: LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"), 3e-3),
+        Experiment("lora-r8", lambda steps: LoraConfig(r=8, lora_alpha=16, target_modules=ALL, task_type=CAUSAL), 3e-3),
         Experiment(
             "pissa-r8",
-            lambda: LoraConfig(r=8, lora_alpha=8, init_lora_weights="pissa", target_modules="all-linear", task_type="CAUSAL_LM"),
+            lambda steps: LoraConfig(r=8, lora_alpha=8, init_lora_weights="pissa", target_modules=ALL, task_type=CAUSAL),
             3e-3,
         ),
-        Experiment("sorsa-r8", lambda: petuning.SorsaConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"), 3e-3),
+        Experiment("sorsa-r8", lambda steps: petuning.SorsaConfig(r=8, target_modules=ALL, task_type=CAUSAL), 3e-3),
+        Experiment("flora-r8", lambda steps: petuning.FloraConfig(r=8, target_modules=ALL, task_type=CAUSAL), 3e-3),
+        Experiment(
+            "sparse-low-rank-r4-d5",  # half the budget low-rank, half as 5% sparse values
+            lambda steps: petuning.SparseLowRankConfig(r=4, alpha=8, density=0.05, target_modules=ALL, task_type=CAUSAL),
+            3e-3,
+        ),
+        Experiment(
+            "mask-tuning-share10",  # scores on the 10% largest-|w| entries of each weight
+            lambda steps: petuning.MaskTuningConfig(mask_share=0.1, target_modules=ALL, task_type=CAUSAL),
+            1e-3,
+        ),
+        Experiment(
+            "mask-tuning-share10-gd",
+            lambda steps: petuning.MaskTuningConfig(
+                mask_share=0.1, gradient_dropout=True, target_modules=ALL, task_type=CAUSAL
+            ),
+            1e-3,
+        ),
+        Experiment(
+            "pat-prune25-r8",  # 25% of the hidden channels pruned, HSM rank 8, LoRA r=8 as in the paper's recipe
+            lambda steps: petuning.PatConfig(
+                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, schedule_steps=steps,
+                task_type=CAUSAL,
+            ),
+            3e-3,
+        ),
     ]
 }

@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -79,7 +80,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     before_a, before_b = evaluate(model, encoder, TASK_A), evaluate(model, encoder, TASK_B)
     rss_before = _reset_peak_rss()
-    config = experiment.make_config()
+    config = experiment.make_config(args.steps)
     init_started = time.perf_counter()
     model = get_peft_model(model, config)
     init_time = time.perf_counter() - init_started
@@ -108,6 +109,14 @@ def run_experiment(args: argparse.Namespace) -> dict:
     rss_peak = _status_bytes("VmHWM")
     after_a, after_b = evaluate(model, encoder, TASK_A), evaluate(model, encoder, TASK_B)
 
+    pruned = {}
+    if hasattr(model.base_model, "petuning_prune_and_unload"):  # methods that shrink the model (PAT)
+        smaller = copy.deepcopy(model).base_model.petuning_prune_and_unload()
+        pruned = {
+            "pruned test accuracy": evaluate(smaller, encoder, TASK_B)["accuracy"],
+            "pruned num params": sum(p.numel() for p in smaller.parameters()),
+            "pruned hidden size": smaller.config.hidden_size,
+        }
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         file_size = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
@@ -147,6 +156,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
             "original task accuracy after": after_a["accuracy"],
             "new task accuracy before": before_b["accuracy"],
             "merge max abs logit diff": merge_error,
+            **pruned,
             "metrics": metrics,
         },
         "meta_info": meta_info(base_path, args),
