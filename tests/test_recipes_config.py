@@ -36,6 +36,9 @@ def test_overrides_in_every_form():
         ("method", "lora"),
         ("train.max_steps", 3),
     ]
+    # YAML 1.2 scalars: "no" stays a string (train.save_strategy=no), only true/false are booleans
+    assert parse_overrides(["train.save_strategy=no", "a.b=off", "a.c=False"]) == [
+        ("train.save_strategy", "no"), ("a.b", "off"), ("a.c", False)]
 
 
 def test_yaml_file_then_overrides(tmp_path):

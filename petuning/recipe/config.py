@@ -222,9 +222,16 @@ def build_peft_config(method: str, options: dict[str, Any]) -> PeftConfig:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 loader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 and people do."""
+    """YAML loader with YAML 1.2's scalars: ``1e-4`` (no dot) is a float, and only true/false are booleans
+    (YAML 1.1 would read ``save_strategy: no`` as False)."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
