@@ -2,7 +2,7 @@
 
 Usage::
 
-    flock /tmp/petuning-heavy.lock python benchmarks/pat_speed.py            # about 3 minutes on 2 idle cores
+    flock /tmp/petuning-heavy.lock python benchmarks/pat_speed.py            # about 4 minutes on 2 idle cores
     flock /tmp/petuning-heavy.lock python benchmarks/pat_speed.py --quick    # fewer repeats
 
 Results are printed and written to ``benchmarks/results/pat_speed.json``. Paper anchor: 1.33x faster inference
@@ -21,7 +21,8 @@ are in one process; two workloads, each timed with ``time.perf_counter`` under `
   ``min_new_tokens`` = ``max_new_tokens``, so both models produce exactly 32 tokens).
 
 The two models alternate, original first in even repeats and pruned first in odd ones, after one untimed warm-up
-each. Reported: median and minimum time per model and the speed-up (original time / pruned time) of the medians,
+each. For reference the JSON also holds ``linear_weight_ratio``: the weights of all ``nn.Linear`` layers (LM head
+included) of the original over the pruned model, i.e. the speed-up if a token's time were its matrix products. Reported: median and minimum time per model and the speed-up (original time / pruned time) of the medians,
 of the minima (the least disturbed runs; load only ever adds time), and the median of the per-repeat ratios.
 
 *Training step.* On SmolLM2 with a batch of 2 x 128 tokens (labels = inputs):
@@ -79,10 +80,18 @@ def pruned_smollm2() -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     export_seconds = time.perf_counter() - start
     info = {
         "hidden_size": [original.config.hidden_size, pruned.config.hidden_size],
+        # all parameters: the pruned model unties the 49152-token embedding, so its count falls by less than 25%
         "parameters": [sum(p.numel() for p in original.parameters()), sum(p.numel() for p in pruned.parameters())],
+        # what a token's matrix products touch (every nn.Linear incl. the LM head): the compute a token costs
+        "linear_weights": [linear_weights(original), linear_weights(pruned)],
         "prune_and_unload_seconds": round(export_seconds, 2),
     }
+    info["linear_weight_ratio"] = info["linear_weights"][0] / info["linear_weights"][1]
     return original.eval(), pruned.eval(), info
+
+
+def linear_weights(model: torch.nn.Module) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def time_call(fn) -> float:
@@ -214,7 +223,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--no-train", action="store_true", help="skip the train-step comparison")
     args = parser.parse_args()
-    repeats, rounds = (4, 3) if args.quick else (8, 5)
+    repeats, rounds = (4, 3) if args.quick else (12, 5)
     load_before = os.getloadavg()[0]
     results = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
