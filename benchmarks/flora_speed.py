@@ -5,6 +5,7 @@ Usage::
     python benchmarks/flora_speed.py                 # tiny Llama, SmolLM2-135M, small conv net (a few minutes)
     python benchmarks/flora_speed.py --quick         # tiny Llama and conv net only, fewer repeats
     python benchmarks/flora_speed.py --no-smollm2 --repeats 6
+    python benchmarks/flora_speed.py --only tiny_llama convnet --threads 1   # re-measure some, keep the others
 
 Results are printed and written to ``benchmarks/results/flora_speed.json``. The issue's target is a FLoRA train
 step of at most 1.1x LoRA's on linear targets.
@@ -76,6 +77,7 @@ from torch.profiler import ProfilerActivity, profile
 from petuning.models import build_tiny_model, load_smollm2
 
 RESULTS = Path(__file__).resolve().parent / "results" / "flora_speed.json"
+WORKLOADS = ("tiny_llama", "smollm2_135m", "convnet")
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONV_TARGETS = ["conv1", "conv2", "conv3", "conv4"]
 LR = 1e-4
@@ -290,6 +292,8 @@ def bench(workload: Workload, warmup: int, repeats: int, steps_per_block: int, b
     gc.collect()
     return {
         "description": workload.description,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch_threads": torch.get_num_threads(),
         "warmup_steps": warmup,
         "repeats": len(blocks["lora"]),
         "steps_per_block": steps_per_block,
@@ -337,30 +341,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=60, help="seconds of timed repeats per workload")
     parser.add_argument("--lm-rank", type=int, default=16)
     parser.add_argument("--conv-rank", type=int, default=8)
+    parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=None,
+                        help="measure only these workloads and keep the others' results already in --out")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 6)
     started = time.perf_counter()
-    chosen = ["tiny_llama", "convnet"] if (args.quick or args.no_smollm2) else ["tiny_llama", "smollm2_135m", "convnet"]
+    chosen = ["tiny_llama", "convnet"] if (args.quick or args.no_smollm2) else list(WORKLOADS)
+    chosen = args.only or chosen
     all_workloads = workloads(args.lm_rank, args.conv_rank)
-    results = {
-        "machine": machine_info(),
-        "method": __doc__.split("Method\n------\n")[1].strip(),
-        "command": " ".join(["python", "benchmarks/flora_speed.py", *(argv if argv is not None else sys.argv[1:])]),
-        "target_step_time_ratio_linear": 1.1,
-        "workloads": {},
-    }
+    command = " ".join(["python", "benchmarks/flora_speed.py", *(argv if argv is not None else sys.argv[1:])])
+    results = {"workloads": {}}
+    if args.only and args.out.exists():
+        results = json.loads(args.out.read_text())
+    results.update(
+        machine=machine_info(),
+        method=__doc__.split("Method\n------\n")[1].strip(),
+        target_step_time_ratio_linear=1.1,
+    )
     for name in chosen:
-        results["workloads"][name] = bench(all_workloads[name], args.warmup, repeats, args.steps_per_block, args.budget)
+        res = bench(all_workloads[name], args.warmup, repeats, args.steps_per_block, args.budget)
+        results["workloads"][name] = {"command": command, **res}
     print("\n" + "=" * 100)
     for name, res in results["workloads"].items():
         report(name, res)
-    results["wall_time_s"] = time.perf_counter() - started
+    results.pop("wall_time_s", None)
+    print(f"total {time.perf_counter() - started:.0f}s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(args.out)
-    print(f"\nwrote {args.out} (total {results['wall_time_s']:.0f}s)")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
