@@ -65,7 +65,8 @@ def test_two_process_ddp(setup, tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(tmp_path / "worker.py"), str(setup / "sorsa.yaml"), f"train.output_dir={out}", "train.max_steps=8"]
+               str(tmp_path / "worker.py"), str(setup / "sorsa.yaml"), f"train.output_dir={out}", "train.max_steps=8",
+               "train.gradient_checkpointing=true"]
     run = subprocess.run(command, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
@@ -129,7 +130,7 @@ def test_qlora_on_a_4bit_base(setup, tmp_path, method, options):
     q_proj = base.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.weight.dtype == torch.uint8
     assert base.model.norm.weight.dtype == torch.float32  # prepare_model_for_kbit_training upcasts the rest
-    assert base.is_gradient_checkpointing
+    assert base.is_activation_checkpointing
     assert result.model.peft_config["default"].peft_type == method.upper()
     losses = result.metrics["loss_history"]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

@@ -9,6 +9,7 @@ protocol), save the adapter, evaluate, and write ``results.json``. It runs uncha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -198,13 +199,18 @@ def build_model(cfg: RecipeConfig, args: TrainingArguments, bf16: bool):
     """The base model (possibly 4-bit) and its attention implementation, before the adapter is attached."""
     state = PartialState()
     model, attention = load_model(cfg.model, bf16, args.device, state.local_process_index)
-    gc_kwargs = args.gradient_checkpointing_kwargs
+    checkpointing = getattr(args, "activation_checkpointing", args.gradient_checkpointing)
+    kwargs = getattr(args, "activation_checkpointing_kwargs", args.gradient_checkpointing_kwargs)
     if cfg.model.load_in_4bit:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=args.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=kwargs
         )
-    elif args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    elif checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.enable_input_require_grads()
     return model, attention
 
@@ -239,6 +245,11 @@ def resolve_resume(value, output_dir: Path) -> Optional[str]:
 # --------------------------------------------------------------------------- the run
 
 
+_TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+_RENAMED_TRAIN_KEYS = {"gradient_checkpointing": "activation_checkpointing",
+                       "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+
+
 def training_arguments(cfg: RecipeConfig) -> tuple[TrainingArguments, bool, Any]:
     """``TrainingArguments`` from the ``train`` section (with the recipe's defaults), the resolved bf16 flag
     and the raw ``resume_from_checkpoint`` value."""
@@ -249,8 +260,12 @@ def training_arguments(cfg: RecipeConfig) -> tuple[TrainingArguments, bool, Any]
     kwargs.setdefault("remove_unused_columns", False)
     kwargs.setdefault("label_names", ["labels"])
     kwargs.setdefault("dataloader_pin_memory", torch.cuda.is_available())
-    if kwargs.get("gradient_checkpointing"):
-        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    for old, new in _RENAMED_TRAIN_KEYS.items():  # transformers 5 renamed these; accept the names users know
+        if old in kwargs and new in _TRAINING_ARGUMENT_FIELDS:
+            kwargs.setdefault(new, kwargs.pop(old))
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in _TRAINING_ARGUMENT_FIELDS else "gradient_checkpointing"
+    if kwargs.get(checkpointing):
+        kwargs.setdefault(f"{checkpointing}_kwargs", {"use_reentrant": False})
     use_cpu = (bool(kwargs.get("use_cpu")) or not torch.cuda.is_available()
                or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
     device = torch.device("cpu" if use_cpu else "cuda")
