@@ -50,8 +50,13 @@ def apply_masks(
 ) -> torch.Tensor:
     """``W ⊙ M_1 ⊙ M_2 ...``: a masked copy of ``weight`` (the one weight-sized temporary), or ``weight`` itself
     zeroed in place."""
-    out = weight if inplace else weight.clone()
+    out = weight if inplace else None
     for s, idx, t in zip(scores, indices, thresholds):
+        if out is None and idx is None:  # one pass: the copy and the first mask together
+            out = torch.where(s.detach() > t, weight, 0.0)
+            continue
+        if out is None:
+            out = weight.clone()
         off = masked_off(s.detach(), t)
         if idx is None:
             out.masked_fill_(off, 0)

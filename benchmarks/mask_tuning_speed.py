@@ -1,0 +1,225 @@
+"""Masked tuning's training-step time, peak memory and adapter file size, relative to PEFT's LoRA.
+
+Usage::
+
+    flock /tmp/petuning-heavy.lock python benchmarks/mask_tuning_speed.py            # tiny Llama + SmolLM2-135M
+    flock /tmp/petuning-heavy.lock python benchmarks/mask_tuning_speed.py --quick    # tiny Llama only
+
+Results are printed and written to ``benchmarks/results/mask_tuning_speed.json``.
+
+Variants, all on the attention projections q/k/v/o_proj (the weights the R-AMT paper masks):
+
+* ``lora``           PEFT ``LoraConfig(r=16, lora_alpha=16, lora_dropout=0)``, the reference
+* ``mask``           ``MaskTuningConfig()``: a score for every entry of the targeted weights (paper setting)
+* ``mask_gdr``       the same with ``gradient_dropout=True`` (extra no-grad reference forward + KL backward)
+* ``mask_share5``    ``MaskTuningConfig(mask_share=0.05)``: scores for 5% of the entries (largest |W|)
+
+Models: (a) a Llama built from a config (hidden 512, MLP 1376, 4 layers, 8 heads / 4 KV heads, vocabulary
+4096), batch 8 x 128 tokens; (b) the embedded SmolLM2-135M-Instruct (``petuning.models.load_smollm2``),
+batch 4 x 128 tokens. The batch is fixed random token ids, used as labels too.
+
+One train step, timed from the forward to the end of ``zero_grad``: forward + backward, ``clip_grad_norm_``,
+AdamW step with ``petuning.TrainingHooks`` attached (gradient dropout runs in its pre-step hook). The variants
+run interleaved in blocks with a rotating order, so load on the shared machine falls on all of them alike;
+reported: median and minimum step time, their ratios to LoRA. Peak memory: one extra step per variant under
+``torch.profiler(profile_memory=True)``; *transient peak* is the maximum of the running sum of allocator events
+during the step (activations, gradients, temporaries), *static* is counted from the live tensors (model,
+adapter, AdamW state, batch; each storage once); ``peak = static + transient``. Adapter file size: the
+``adapter_model.safetensors`` written by ``save_pretrained`` (for masked tuning with bit-packed masks, and with
+``save_scores=True`` for comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+try:
+    import petuning
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import petuning
+
+import peft
+import transformers
+from peft import LoraConfig, PeftConfig, get_peft_model
+from torch.profiler import ProfilerActivity, profile
+
+from petuning.models import build_tiny_model, load_smollm2
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+RANK = 16
+LR = 8e-5  # the paper's learning rate for the scores
+RESULTS = Path(__file__).resolve().parent / "results" / "mask_tuning_speed.json"
+MIB = 2**20
+TINY_LLAMA = dict(
+    hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+    vocab_size=4096, max_position_embeddings=512,
+)
+
+
+def variants() -> dict[str, Callable[[], PeftConfig]]:
+    mask = dict(target_modules=TARGETS, task_type="CAUSAL_LM")
+    return {
+        "lora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"),
+        "mask": lambda: petuning.MaskTuningConfig(**mask),
+        "mask_gdr": lambda: petuning.MaskTuningConfig(gradient_dropout=True, **mask),
+        "mask_share5": lambda: petuning.MaskTuningConfig(mask_share=0.05, **mask),
+    }
+
+
+class Runner:
+    def __init__(self, base: torch.nn.Module, config: PeftConfig, batch: torch.Tensor):
+        self.model = get_peft_model(base, config)
+        self.model.train()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=LR, weight_decay=0.0)
+        self.hooks = petuning.TrainingHooks(self.model, self.optimizer, peak_lr=LR)
+        self.batch = batch
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        self.model(input_ids=self.batch, labels=self.batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    def static_mib(self) -> float:
+        seen: set[int] = set()
+        total = 0
+        tensors = list(self.model.parameters()) + list(self.model.buffers()) + [self.batch]
+        tensors += [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        for t in tensors:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+        return total / MIB
+
+    def memory(self) -> dict[str, float]:
+        static = self.static_mib()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            self.step()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        running = peak = 0
+        for _, nbytes in events:
+            running += nbytes
+            peak = max(peak, running)
+        return {"static_mib": static, "transient_peak_mib": peak / MIB, "peak_mib": static + peak / MIB}
+
+    def adapter_bytes(self, **config_overrides) -> int:
+        for key, value in config_overrides.items():
+            setattr(self.model.peft_config["default"], key, value)
+        with tempfile.TemporaryDirectory() as directory:
+            self.model.save_pretrained(directory)
+            return os.path.getsize(Path(directory) / "adapter_model.safetensors")
+
+
+def bench(name: str, make_base: Callable[[], torch.nn.Module], batch_size: int, seq: int, warmup: int, repeats: int, block: int) -> dict:
+    print(f"\n== {name}: batch {batch_size} x {seq} tokens", flush=True)
+    runners: dict[str, Runner] = {}
+    batch = None
+    for variant, make_config in variants().items():
+        base = make_base()
+        if batch is None:
+            batch = torch.randint(0, base.config.vocab_size, (batch_size, seq), generator=torch.Generator().manual_seed(0))
+        runners[variant] = Runner(base, make_config(), batch)
+    names = list(runners)
+    for variant in names:
+        for _ in range(warmup):
+            runners[variant].step()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    load_before = os.getloadavg()[0]
+    for rep in range(repeats):
+        for variant in names[rep % len(names) :] + names[: rep % len(names)]:
+            gc.collect()
+            times[variant] += [runners[variant].step() for _ in range(block)]
+        print("  repeat", rep + 1, "  ".join(f"{n} {statistics.median(times[n][-block:]):.3f}s" for n in names), flush=True)
+    load_after = os.getloadavg()[0]
+    result = {"batch": batch_size, "seq": seq, "warmup": warmup, "repeats": repeats, "steps_per_block": block,
+              "load_avg_1min_before_after": [load_before, load_after], "variants": {}, "ratios_to_lora": {}}
+    for variant, runner in runners.items():
+        gc.collect()
+        result["variants"][variant] = {
+            "step_s_median": statistics.median(times[variant]),
+            "step_s_min": min(times[variant]),
+            "n_steps": len(times[variant]),
+            "trainable_params": sum(p.numel() for p in runner.trainable),
+            "memory": runner.memory(),
+            "adapter_file_bytes": runner.adapter_bytes(),
+        }
+        if variant != "lora":
+            result["variants"][variant]["masked_share_after_steps"] = runner.model.masked_share()
+            result["variants"][variant]["adapter_file_bytes_with_scores"] = runner.adapter_bytes(save_scores=True)
+    lora = result["variants"]["lora"]
+    for variant in names[1:]:
+        v = result["variants"][variant]
+        result["ratios_to_lora"][variant] = {
+            "step_time_median": v["step_s_median"] / lora["step_s_median"],
+            "step_time_min": v["step_s_min"] / lora["step_s_min"],
+            "peak_memory": v["memory"]["peak_mib"] / lora["memory"]["peak_mib"],
+            "transient_memory": v["memory"]["transient_peak_mib"] / lora["memory"]["transient_peak_mib"],
+            "adapter_file_size": v["adapter_file_bytes"] / lora["adapter_file_bytes"],
+            "trainable_params": v["trainable_params"] / lora["trainable_params"],
+        }
+    for variant in names:
+        v = result["variants"][variant]
+        ratio = result["ratios_to_lora"].get(variant, {})
+        print(
+            f"  {variant:12s} step {v['step_s_median']:.3f}s (min {v['step_s_min']:.3f}s)"
+            f"  peak {v['memory']['peak_mib']:.0f} MiB  file {v['adapter_file_bytes'] / 1024:.0f} KiB"
+            + (f"  | x LoRA: time {ratio['step_time_median']:.2f} (min {ratio['step_time_min']:.2f}),"
+               f" memory {ratio['peak_memory']:.2f}, file {ratio['adapter_file_size']:.2f}" if ratio else ""),
+            flush=True,
+        )
+    del runners
+    gc.collect()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny Llama only")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps-per-block", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    results = {
+        "benchmark": "mask_tuning_speed",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "versions": {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "target_modules": TARGETS,
+        "lora_rank": RANK,
+        "models": {},
+    }
+    results["models"]["tiny_llama"] = bench(
+        "tiny_llama", lambda: build_tiny_model("llama", seed=0, **TINY_LLAMA), 8, 128, args.warmup, args.repeats,
+        args.steps_per_block,
+    )
+    if not args.quick:
+        results["models"]["smollm2_135m"] = bench(
+            "smollm2_135m", lambda: load_smollm2()[0], 4, 128, args.warmup, args.repeats, args.steps_per_block
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
