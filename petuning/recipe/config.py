@@ -22,7 +22,7 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 from peft import LoraConfig, PeftConfig
@@ -286,7 +286,7 @@ def _fields(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
-def _section_keys(section: str, method: Optional[str]) -> Optional[list[str]]:
+def _section_keys(section: str) -> Optional[list[str]]:
     if section == "model":
         return _fields(ModelArgs)
     if section == "data":
@@ -311,7 +311,7 @@ def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
         return
     section, _, name = key.partition(".")
     if not name:
-        owners = [s for s in SECTIONS[1:] if (keys := _section_keys(s, None)) and key in keys]
+        owners = [s for s in SECTIONS[1:] if (keys := _section_keys(s)) and key in keys]
         hint = f"; did you mean {owners[0]}.{key}?" if owners else f"; write section.key with a section of {SECTIONS}"
         raise ValueError(f"cannot apply override {key!r}{hint}")
     if section not in SECTIONS:
@@ -324,8 +324,9 @@ def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
         raw.setdefault(section, {})[name] = value
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Union[list[str], list[tuple[str, Any]]] = ()) -> RecipeConfig:
-    """Read a YAML config (or start from defaults when ``path`` is None), apply overrides, check every key."""
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> RecipeConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None), apply command-line style overrides
+    (see :func:`parse_overrides`), check every key."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -334,8 +335,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Union[list[s
         raw = yaml.load(path.read_text("utf-8"), Loader=_Loader) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a recipe config is a mapping of sections {SECTIONS}")
-    pairs = parse_overrides(list(overrides)) if overrides and isinstance(next(iter(overrides)), str) else overrides
-    for key, value in pairs:
+    for key, value in parse_overrides(list(overrides)):
         apply_override(raw, key, value)
     return config_from_dict(raw, source=str(path) if path else "the config")
 
@@ -349,7 +349,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "the config") -> RecipeC
         value = raw.get(section) or {}
         if not isinstance(value, dict):
             raise ValueError(f"section {section!r} of {source} must be a mapping, got {type(value).__name__}")
-        keys = _section_keys(section, None)
+        keys = _section_keys(section)
         for key in value:
             if keys is not None and key not in keys:
                 raise _unknown_key(key, keys, f"section {section!r} of {source}")
