@@ -14,9 +14,9 @@ from peft import LoraConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
 
 from petuning.recipe import available_methods, build_peft_config, load_config
-from petuning.recipe.config import REMOVE, parse_overrides
 from petuning.recipe.run import resolve_resume
-from petuning.recipe.setup import resolve_attention, resolve_bf16, resolve_packing
+from petuning.recipe.config import REMOVE, ModelArgs, parse_overrides
+from petuning.recipe.setup import load_tokenizer, resolve_attention, resolve_bf16, resolve_packing
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -138,3 +138,30 @@ def test_accelerate_configs_load(path):
     if config.fsdp_config:
         assert config.fsdp_config["fsdp_cpu_ram_efficient_loading"] is False  # SVD init needs real weights everywhere
     assert yaml.safe_load(path.read_text())["compute_environment"] == "LOCAL_MACHINE"
+
+
+def _plain_tokenizer(directory: Path) -> Path:
+    """A character-level tokenizer with an EOS token, no pad token and no chat template or ChatML tokens."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<unk>", "</s>"] + [chr(c) for c in range(32, 127)] + ["\n"])}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                        unk_token="<unk>", eos_token="</s>")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_chat_template_and_pad_token(tmp_path):
+    path = _plain_tokenizer(tmp_path / "tok")
+    template = tmp_path / "turns.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    tokenizer = load_tokenizer(ModelArgs(name_or_path=str(path), chat_template=str(template)))
+    assert tokenizer.pad_token == "</s>"  # no pad token: the EOS pads
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "[user] hi</s>[assistant] "
+    with pytest.raises(FileNotFoundError, match=r"no template file '.*absent.jinja' \(or use 'chatml'\)"):
+        load_tokenizer(ModelArgs(name_or_path=str(path), chat_template=str(tmp_path / "absent.jinja")))
+    with pytest.raises(ValueError, match=r"chat_template=chatml needs the tokens \['<\|im_start\|>', '<\|im_end\|>'\]"):
+        load_tokenizer(ModelArgs(name_or_path=str(path), chat_template="chatml"))
