@@ -4,6 +4,8 @@
                     [--base-model-id ORG/NAME] [--dtype auto|float32|bfloat16|float16] [--max-shard-size 5GB]
                     [--lora-rank R] [--training-summary FILE.json] [--overwrite] [--push-to-hub REPO_ID [--private]]
     petuning push FOLDER REPO_ID [--private]
+    petuning analyze BASE TUNED --out DIR [--top-k 10] [--threshold 0.5] [--modules REGEX] [--include-embeddings]
+                     [--no-plots]
 
 Errors are printed as one ``error:`` paragraph (no traceback) and exit with status 1.
 """
@@ -46,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("folder", type=Path)
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true")
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="per-layer spectral comparison of a tuned model against its base (JSON summary + plots)",
+        description="Compare every changed 2-D weight of TUNED (a model folder, or an adapter folder merged into "
+        "BASE) with BASE: singular spectra, intruder dimensions (new top singular vectors with cosine similarity "
+        "below --threshold to every base singular vector) and principal-subspace drift.",
+    )
+    analyze.add_argument("base", type=Path, help="base model folder (safetensors)")
+    analyze.add_argument("tuned", type=Path, help="tuned model folder, or an adapter folder trained on BASE")
+    analyze.add_argument("--out", type=Path, required=True, help="folder for summary.json and the PNG plots")
+    analyze.add_argument("--top-k", type=int, default=10, help="singular directions examined per layer")
+    analyze.add_argument("--threshold", type=float, default=0.5, help="intruder cosine-similarity threshold")
+    analyze.add_argument("--modules", help="only weights whose name matches this regular expression")
+    analyze.add_argument("--include-embeddings", action="store_true", help="also compare embeddings/output heads")
+    analyze.add_argument("--no-plots", action="store_true", help="write summary.json only (no matplotlib needed)")
     return parser
 
 
@@ -88,11 +106,25 @@ def _push(args: argparse.Namespace) -> None:
     print(f"pushed {args.folder} to {args.repo_id}: {url}")
 
 
+def _analyze(args: argparse.Namespace) -> None:
+    from petuning.analysis import analyze
+
+    summary = analyze(
+        args.base, args.tuned, args.out, top_k=args.top_k, threshold=args.threshold, modules=args.modules,
+        include_embeddings=args.include_embeddings, plots=not args.no_plots,
+    )
+    print(
+        f"{summary['layers_compared']} layers compared: {summary['intruders_total']} intruder dimensions in "
+        f"{summary['layers_with_intruders']} layers; mean left-subspace drift {summary['mean_left_subspace_drift']:.3f}; "
+        f"mean relative update {summary['mean_relative_update']:.2e}. Wrote {args.out}/summary.json"
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"export": _export, "push": _push}[args.command](args)
-    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        {"export": _export, "push": _push, "analyze": _analyze}[args.command](args)
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -113,3 +113,21 @@ def test_adapter_folder_is_merged_into_base_first(tmp_path):
         assert a["update_rank_90"] <= 4  # a rank-2 SORSA delta is B S A - B0 S0 A0: rank <= 4
     with pytest.raises(ValueError, match="is an adapter"):
         analyze(tmp_path / "adapter", tmp_path / "adapter", tmp_path / "c")
+
+
+def test_cli_analyze(tmp_path, capsys):
+    from petuning.cli import main
+
+    w, u, v = _matrix()
+    x, y = (u[:, 25] + u[:, 28]) / 2**0.5, (v[:, 26] + v[:, 29]) / 2**0.5
+    for name, weight in (("base", w), ("tuned", w + 30 * torch.outer(x, y))):
+        (tmp_path / name).mkdir()
+        save_file({"a.weight": weight.float()}, tmp_path / name / "model.safetensors")
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "base"), str(tmp_path / "tuned"), "--out", str(out), "--top-k", "3",
+                 "--threshold", "0.8", "--no-plots"]) == 0
+    assert "1 intruder dimensions in 1 layers" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["intruders_total"] == 1
+    assert not (out / "layers.png").exists()
+    assert main(["analyze", str(tmp_path / "base"), str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert "No .safetensors files" in capsys.readouterr().err
