@@ -7,16 +7,13 @@ from typing import Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import (
-    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-    get_quantization_kwargs,
-    resolve_quantization_backend,
-)
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
 from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from petuning.training import AuxiliaryLossMixin, StepContext
+from petuning.tuners.common import is_quantized_linear
 
 from .config import SorsaConfig
 from .layer import Linear, SorsaLayer
@@ -64,7 +61,7 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if isinstance(base, Conv1D):
             fan_in_fan_out = True
-        elif isinstance(base, nn.Linear) or _is_quantized_linear(base):
+        elif isinstance(base, nn.Linear) or is_quantized_linear(base):
             fan_in_fan_out = False
         else:
             raise TypeError(
@@ -218,8 +215,3 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     """True for a DTensor sharded over several ranks (FSDP2); a replicated one holds the whole factor."""
     placements = getattr(tensor, "placements", None)
     return placements is not None and any(p.is_shard() for p in placements)
-
-
-def _is_quantized_linear(module: nn.Module) -> bool:
-    backend = resolve_quantization_backend(module)
-    return backend is not None and backend.layer_type == "linear"
