@@ -178,6 +178,41 @@ def test_gradient_support_through_training_hooks():
         assert_top_scores(want[name], support_set(layer), largest=True, rtol=1e-5)
 
 
+def test_gradient_warmup_under_trainer_with_callback(tmp_path):
+    """RoSA's schedule under transformers.Trainer + PetuningCallback: the support is pending through the warm-up
+    steps (logged), chosen after step 2, and the sparse values train from step 3 on."""
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(7)
+    base = build_tiny_model("llama", seed=0)
+    config = SparseLowRankConfig(
+        r=2, density=0.05, support="gradient", gradient_warmup_steps=2, target_modules=["q_proj", "up_proj"],
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, config)
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(12):
+        ids = torch.randint(4, 100, (12,), generator=g)
+        data.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
+        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    try:
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[petuning.PetuningCallback()])
+        trainer.train()
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    pending = [log["sparse_low_rank_pending_supports"] for log in trainer.state.log_history if "loss" in log]
+    assert pending == [4.0, 0.0, 0.0]  # 2 layers x 2 decoder blocks, chosen after the second optimizer step
+    for layer in layers(model).values():
+        assert not layer.support_pending(ADAPTER) and not layer.sparse_low_rank_scores
+        assert layer.sparse_low_rank_values[ADAPTER].abs().sum() > 0  # trained in step 3 (zero at init)
+
+
 def test_gradient_support_needs_data():
     model = make(MLP(), support="gradient")
     model.train()
