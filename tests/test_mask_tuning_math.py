@@ -179,3 +179,16 @@ def test_half_precision_base_with_float32_scores():
     torch.testing.assert_close(out.double(), ref.detach(), atol=3e-2, rtol=3e-2)
     out.float().sum().backward()
     assert layer.mask_tuning_scores["default"].grad.dtype == torch.float32
+
+
+def test_export_converts_the_delta_weight_to_an_exact_full_rank_lora():
+    from petuning.export import convert_to_lora
+
+    model = _model(dtype=torch.float32)
+    conversion = convert_to_lora(model)
+    assert conversion.exact
+    layer = _layer(model)
+    weight = layer.get_base_layer().weight.detach()
+    state = {k.removeprefix("base_model.model."): v for k, v in conversion.state_dict.items()}
+    lora = state["a.lora_B.weight"] @ state["a.lora_A.weight"]
+    torch.testing.assert_close(lora, weight * _mask_of(layer, "default").float() - weight, atol=1e-6, rtol=1e-5)

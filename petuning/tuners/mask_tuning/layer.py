@@ -272,6 +272,11 @@ class MaskTuningLayer(BaseTunerLayer):
         delta.view(-1)[positions] = -weight.reshape(-1)[positions]
         return delta
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Additive (``W ⊙ M = W + delta``), so a LoRA conversion exists, exact at the rank of the delta (which a
+        scattered mask usually makes full)."""
+        return True
+
     # --------------------------------------------------------------------------------------- merge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Zero the entries the active (or given) adapters mask out, keeping their values for :meth:`unmerge`."""
