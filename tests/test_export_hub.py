@@ -54,20 +54,19 @@ def tuned(tmp_path_factory):
     return root, adapter, base, logits
 
 
-def _env(hub: FakeHub, root, token: str | None = TOKEN) -> dict:
-    env = {
+def _env(hub: FakeHub, root, token: str | None = TOKEN, home: str = "hf_home") -> dict:
+    return {
         "HF_ENDPOINT": hub.url,
         "HF_HUB_DISABLE_XET": "1",
         "HF_HUB_OFFLINE": "0",
         "TRANSFORMERS_OFFLINE": "0",
-        "HF_HOME": str(root / "hf_home"),
+        "HF_HOME": str(root / home),
         "HF_TOKEN": token or "",
     }
-    return env
 
 
-def _cli(hub, root, *args, token=TOKEN):
-    process = run_python("", env=_env(hub, root, token), args=[str(a) for a in args])
+def _cli(hub, root, *args, token=TOKEN, home="hf_home"):
+    process = run_python("", env=_env(hub, root, token, home), args=[str(a) for a in args])
     assert TOKEN not in process.stdout + process.stderr
     return process
 
@@ -160,9 +159,15 @@ def test_failed_upload_is_clear_keeps_the_export_and_retry_succeeds(hub, tuned):
         check_safetensors(shard)
     assert not [p for p in root.iterdir() if p.name.startswith(".flaky.")]  # no temp folders left behind
 
-    retry = _cli(hub, root, "push", out, "alice/flaky")
+    # the retry authenticates with the stored login (`hf auth login` writes $HF_HOME/token) instead of HF_TOKEN
+    (root / "login_home").mkdir()
+    (root / "login_home" / "token").write_text(TOKEN)
+    hub.tokens.clear()
+    retry = _cli(hub, root, "push", out, "alice/flaky", token=None, home="login_home")
     assert retry.returncode == 0, retry.stderr[-3000:]
+    assert hub.tokens == {TOKEN}
     _same_files(hub, "alice/flaky", out)
+    _assert_token_absent(out)
 
 
 def test_push_without_credentials_is_refused_before_exporting(hub, tuned):
