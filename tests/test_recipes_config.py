@@ -165,3 +165,19 @@ def test_chat_template_and_pad_token(tmp_path):
         load_tokenizer(ModelArgs(name_or_path=str(path), chat_template=str(tmp_path / "absent.jinja")))
     with pytest.raises(ValueError, match=r"chat_template=chatml needs the tokens \['<\|im_start\|>', '<\|im_end\|>'\]"):
         load_tokenizer(ModelArgs(name_or_path=str(path), chat_template="chatml"))
+
+
+def test_trainable_summary_groups_by_tensor_kind():
+    from peft import get_peft_model
+
+    from petuning.models import build_tiny_model
+    from petuning.recipe.run import trainable_summary
+
+    model = get_peft_model(build_tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                 modules_to_save=["lm_head"]))
+    lines = trainable_summary(model).splitlines()
+    trainable, total = model.get_nb_trainable_parameters()
+    assert lines[0] == f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)"
+    # 2 layers x (q, v): A is (2, 64); B is (64, 2) for q and (32, 2) for v (2 KV heads of 16); lm_head 128 x 64
+    assert lines[1:] == ["    lora_A: 4 tensors, 512 parameters", "    lora_B: 4 tensors, 384 parameters",
+                         "    modules_to_save: 1 tensors, 8,192 parameters"]

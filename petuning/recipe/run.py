@@ -185,9 +185,10 @@ def trainable_summary(model: torch.nn.Module) -> str:
     trainable, total = model.get_nb_trainable_parameters()
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name, param in model.named_parameters():
-        if param.requires_grad:
+        if param.requires_grad:  # "...q_proj.lora_A.default.weight" -> "lora_A": the part before the adapter name
             parts = name.split(".")
-            kind = parts[-2] if len(parts) > 1 and parts[-1] in model.peft_config else parts[-1]
+            at = next((i for i in range(len(parts) - 1, 0, -1) if parts[i] in model.peft_config), None)
+            kind = parts[at - 1] if at else parts[-1]
             groups[kind][0] += 1
             groups[kind][1] += param.numel()
     lines = [f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)"]
