@@ -286,3 +286,13 @@ def test_reload_keeps_mask_step_and_outputs(llama_dir, tmp_path):
     assert not loaded.base_model.pat_mask["default"].requires_grad
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
+def test_adapter_for_a_different_base_is_refused(llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pat_model(llama_dir).save_pretrained(tmp_path / "adapter")
+    other = tmp_path / "wider"
+    build_tiny_model("llama", save_dir=other, hidden_size=96)
+    with pytest.raises(ValueError, match=r"PAT adapter was made for a base model .* pat_hsm_down"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(other), tmp_path / "adapter")

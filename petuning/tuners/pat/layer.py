@@ -39,7 +39,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 
-from petuning.tuners.common import NAN_MESSAGE
+from petuning.tuners.common import NAN_MESSAGE, adapter_dtype, move_adapter_to_base_device
 
 FREEZE_FRACTION = 0.8
 """The mask stops learning at this fraction of the schedule (paper)."""
@@ -154,7 +154,7 @@ class PatLayer(BaseTunerLayer):
         **_: Any,
     ) -> None:
         """Add adapter ``adapter_name``: an HSM (if ``hsm``) and a LoRA of rank ``lora_r`` (if > 0)."""
-        dtype = self._adapter_dtype()
+        dtype = adapter_dtype(self)
         if lora_r > 0:
             a = torch.empty(lora_r, self.in_features, dtype=dtype)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -180,17 +180,9 @@ class PatLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _adapter_dtype(self) -> torch.dtype:
-        base_dtype = self.get_base_layer().weight.dtype
-        return torch.float64 if base_dtype == torch.float64 else torch.float32
-
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move this adapter's tensors to the base layer's device, keeping their (32/64-bit) dtype."""
-        target = device or self.get_base_layer().weight.device
-        for attr in self.adapter_layer_names:
-            container = getattr(self, attr)
-            if adapter_name in container and container[adapter_name].device.type != "meta":
-                container[adapter_name] = container[adapter_name].to(target)
+        move_adapter_to_base_device(self, adapter_name, device)
 
     # ---------------------------------------------------------------------------------------- math
     def has_hsm(self, adapter_name: str) -> bool:
@@ -252,7 +244,7 @@ class Linear(nn.Module, PatLayer):
         """The LoRA update ``(α/r') B A`` (out, in) in the adapter dtype (zero without LoRA). An HSM is not a
         weight delta; :meth:`merged_weight` folds it."""
         if adapter_name not in self.pat_lora_A:
-            return torch.zeros_like(self.get_base_layer().weight, dtype=self._adapter_dtype())
+            return torch.zeros_like(self.get_base_layer().weight, dtype=adapter_dtype(self))
         b, a = self.pat_lora_B[adapter_name], self.pat_lora_A[adapter_name]
         return (b @ a) * self.pat_lora_scaling[adapter_name]
 
@@ -280,7 +272,7 @@ class Linear(nn.Module, PatLayer):
         for name in adapter_names:
             if name not in self.pat_lora_A and not self.has_hsm(name):
                 continue
-            weight, bias = self.merged_weight(name, dtype=torch.promote_types(base.weight.dtype, self._adapter_dtype()))
+            weight, bias = self.merged_weight(name, dtype=torch.promote_types(base.weight.dtype, adapter_dtype(self)))
             if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
                 raise ValueError(NAN_MESSAGE.format(name))
             self._pat_merge_backup.append((name, base.weight.data, None if base.bias is None else base.bias.data))
@@ -341,7 +333,7 @@ class Embedding(nn.Module, PatLayer):
         for name in adapter_names:
             if not self.has_hsm(name):
                 continue
-            table = self.merged_weight(name, dtype=torch.promote_types(base.weight.dtype, self._adapter_dtype()))
+            table = self.merged_weight(name, dtype=torch.promote_types(base.weight.dtype, adapter_dtype(self)))
             if safe_merge and not torch.isfinite(table).all():
                 raise ValueError(NAN_MESSAGE.format(name))
             self._pat_merge_backup.append((name, base.weight, None))

@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from petuning.training import AuxiliaryLossMixin, StepContext
+from petuning.tuners.common import check_adapter_shapes
 
 from .config import PRODUCERS, PatConfig
 from .layer import Embedding, Linear, PatGate, PatLayer, identity_loss, mask_loss, schedule
@@ -135,6 +136,13 @@ class PatModel(AuxiliaryLossMixin, BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter does not train
         self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's structural key remapping, plus a clear error when the adapter's shapes do not fit the model."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_shapes(model, remapped, config, "PAT")
+        return remapped
 
     # ----------------------------------------------------------------------------- adapter management
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
