@@ -3,11 +3,12 @@ with a model card petuning writes itself, and push it to the Hugging Face Hub.
 
 Three formats (``export_adapter(..., format=...)``, CLI ``petuning export --format``):
 
-* ``"merged"`` (default): the base named in the adapter config (or ``base=``) is loaded in 16/32-bit, the adapter is
-  applied and merged through PEFT's generic ``merge_and_unload`` (each tuner merges its own layers; this module has no
-  per-method code), and the result is written as sharded safetensors with the tokenizer and generation config. It
-  loads with ``AutoModelForCausalLM.from_pretrained`` in a process that never imports petuning. ``prune=True`` asks
-  the tuner for ``petuning_prune_and_unload()`` instead (PAT: a smaller model).
+* ``"merged"`` (default): the base named in the adapter config (or ``base=``) is loaded unquantized, in the dtype
+  its checkpoint stores; the adapter is applied and merged through PEFT's generic ``merge_and_unload`` (each tuner
+  merges its own layers; this module has no per-method code); the result is cast to the requested dtype and written
+  as sharded safetensors with the tokenizer and generation config. It loads with
+  ``AutoModelForCausalLM.from_pretrained`` in a process that never imports petuning. ``prune=True`` asks the tuner
+  for ``petuning_prune_and_unload()`` instead (PAT: a smaller model).
 * ``"lora"``: every additive petuning layer reports its dense update ΔW (``get_delta_weight``); ΔW is factored by
   SVD into a standard peft LoRA adapter. Exact when ``rank(ΔW) <= rank``; otherwise the truncation's relative
   Frobenius error is reported per layer and overall (:class:`LoraConversion`). Loads with peft alone.
@@ -263,9 +264,11 @@ class LayerConversion:
     """How one layer's update ΔW was expressed as a LoRA product."""
 
     module: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
+    """Shape of ΔW in the base weight's layout."""
     delta_rank: int
-    """Numerical rank of ΔW (singular values above max(shape) * eps(dtype) * σ_max, as ``matrix_rank``)."""
+    """Numerical rank of ΔW as the matrix LoRA factors (singular values above max(rows, cols) * eps(dtype) * σ_max,
+    as ``torch.linalg.matrix_rank``)."""
     lora_rank: int
     relative_error: float
     """||ΔW - B A||_F / ||ΔW||_F (0 when ΔW = 0)."""
@@ -290,7 +293,7 @@ class LoraConversion:
     def report(self) -> str:
         lines = [f"{'module':60s} {'shape':>12s} {'rank(ΔW)':>9s} {'LoRA r':>7s} {'rel. error':>11s}"]
         for layer in self.layers:
-            shape = f"{layer.shape[0]}x{layer.shape[1]}"
+            shape = "x".join(map(str, layer.shape))
             lines.append(
                 f"{layer.module:60s} {shape:>12s} {layer.delta_rank:9d} {layer.lora_rank:7d} {layer.relative_error:11.3e}"
             )
