@@ -361,6 +361,15 @@ def convert_to_lora(
             if peft_model.base_model.prefix not in key:  # modules_to_save and trained biases
                 state[key] = value.detach().clone()
 
+    larger = [layer.module for layer in reports if layer.lora_rank * sum(_matrix_shape(layer.shape)) > math.prod(layer.shape)]
+    if larger:
+        warnings.warn(
+            f"The LoRA factors of {len(larger)} layer(s) (e.g. {larger[0]!r}) hold more numbers than the dense update "
+            "they encode, because the update has a high rank (sparse updates usually do). Consider --lora-rank "
+            "(a truncated, reported approximation) or the merged export.",
+            UserWarning,
+            stacklevel=2,
+        )
     r = max(ranks.values())
     patterns = {f"^{re.escape(m)}$": k for m, k in ranks.items() if k != r}
     bias = getattr(config, "bias", "none") or "none"
@@ -412,6 +421,11 @@ def _lora_layout(module: str, layer: BaseTunerLayer, delta: torch.Tensor):
         raise ValueError(f"--format lora does not know the layer type of {module!r} ({type(base).__name__}).")
     matrix = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
     return matrix, lambda a, b: {"lora_A.weight": a, "lora_B.weight": b}
+
+
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) of a weight shape flattened to a matrix (any orientation: only the sum and product are used)."""
+    return shape[0], math.prod(shape[1:])
 
 
 def _adapter_names(layer: BaseTunerLayer) -> set[str]:

@@ -66,3 +66,12 @@ def test_embedding_and_conv_layouts(case, tmp_path, monkeypatch):
             monkeypatch.setattr(type(layer), "supports_lora_conversion", lambda self, adapter_name="default": True)
     outcome = _check_conversion(case, model, tmp_path)
     assert outcome == ("not expressible" if case.model in ("conv1d", "conv2d_groups") else "converted")
+
+
+def test_high_rank_updates_warn_that_lora_is_larger_than_dense(tmp_path):
+    case = next(c for c in CASES if c.id == "sparse_low_rank-mlp")
+    with pytest.warns(UserWarning, match="hold more numbers than the dense update") as record:
+        conversion = convert_to_lora(tuned_model(case, tmp_path))
+    larger = [x.module for x in conversion.layers if x.lora_rank * (x.shape[0] + x.shape[1]) > x.shape[0] * x.shape[1]]
+    assert larger and f"The LoRA factors of {len(larger)} layer(s) (e.g. {larger[0]!r})" in str(record[0].message)
+    assert conversion.exact
