@@ -57,7 +57,11 @@ _TASK_AUTO_CLASSES = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoModel",
 }
-_PIPELINE_TAGS = {"CAUSAL_LM": "text-generation", "SEQ_CLS": "text-classification", "SEQ_2_SEQ_LM": "text2text-generation"}
+_PIPELINE_TAGS = {
+    "CAUSAL_LM": "text-generation",
+    "SEQ_CLS": "text-classification",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -155,7 +159,9 @@ def load_adapter_model(
         )
     _refuse_pickle(adapter_dir, "adapter")
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{adapter_dir} has adapter_config.json but no {ADAPTER_WEIGHTS}: the save is incomplete.")
+        raise FileNotFoundError(
+            f"{adapter_dir} has adapter_config.json but no {ADAPTER_WEIGHTS}: the save is incomplete."
+        )
     check_safetensors(adapter_dir / ADAPTER_WEIGHTS)
     try:
         config = PeftConfig.from_pretrained(adapter_dir)
@@ -310,7 +316,8 @@ def convert_to_lora(
     For every adapted layer, ΔW = ``layer.get_delta_weight(adapter_name)`` (the dense update in the base weight's
     layout), arranged as the matrix peft's LoRA layer of that type factors (:func:`_lora_layout`: (out, in) for linear
     layers, also for convolutions with the kernel flattened into the columns, (dim, num) for embeddings), is
-    decomposed as U diag(σ) Vᵀ in float64 and the LoRA factors are ``B = U_k diag(√σ_k)``, ``A = diag(√σ_k) V_kᵀ``, with scaling 1
+    decomposed as U diag(σ) Vᵀ in float64 and the LoRA factors are ``B = U_k diag(√σ_k)``, ``A = diag(√σ_k) V_kᵀ``,
+    with scaling 1
     (``lora_alpha = r`` per layer). k = rank(ΔW) when ``rank`` is None (always exact), else min(rank, rank(ΔW)),
     truncating where ΔW's rank exceeds it. Modules trained in full (``modules_to_save``) are copied.
     Non-additive adapters (a layer whose ``supports_lora_conversion`` is False, e.g. PAT) are refused.
@@ -361,7 +368,7 @@ def convert_to_lora(
             if peft_model.base_model.prefix not in key:  # modules_to_save and trained biases
                 state[key] = value.detach().clone()
 
-    larger = [layer.module for layer in reports if layer.lora_rank * sum(_matrix_shape(layer.shape)) > math.prod(layer.shape)]
+    larger = [x.module for x in reports if x.lora_rank * sum(_matrix_shape(x.shape)) > math.prod(x.shape)]
     if larger:
         warnings.warn(
             f"The LoRA factors of {len(larger)} layer(s) (e.g. {larger[0]!r}) hold more numbers than the dense update "
@@ -449,7 +456,9 @@ def training_summary(adapter_dir: PathLike) -> dict:
     state = _first_json(folders, "trainer_state.json")
     if state:
         history = state.get("log_history") or []
-        summary.update(steps=state.get("global_step"), epochs=state.get("epoch"), train_batch_size=state.get("train_batch_size"))
+        summary.update(
+            steps=state.get("global_step"), epochs=state.get("epoch"), train_batch_size=state.get("train_batch_size")
+        )
         losses = [entry["loss"] for entry in history if "loss" in entry]
         if losses:
             summary["final_train_loss"] = losses[-1]
@@ -542,7 +551,8 @@ def write_model_card(
     if summary:
         body += ["", "## Training summary", "", "| | |", "|---|---|"]
         body += [f"| {key} | {value} |" for key, value in summary.items()]
-    body += ["", "## Method configuration", "", "```json", json.dumps(config_dict, indent=2, sort_keys=True, default=_jsonable), "```", ""]
+    config_json = json.dumps(config_dict, indent=2, sort_keys=True, default=_jsonable)
+    body += ["", "## Method configuration", "", "```json", config_json, "```", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
     card.save(folder / "README.md")
 
