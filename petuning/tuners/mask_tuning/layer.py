@@ -83,7 +83,6 @@ class MaskedLinear(torch.autograd.Function):
             else:
                 out = F.linear(x, w, bias)
         ctx.fan_in_fan_out, ctx.thresholds, ctx.n_masks = fan_in_fan_out, thresholds, n_masks
-        ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, bias, *tensors)
         return out
 
