@@ -258,3 +258,14 @@ def test_gradient_dropout_without_logits_and_selection_without_share_are_refused
         model(torch.tensor([[1, 2, 3]]))
     with pytest.raises(ValueError, match="nothing to select"):
         model.select_masked_weights([torch.tensor([[1, 2]])], loss_fn=lambda m, b: m(b).sum())
+
+
+def test_gradient_dropout_under_reentrant_checkpointing_is_refused_with_the_fix(llama_path):
+    base = _base(llama_path)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model = get_peft_model(
+        base, MaskTuningConfig(target_modules=TARGETS, init_weights=False, gradient_dropout=True, task_type="CAUSAL_LM")
+    )
+    model.train()
+    with pytest.raises(RuntimeError, match="use_reentrant': False"):
+        model(**_batch())

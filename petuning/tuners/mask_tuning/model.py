@@ -276,6 +276,12 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
         kl = kl_to_reference(logits, reference, ctx.kwargs.get("attention_mask"))
         share = float(ctx.share)
         grads = torch.autograd.grad(kl * share, params, retain_graph=True, allow_unused=True)
+        if all(g is None for g in grads):
+            raise RuntimeError(
+                "Masked tuning's gradient dropout found no path from the logits to the mask scores, so it cannot take "
+                "the KL gradient. Reentrant gradient checkpointing hides parameters from torch.autograd.grad: use "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+            )
         with torch.no_grad():
             for (layer, name), grad in zip(keys, grads):
                 if grad is None:
