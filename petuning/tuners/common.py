@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
@@ -82,3 +82,52 @@ def is_quantized_linear(module: nn.Module) -> bool:
     forward-only formats)."""
     backend = resolve_quantization_backend(module)
     return backend is not None and backend.layer_type == "linear"
+
+
+class AdditiveMergeMixin:
+    """``merge`` / ``unmerge`` for a tuner layer whose update is additive, ``W <- W + ΔW``, with ``ΔW`` given by the
+    layer's ``get_delta_weight(adapter_name)`` in the base weight's layout and in the adapter's (32/64-bit) dtype.
+    The sum is formed in that dtype and rounded to the base dtype once. ``method`` names the method in messages;
+    an adapter is present on the layer when it is a key of the first of ``adapter_layer_names``."""
+
+    method: str = ""
+
+    def _holds_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in getattr(self, self.adapter_layer_names[0])
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the active (or given) adapters' updates into the base weight. With ``safe_merge`` a non-finite
+        result raises and the base stays untouched."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        check_mergeable(self, self.method)
+        for name in adapter_names:
+            if not self._holds_adapter(name):
+                continue
+            with torch.no_grad():
+                base = self.get_base_weight()
+                delta = self.get_delta_weight(name)
+                merged = base.to(delta.dtype) + delta
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(NAN_MESSAGE.format(name))
+                self.set_base_weight(merged.to(base.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract merged adapters again, last merged first."""
+        if not self.merged:
+            return
+        check_mergeable(self, self.method)
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if not self._holds_adapter(name):
+                continue
+            with torch.no_grad():
+                base = self.get_base_weight()
+                delta = self.get_delta_weight(name)
+                self.set_base_weight((base.to(delta.dtype) - delta).to(base.dtype))
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """An additive update converts to a LoRA adapter (exactly at its rank, see ``petuning export --format lora``)."""
+        return True

@@ -23,17 +23,19 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from petuning.linalg import cached_top_singular_triplets
-from petuning.tuners.common import NAN_MESSAGE, check_mergeable
+from petuning.tuners.common import AdditiveMergeMixin, adapter_dtype, move_adapter_to_base_device
 
 
-class SorsaLayer(BaseTunerLayer):
-    """State and math shared by every SORSA-adapted layer type."""
+class SorsaLayer(AdditiveMergeMixin, BaseTunerLayer):
+    """State and math shared by every SORSA-adapted layer type (merge/unmerge: :class:`AdditiveMergeMixin`)."""
+
+    method = "SORSA"
 
     adapter_layer_names = ("sorsa_A", "sorsa_S", "sorsa_B")
     other_param_names = ("sorsa_A0", "sorsa_S0", "sorsa_B0", "sorsa_r", "sorsa_scaling", "sorsa_dropout")
@@ -93,7 +95,7 @@ class SorsaLayer(BaseTunerLayer):
                 f"SORSA needs a floating-point base weight, but the weight{where} has dtype {base.weight.dtype}. "
                 "Load the model in float32/bfloat16/float16, or quantize it with bitsandbytes (supported)."
             )
-        dtype = self._factor_dtype()
+        dtype = adapter_dtype(self)  # singular vectors lose their orthonormality in 16-bit
         if inference_mode or _creating_on_meta():
             a0 = torch.zeros(r, self.in_features, dtype=dtype)
             s0 = torch.zeros(r, dtype=dtype)
@@ -125,21 +127,8 @@ class SorsaLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _factor_dtype(self) -> torch.dtype:
-        """float64 on a float64 base (exact tests), else float32: singular vectors lose their
-        orthonormality in 16-bit (a bf16 Gram matrix has steps of 4e-3 near 1)."""
-        base_dtype = self._get_base_layer_device_and_dtype(self.get_base_layer())[1]
-        return torch.float64 if base_dtype == torch.float64 else torch.float32
-
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        """Move this adapter's tensors to the base layer's device, keeping their (32/64-bit) dtype."""
-        target = device or self._get_base_layer_device_and_dtype(self.get_base_layer())[0]
-        if target is None:
-            return
-        for attr in ("sorsa_A", "sorsa_S", "sorsa_B", "sorsa_A0", "sorsa_S0", "sorsa_B0"):
-            container = getattr(self, attr)
-            if adapter_name in container and container[adapter_name].device.type != "meta":
-                container[adapter_name] = container[adapter_name].to(target)
+        move_adapter_to_base_device(self, adapter_name, device)
 
     def _base_weight_out_in(self) -> torch.Tensor:
         """The (dequantized) base weight in (out, in) layout."""
@@ -170,42 +159,6 @@ class SorsaLayer(BaseTunerLayer):
         delta = (b @ sa) * self.sorsa_scaling[adapter_name]
         return delta.T if self.fan_in_fan_out else delta
 
-    # --------------------------------------------------------------------------------------- merge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the active (or given) adapters' updates into the base weight; the sum is formed in the
-        factors' precision and rounded to the base dtype once."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
-        check_mergeable(self, "SORSA")
-        for name in adapter_names:
-            if name not in self.sorsa_A:
-                continue
-            with torch.no_grad():
-                base = self.get_base_weight()
-                delta = self.get_delta_weight(name)
-                merged = base.to(delta.dtype) + delta
-                if safe_merge and not torch.isfinite(merged).all():
-                    raise ValueError(NAN_MESSAGE.format(name))
-                self.set_base_weight(merged.to(base.dtype))
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Subtract merged adapters again, last merged first."""
-        if not self.merged:
-            return
-        check_mergeable(self, "SORSA")
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name not in self.sorsa_A:
-                continue
-            with torch.no_grad():
-                base = self.get_base_weight()
-                delta = self.get_delta_weight(name)
-                self.set_base_weight((base.to(delta.dtype) - delta).to(base.dtype))
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return True
 
 
 def _creating_on_meta() -> bool:

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from petuning.training import AuxiliaryLossMixin, StepContext
-from petuning.tuners.common import is_quantized_linear
+from petuning.tuners.common import check_adapter_shapes, is_quantized_linear
 
 from .config import SorsaConfig
 from .layer import Linear, SorsaLayer
@@ -77,18 +77,7 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """PEFT's structural key remapping, plus a clear error when the adapter's shapes do not fit the model."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        expected = model.state_dict()
-        wrong = [
-            f"{key}: adapter {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
-            for key, value in remapped.items()
-            if key in expected and expected[key].shape != value.shape
-        ]
-        if wrong:
-            raise ValueError(
-                "This SORSA adapter was trained on a base model with different layer shapes than the model it is "
-                f"being loaded into ({len(wrong)} tensors differ, e.g. {wrong[0]}). Load it on the base model "
-                f"it was made for: {getattr(config, 'base_model_name_or_path', None)!r}."
-            )
+        check_adapter_shapes(model, remapped, config, "SORSA")
         return remapped
 
     # ---------------------------------------------------------------------------------- regularizer

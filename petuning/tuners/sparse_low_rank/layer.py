@@ -22,12 +22,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
-from petuning.tuners.common import NAN_MESSAGE, check_mergeable
+from petuning.tuners.common import AdditiveMergeMixin
 
 from .support import (
     SparseStructure,
@@ -91,8 +91,10 @@ class _GradientProbe(torch.autograd.Function):
         return grad, None, torch.zeros_like(values) if ctx.needs_input_grad[2] else None, None
 
 
-class SparseLowRankLayer(BaseTunerLayer):
-    """State and math shared by every sparse-plus-low-rank layer type."""
+class SparseLowRankLayer(AdditiveMergeMixin, BaseTunerLayer):
+    """State and math shared by every sparse-plus-low-rank layer type (merge/unmerge: :class:`AdditiveMergeMixin`)."""
+
+    method = "sparse_low_rank"
 
     adapter_layer_names = ("sparse_low_rank_A", "sparse_low_rank_B", "sparse_low_rank_values")
     other_param_names = (
@@ -304,47 +306,14 @@ class SparseLowRankLayer(BaseTunerLayer):
             delta = delta + (b.to(dtype) @ a.to(dtype)) * self.sparse_low_rank_scaling[adapter_name]
         return delta
 
+    def _holds_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.sparse_low_rank_values  # A and B are absent when r = 0
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense update in the base weight's layout ((in, out) for Conv1D), in the adapter's float32/float64."""
         delta = self.delta_weight_out_in(adapter_name)
         return delta.T if self.fan_in_fan_out else delta
 
-    # --------------------------------------------------------------------------------------- merge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the active (or given) adapters' updates into the base weight; the sum is formed in the adapter's
-        precision and rounded to the base dtype once."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
-        check_mergeable(self, "sparse_low_rank")
-        for name in adapter_names:
-            if name not in self.sparse_low_rank_values:
-                continue
-            with torch.no_grad():
-                base = self.get_base_weight()
-                delta = self.get_delta_weight(name)
-                merged = base.to(delta.dtype) + delta
-                if safe_merge and not torch.isfinite(merged).all():
-                    raise ValueError(NAN_MESSAGE.format(name))
-                self.set_base_weight(merged.to(base.dtype))
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Subtract merged adapters again, last merged first."""
-        if not self.merged:
-            return
-        check_mergeable(self, "sparse_low_rank")
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name not in self.sparse_low_rank_values:
-                continue
-            with torch.no_grad():
-                base = self.get_base_weight()
-                delta = self.get_delta_weight(name)
-                self.set_base_weight((base.to(delta.dtype) - delta).to(base.dtype))
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return True
 
 
 class Linear(nn.Module, SparseLowRankLayer):
