@@ -30,11 +30,11 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
 
-from petuning.tuners.common import NAN_MESSAGE, adapter_dtype, check_mergeable, move_adapter_to_base_device
+from petuning.tuners.common import AdditiveMergeMixin, adapter_dtype, move_adapter_to_base_device
 
 INIT_NEGATIVE_SLOPE = math.sqrt(3)
 """Kaiming-normal ``a`` of the official code: std = 1 / sqrt(2 J_n) for a factor (I_n, J_n)."""
@@ -53,8 +53,10 @@ def tucker_product(core: torch.Tensor, factors: list[torch.Tensor], first_mode: 
     return core
 
 
-class FloraLayer(BaseTunerLayer):
-    """State and math shared by every FLoRA-adapted layer type."""
+class FloraLayer(AdditiveMergeMixin, BaseTunerLayer):
+    """State and math shared by every FLoRA-adapted layer type (merge/unmerge: :class:`AdditiveMergeMixin`)."""
+
+    method = "FLoRA"
 
     adapter_layer_names = ("flora_G", "flora_U")
     other_param_names = ("flora_r", "flora_scale", "flora_dropout")
@@ -159,40 +161,6 @@ class FloraLayer(BaseTunerLayer):
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The adapter's contribution to the layer output for input ``x``, in the adapter's dtype."""
 
-    # --------------------------------------------------------------------------------------- merge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the active (or given) adapters' updates into the base weight; the sum is formed in the adapter's
-        precision and rounded to the base dtype once."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
-        check_mergeable(self, "FLoRA")
-        for name in adapter_names:
-            if name not in self.flora_G:
-                continue
-            with torch.no_grad():
-                base = self.get_base_weight()
-                delta = self.get_delta_weight(name)
-                merged = base.to(delta.dtype) + delta
-                if safe_merge and not torch.isfinite(merged).all():
-                    raise ValueError(NAN_MESSAGE.format(name))
-                self.set_base_weight(merged.to(base.dtype))
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Subtract merged adapters again, last merged first."""
-        if not self.merged:
-            return
-        check_mergeable(self, "FLoRA")
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name not in self.flora_G:
-                continue
-            with torch.no_grad():
-                base = self.get_base_weight()
-                delta = self.get_delta_weight(name)
-                self.set_base_weight((base.to(delta.dtype) - delta).to(base.dtype))
-
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         move_adapter_to_base_device(self, adapter_name, device)
 
@@ -250,9 +218,6 @@ class Linear(_FloraModule):
         """``s U_out Gᵀ U_inᵀ`` (out, in), or (in, out) for ``fan_in_fan_out``."""
         delta = self.tucker_update(adapter_name)  # (in, out)
         return delta if self.fan_in_fan_out else delta.T
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return True
 
 
 class Embedding(_FloraModule):
