@@ -95,7 +95,7 @@ run_sft(load_config(sys.argv[1], sys.argv[2:]), callbacks=(KillAtStep(),))
 """
 
 
-def test_killed_run_resumes_to_the_same_adapter(setup, tmp_path):
+def test_killed_run_resumes_to_the_same_adapter(setup, tmp_path, monkeypatch):
     (tmp_path / "killer.py").write_text(KILLER)
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     run = subprocess.run([sys.executable, str(tmp_path / "killer.py"), str(setup / "sorsa.yaml"),
@@ -104,7 +104,13 @@ def test_killed_run_resumes_to_the_same_adapter(setup, tmp_path):
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not (killed / "adapter").exists()
 
+    assert list((killed / "svd_cache").glob("svd-*.safetensors"))  # the killed run cached its SVD init
+    import petuning.linalg
+
+    svds = []
+    monkeypatch.setattr(petuning.linalg, "top_singular_triplets", lambda *a, **k: svds.append(a) or 1 / 0)
     resumed = run_sft(load_config(setup / "sorsa.yaml", [f"train.output_dir={killed}"]))  # resume: auto
+    assert svds == []  # the restart read its SVD init from the cache
     assert resumed.metrics["resumed_from"] == str(killed / "checkpoint-4") and resumed.metrics["global_step"] == 6
 
     # The uninterrupted run goes through the script itself, with the reload check in a fresh process.

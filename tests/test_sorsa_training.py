@@ -431,3 +431,16 @@ def test_disabled_adapter_gets_no_regularizer(mode):
     nn.functional.mse_loss(model(x), y).backward()
     opt.step()
     assert all(not torch.equal(p.detach(), before[n]) for n, p in factors.items())
+
+
+@pytest.mark.parametrize("mode", ["official", "decoupled"])
+def test_gradient_writing_modes_refuse_deepspeed(monkeypatch, mode):
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(8, 8)), petuning.SorsaConfig(r=2, target_modules=["0"], ortho_mode=mode)
+    )
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with petuning.TrainingHooks(model, optimizer, peak_lr=0.1):
+        model(torch.ones(2, 8)).sum().backward()
+        with pytest.raises(RuntimeError, match="DeepSpeed.*ortho_mode='loss'"):
+            optimizer.step()

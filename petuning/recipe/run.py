@@ -216,8 +216,13 @@ def build_model(cfg: RecipeConfig, args: TrainingArguments, bf16: bool):
     return model, attention
 
 
-def attach_adapter(model, cfg: RecipeConfig) -> PeftModel:
-    return get_peft_model(model, build_peft_config(cfg.method, cfg.peft))
+def attach_adapter(model, cfg: RecipeConfig, output_dir: Path) -> PeftModel:
+    """Wrap ``model`` with the method's adapter. Methods with an SVD cache (``svd_cache_dir``) cache under
+    ``output_dir/svd_cache`` unless the config says otherwise, so a resumed run does not redo the SVD."""
+    config = build_peft_config(cfg.method, cfg.peft)
+    if hasattr(config, "svd_cache_dir") and config.svd_cache_dir is None:
+        config.svd_cache_dir = str(output_dir / "svd_cache")
+    return get_peft_model(model, config)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -302,7 +307,7 @@ def run_sft(cfg: RecipeConfig, callbacks: tuple[TrainerCallback, ...] = ()) -> S
         _report("base model", metrics["exact_match_before"], answers, splits, tokenizer)
 
     set_seed(args.seed)  # the adapter's initialization does not depend on what ran before
-    model = attach_adapter(model, cfg)
+    model = attach_adapter(model, cfg, output_dir)
     trainable, total = model.get_nb_trainable_parameters()
     metrics.update(trainable_parameters=trainable, total_parameters=total)
     logger.info("%s", trainable_summary(model))
