@@ -84,13 +84,35 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-class AdditiveMergeMixin:
-    """``merge`` / ``unmerge`` for a tuner layer whose update is additive, ``W <- W + ΔW``, with ``ΔW`` given by the
-    layer's ``get_delta_weight(adapter_name)`` in the base weight's layout and in the adapter's (32/64-bit) dtype.
-    The sum is formed in that dtype and rounded to the base dtype once. ``method`` names the method in messages;
-    an adapter is present on the layer when it is a key of the first of ``adapter_layer_names``."""
+class AdditiveLayerMixin:
+    """Forward, ``merge`` and ``unmerge`` for a tuner layer whose update is additive, ``y = base(x) + Σ Δ(x)``.
+
+    The layer provides ``adapter_output(x, adapter_name)`` (the update applied to ``x``, factored, never a dense
+    weight) and ``get_delta_weight(adapter_name)`` (the dense update in the base weight's layout and the adapter's
+    32/64-bit dtype, for merging and export). Merging forms ``W + ΔW`` in the adapter's dtype and rounds to the base
+    dtype once. ``method`` names the method in messages; an adapter is present on the layer when it is a key of the
+    first of ``adapter_layer_names``."""
 
     method: str = ""
+
+    def _forward_additive(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The ``forward`` of an additive layer: base output plus every active adapter's ``adapter_output``."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for name in self.active_adapters:
+            if self._holds_adapter(name):
+                result = self._add_adapter_output(result, x, name)
+        return result
+
+    def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return result + self.adapter_output(x, adapter_name).to(result.dtype)
 
     def _holds_adapter(self, adapter_name: str) -> bool:
         return adapter_name in getattr(self, self.adapter_layer_names[0])

@@ -34,7 +34,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
 
-from petuning.tuners.common import AdditiveMergeMixin, adapter_dtype, move_adapter_to_base_device
+from petuning.tuners.common import AdditiveLayerMixin, adapter_dtype, move_adapter_to_base_device
 
 INIT_NEGATIVE_SLOPE = math.sqrt(3)
 """Kaiming-normal ``a`` of the official code: std = 1 / sqrt(2 J_n) for a factor (I_n, J_n)."""
@@ -53,8 +53,8 @@ def tucker_product(core: torch.Tensor, factors: list[torch.Tensor], first_mode: 
     return core
 
 
-class FloraLayer(AdditiveMergeMixin, BaseTunerLayer):
-    """State and math shared by every FLoRA-adapted layer type (merge/unmerge: :class:`AdditiveMergeMixin`)."""
+class FloraLayer(AdditiveLayerMixin, BaseTunerLayer):
+    """State and math shared by every FLoRA-adapted layer type (forward and merge: :class:`AdditiveLayerMixin`)."""
 
     method = "FLoRA"
 
@@ -174,19 +174,7 @@ class _FloraModule(nn.Module, FloraLayer):
         self._active_adapter = adapter_name
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
-        for name in self.active_adapters:
-            if name in self.flora_G:
-                result = result + self.adapter_output(x, name).to(result.dtype)
-        return result
+        return self._forward_additive(x, *args, **kwargs)
 
     def _adapter_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return self.flora_dropout[adapter_name](self._cast_input_dtype(x, self.flora_G[adapter_name].dtype))

@@ -29,11 +29,11 @@ from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from petuning.linalg import cached_top_singular_triplets
-from petuning.tuners.common import AdditiveMergeMixin, adapter_dtype, move_adapter_to_base_device
+from petuning.tuners.common import AdditiveLayerMixin, adapter_dtype, move_adapter_to_base_device
 
 
-class SorsaLayer(AdditiveMergeMixin, BaseTunerLayer):
-    """State and math shared by every SORSA-adapted layer type (merge/unmerge: :class:`AdditiveMergeMixin`)."""
+class SorsaLayer(AdditiveLayerMixin, BaseTunerLayer):
+    """State and math shared by every SORSA-adapted layer type (forward and merge: :class:`AdditiveLayerMixin`)."""
 
     method = "SORSA"
 
@@ -136,7 +136,7 @@ class SorsaLayer(AdditiveMergeMixin, BaseTunerLayer):
         return weight.T if self.fan_in_fan_out else weight
 
     # ---------------------------------------------------------------------------------------- math
-    def sorsa_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``s * (B (S ⊙ A x) - B0 (S0 ⊙ A0 x))`` for input ``x`` (..., in); returns (..., out)."""
         a = self.sorsa_A[adapter_name]
         x = self.sorsa_dropout[adapter_name](self._cast_input_dtype(x, a.dtype))
@@ -180,19 +180,7 @@ class Linear(nn.Module, SorsaLayer):
         self.update_layer(adapter_name, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
-        for name in self.active_adapters:
-            if name in self.sorsa_A:
-                result = result + self.sorsa_delta(x, name).to(result.dtype)
-        return result
+        return self._forward_additive(x, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return quantization_extra_repr(self)

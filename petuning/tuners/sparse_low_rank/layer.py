@@ -27,7 +27,7 @@ from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
-from petuning.tuners.common import AdditiveMergeMixin
+from petuning.tuners.common import AdditiveLayerMixin
 
 from .support import (
     SparseStructure,
@@ -91,8 +91,8 @@ class _GradientProbe(torch.autograd.Function):
         return grad, None, torch.zeros_like(values) if ctx.needs_input_grad[2] else None, None
 
 
-class SparseLowRankLayer(AdditiveMergeMixin, BaseTunerLayer):
-    """State and math shared by every sparse-plus-low-rank layer type (merge/unmerge: :class:`AdditiveMergeMixin`)."""
+class SparseLowRankLayer(AdditiveLayerMixin, BaseTunerLayer):
+    """State and math shared by every sparse-plus-low-rank layer type (forward and merge: :class:`AdditiveLayerMixin`)."""
 
     method = "sparse_low_rank"
 
@@ -328,23 +328,13 @@ class Linear(nn.Module, SparseLowRankLayer):
         self.update_layer(adapter_name, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
-        for name in self.active_adapters:
-            if name not in self.sparse_low_rank_values:
-                continue
-            if self.support_pending(name) and self._is_collecting(name):
-                values = self.sparse_low_rank_values[name]
-                result = _GradientProbe.apply(result, x.detach(), values, self._accumulate_scores(name))
-            result = result + self.adapter_output(x, name).to(result.dtype)
-        return result
+        return self._forward_additive(x, *args, **kwargs)
+
+    def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if self.support_pending(adapter_name) and self._is_collecting(adapter_name):  # gradient support warm-up
+            values = self.sparse_low_rank_values[adapter_name]
+            result = _GradientProbe.apply(result, x.detach(), values, self._accumulate_scores(adapter_name))
+        return super()._add_adapter_output(result, x, adapter_name)
 
     def extra_repr(self) -> str:
         return quantization_extra_repr(self)
