@@ -4,13 +4,9 @@ without a second backward through the DDP wrapper)."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp_utils import assert_ranks_identical, run_two_ranks, trainable_state
 from peft import get_peft_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -42,40 +38,24 @@ def _train(model: nn.Module, module: nn.Module, x: torch.Tensor, y: torch.Tensor
         optimizer.step()
         optimizer.zero_grad()
     assert hooks.step == STEPS
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return trainable_state(module)
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        assert dist.get_world_size() == 2
-        module = _model()
-        x, y = _batch()
-        shard = slice(rank * 4, rank * 4 + 4)
-        params = _train(DistributedDataParallel(module), module, x[shard], y[shard])
-        torch.save(params, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int) -> dict[str, torch.Tensor]:
+    module = _model()
+    x, y = _batch()
+    shard = slice(rank * 4, rank * 4 + 4)
+    return _train(DistributedDataParallel(module), module, x[shard], y[shard])
 
 
 @pytest.mark.slow
 def test_ddp_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    rank0 = torch.load(tmp_path / "rank0.pt")
-    rank1 = torch.load(tmp_path / "rank1.pt")
-    assert rank0.keys() == rank1.keys() and rank0
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"
+    rank0, rank1 = run_two_ranks(_worker, tmp_path)
+    assert rank0
+    assert_ranks_identical(rank0, rank1)
 
     module = _model()
-    initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    initial = trainable_state(module)
     single = _train(module, module, *_batch())
     for name in single:
         assert not torch.equal(single[name], initial[name])

@@ -4,13 +4,10 @@ transformers.Trainer (PetuningCallback, with gradient accumulation) and two-proc
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp_utils import assert_ranks_identical, run_two_ranks, trainable_state
 from peft import get_peft_model
 from torch.nn.parallel import DistributedDataParallel
 
@@ -150,38 +147,22 @@ def _ddp_train(model, module, batch) -> dict[str, torch.Tensor]:
         optimizer.step()
         optimizer.zero_grad()
     assert hooks.step == DDP_STEPS and module.base_model.pat_schedule_step() == DDP_STEPS
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return trainable_state(module)
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        assert dist.get_world_size() == 2
-        module = tiny_pat(DDP_TOTAL)
-        shard = {k: v[rank * 2 : rank * 2 + 2] for k, v in token_batch().items()}
-        params = _ddp_train(DistributedDataParallel(module), module, shard)
-        torch.save(params, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ddp_worker(rank: int) -> dict[str, torch.Tensor]:
+    module = tiny_pat(DDP_TOTAL)
+    shard = {k: v[rank * 2 : rank * 2 + 2] for k, v in token_batch().items()}
+    return _ddp_train(DistributedDataParallel(module), module, shard)
 
 
 @pytest.mark.slow
 def test_ddp_matches_single_process(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert rank0.keys() == rank1.keys() and "base_model.pat_mask.default" in rank0
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"
+    rank0, rank1 = run_two_ranks(_ddp_worker, tmp_path)
+    assert "base_model.pat_mask.default" in rank0
+    assert_ranks_identical(rank0, rank1)
     module = tiny_pat(DDP_TOTAL)
-    initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    initial = trainable_state(module)
     single = _ddp_train(module, module, token_batch())
     for name in single:
         assert not torch.equal(single[name], initial[name]), name

@@ -4,13 +4,9 @@ shards as micro-batches; the trained adapters of both ranks stay identical."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp_utils import assert_ranks_identical, run_two_ranks
 from peft import get_peft_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -39,38 +35,24 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in module.state_dict().items() if "sparse_low_rank_" in n}
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        assert dist.get_world_size() == 2
-        module = _model().train()
-        model = DistributedDataParallel(module)
-        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=LR)
-        x, y = _shards()[rank]
-        with petuning.TrainingHooks(model, optimizer):
-            for _ in range(STEPS):
-                (model(x) - y).pow(2).mean().backward()
-                optimizer.step()
-                optimizer.zero_grad()
-        torch.save(_state(module), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int) -> dict[str, torch.Tensor]:
+    module = _model().train()
+    model = DistributedDataParallel(module)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=LR)
+    x, y = _shards()[rank]
+    with petuning.TrainingHooks(model, optimizer):
+        for _ in range(STEPS):
+            (model(x) - y).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return _state(module)
 
 
 @pytest.mark.slow
 def test_ranks_choose_one_support_equal_to_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert rank0.keys() == rank1.keys() and any("indices" in k for k in rank0)
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"
+    rank0, rank1 = run_two_ranks(_worker, tmp_path)
+    assert any("indices" in k for k in rank0)
+    assert_ranks_identical(rank0, rank1)
 
     # one process, the two shards as micro-batches of half weight: DDP's averaged update, the ranks' summed scores
     module = _model().train()
