@@ -4,37 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bnb_utils import quantized_model
 from peft import get_peft_model
-from torch import nn
 
 from petuning import FloraConfig
 
 
 def _quantized_model():
-    bnb = pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
     # in_features = 64 = one NF4 block per row: with shorter rows, bitsandbytes 0.50's CPU 4-bit round trip
     # dequantizes some block maxima with another block's absmax (seen on a (16, 32) weight), unrelated to FLoRA
-    ref = nn.Linear(64, 16)
-    try:
-        q = bnb.nn.Linear4bit(64, 16, bias=True, compute_dtype=torch.float32, quant_type="nf4")
-        q.weight = bnb.nn.Params4bit(ref.weight.data.clone(), requires_grad=False, quant_type="nf4")
-        q.bias = nn.Parameter(ref.bias.data.clone(), requires_grad=False)
-        q = q.to("cpu")
-        q(torch.randn(2, 64))
-    except Exception as exc:  # noqa: BLE001 - any failure of the CPU 4-bit path means: skip
-        pytest.skip(f"bitsandbytes 4-bit does not work on CPU here: {exc!r}")
-
-    class Q(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = q
-            self.head = nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.head(torch.relu(self.proj(x)))
-
-    return bnb, Q()
+    return quantized_model(64)
 
 
 def test_4bit_base_forward_backward_equals_dequantized_formula():

@@ -14,6 +14,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from bnb_utils import quantized_model
 from peft import get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -488,29 +489,7 @@ def test_nonfinite_base_weight_rejected():
 
 # ---------------------------------------------------------------------------------------------- 4-bit
 def _bnb_model():
-    bnb = pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
-    ref = nn.Linear(32, 16)
-    try:
-        q = bnb.nn.Linear4bit(32, 16, bias=True, compute_dtype=torch.float32, quant_type="nf4")
-        q.weight = bnb.nn.Params4bit(ref.weight.data.clone(), requires_grad=False, quant_type="nf4")
-        q.bias = nn.Parameter(ref.bias.data.clone(), requires_grad=False)
-        q = q.to("cpu")
-        q(torch.randn(2, 32))
-        assert q.weight.quant_state is not None
-    except Exception as exc:  # noqa: BLE001 - any failure of the CPU 4-bit path means: skip
-        pytest.skip(f"bitsandbytes 4-bit does not work on CPU here: {exc!r}")
-
-    class Q(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = q
-            self.head = nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.head(torch.relu(self.proj(x)))
-
-    return bnb, Q()
+    return quantized_model(32)
 
 
 def test_bnb_4bit_svd_of_dequantized_weight():
