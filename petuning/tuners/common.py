@@ -7,9 +7,11 @@ from typing import Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
+from peft.utils.other import get_pattern_key
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 NAN_MESSAGE = "NaNs detected in the merged weights. The adapter {} seems to be broken"
 """PEFT's wording for a failed ``safe_merge`` (PEFT's own tests match it)."""
@@ -82,6 +84,47 @@ def is_quantized_linear(module: nn.Module) -> bool:
     forward-only formats)."""
     backend = resolve_quantization_backend(module)
     return backend is not None and backend.layer_type == "linear"
+
+
+# ------------------------------------------------------------------------------------- tuner injection
+def base_of(target: nn.Module) -> nn.Module:
+    """The module a targeted ``target`` wraps: its base layer if it is already a tuner layer, else itself."""
+    return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+
+
+def pattern_value(pattern: Optional[dict], key: str, default):
+    """A per-module override such as ``rank_pattern``: the value of the first pattern key that matches module
+    ``key`` by PEFT's rules (``get_pattern_key``: the pattern matches the name's end), else ``default``."""
+    if not pattern:
+        return default
+    return pattern.get(get_pattern_key(pattern.keys(), key), default)
+
+
+def linear_fan_in_fan_out(base: nn.Module, key: str, method: str, requested: bool) -> bool:
+    """The weight layout of a linear-like ``base`` at module ``key``: True for transformers' ``Conv1D`` (weight
+    (in, out)), False for ``nn.Linear`` and quantized linears (weight (out, in)). A ``requested`` True that does not
+    fit warns and is ignored; any other layer type raises a TypeError naming ``method`` and the fix."""
+    if isinstance(base, Conv1D):
+        return True
+    if not (isinstance(base, nn.Linear) or is_quantized_linear(base)):
+        raise TypeError(
+            f"{method} cannot adapt {key!r} of type {type(base).__name__}: supported layers are torch.nn.Linear, "
+            "transformers' Conv1D and bitsandbytes/quantized linear layers. Leave it out of target_modules (or add "
+            "it to exclude_modules)."
+        )
+    if requested:
+        warnings.warn(f"fan_in_fan_out=True does not fit {key!r} ({type(base).__name__}, (out, in) layout); ignored.")
+    return False
+
+
+def install_module(
+    tuner: BaseTuner, adapter_name: str, parent: nn.Module, target_name: str, new_module: nn.Module, target: nn.Module
+) -> None:
+    """Put ``new_module`` (the tuner layer built around ``target``) in ``target``'s place in ``parent``; an adapter
+    added while another one is active does not train."""
+    if adapter_name not in tuner.active_adapters:
+        new_module.requires_grad_(False)
+    tuner._replace_module(parent, target_name, new_module, target)
 
 
 class AdditiveLayerMixin:

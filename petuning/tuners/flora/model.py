@@ -11,11 +11,10 @@ from peft.utils import (
     get_quantization_kwargs,
     resolve_quantization_backend,
 )
-from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from petuning.tuners.common import check_adapter_shapes
+from petuning.tuners.common import base_of, check_adapter_shapes, install_module, is_quantized_linear, pattern_value
 
 from .config import FloraConfig
 from .layer import Conv, Embedding, FloraLayer, Linear
@@ -35,12 +34,10 @@ class FloraModel(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def _create_and_replace(self, config: FloraConfig, adapter_name, target, target_name, parent, current_key, **kw):
-        rank_key = get_pattern_key(config.rank_pattern.keys(), current_key) if config.rank_pattern else None
-        scale_key = get_pattern_key(config.scale_pattern.keys(), current_key) if config.scale_pattern else None
         kwargs = {
-            "r": (config.rank_pattern or {}).get(rank_key, config.r),
+            "r": pattern_value(config.rank_pattern, current_key, config.r),
             "r_kernel": config.r_kernel,
-            "scale": (config.scale_pattern or {}).get(scale_key, config.scale),
+            "scale": pattern_value(config.scale_pattern, current_key, config.scale),
             "dropout": config.dropout,
             "init_weights": config.init_weights,
             "module_name": current_key,
@@ -60,18 +57,16 @@ class FloraModel(BaseTuner):
                 "adapter first (other methods may then wrap it), or target different modules."
             )
         new_module = self._create_new_module(config, adapter_name, target, current_key, **kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # an added, inactive adapter does not train
-        self._replace_module(parent, target_name, new_module, target)
+        install_module(self, adapter_name, parent, target_name, new_module, target)
 
     @staticmethod
     def _create_new_module(config: FloraConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        base = base_of(target)
         if isinstance(base, Conv1D):
             return Linear(target, adapter_name, fan_in_fan_out=True, **kwargs)
         if config.fan_in_fan_out and not isinstance(base, nn.Embedding):
             warnings.warn(f"fan_in_fan_out=True does not fit {key!r} ({type(base).__name__}); ignored.")
-        if isinstance(base, nn.Linear) or _is_quantized_linear(base):
+        if isinstance(base, nn.Linear) or is_quantized_linear(base):
             return Linear(target, adapter_name, **kwargs)
         if resolve_quantization_backend(base) is not None:
             raise TypeError(
@@ -101,8 +96,3 @@ class FloraModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         check_adapter_shapes(model, remapped, config, "FLoRA")
         return remapped
-
-
-def _is_quantized_linear(module: nn.Module) -> bool:
-    backend = resolve_quantization_backend(module)
-    return backend is not None and backend.layer_type == "linear"

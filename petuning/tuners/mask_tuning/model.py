@@ -9,12 +9,13 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from petuning.training import AuxiliaryLossMixin, ForwardContext, StepContext
+from petuning.tuners.common import base_of, install_module
 
 from .config import MaskTuningConfig
 from .layer import Linear, MaskTuningLayer, unpack_bits
@@ -82,13 +83,11 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
             target.update_layer(adapter_name, **kwargs)
             return
         new_module = self._create_new_module(config, adapter_name, target, current_key, **kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # an added, inactive adapter does not train
-        self._replace_module(parent, target_name, new_module, target)
+        install_module(self, adapter_name, parent, target_name, new_module, target)
 
     @staticmethod
     def _create_new_module(config: MaskTuningConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        base = base_of(target)
         if resolve_quantization_backend(base) is not None:
             raise TypeError(
                 f"Masked tuning cannot target {key!r} ({type(base).__name__}): it multiplies the weight elementwise, "

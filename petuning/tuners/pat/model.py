@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from petuning.training import AuxiliaryLossMixin, StepContext
-from petuning.tuners.common import check_adapter_shapes
+from petuning.tuners.common import base_of, check_adapter_shapes, install_module
 
 from .config import PRODUCERS, PatConfig
 from .layer import Embedding, Linear, PatGate, PatLayer, identity_loss, mask_loss, schedule
@@ -110,7 +110,7 @@ class PatModel(AuxiliaryLossMixin, BaseTuner):
         return []
 
     def _create_and_replace(self, config: PatConfig, adapter_name, target, target_name, parent, current_key, **kw):
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        base = base_of(target)
         is_embedding = isinstance(base, nn.Embedding)
         kwargs = {
             "hsm_rank": config.hsm_rank,
@@ -133,9 +133,7 @@ class PatModel(AuxiliaryLossMixin, BaseTuner):
                 f"PAT cannot adapt {current_key!r} of type {type(base).__name__}: it supports torch.nn.Linear and "
                 "torch.nn.Embedding (quantized bases are not supported; load the model in 16/32-bit)."
             )
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # an added, inactive adapter does not train
-        self._replace_module(parent, target_name, new_module, target)
+        install_module(self, adapter_name, parent, target_name, new_module, target)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

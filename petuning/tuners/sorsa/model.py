@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Iterator, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
-from peft.utils.other import get_pattern_key
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from petuning.training import AuxiliaryLossMixin, StepContext
-from petuning.tuners.common import check_adapter_shapes, is_quantized_linear
+from petuning.tuners.common import base_of, check_adapter_shapes, install_module, linear_fan_in_fan_out, pattern_value
 
 from .config import SorsaConfig
 from .layer import Linear, SorsaLayer
@@ -34,8 +31,7 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
 
     # ------------------------------------------------------------------------------------ injection
     def _create_and_replace(self, config: SorsaConfig, adapter_name, target, target_name, parent, current_key, **kw):
-        pattern = get_pattern_key(config.rank_pattern.keys(), current_key) if config.rank_pattern else None
-        r = config.rank_pattern.get(pattern, config.r) if pattern else config.r
+        r = pattern_value(config.rank_pattern, current_key, config.r)
         kwargs = {
             "r": r,
             "scale": config.scale(r),
@@ -53,25 +49,11 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
             target.update_layer(adapter_name, **kwargs)
             return
         new_module = self._create_new_module(config, adapter_name, target, current_key, **kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # an added, inactive adapter does not train
-        self._replace_module(parent, target_name, new_module, target)
+        install_module(self, adapter_name, parent, target_name, new_module, target)
 
     @staticmethod
     def _create_new_module(config: SorsaConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, Conv1D):
-            fan_in_fan_out = True
-        elif isinstance(base, nn.Linear) or is_quantized_linear(base):
-            fan_in_fan_out = False
-        else:
-            raise TypeError(
-                f"SORSA cannot adapt {key!r} of type {type(base).__name__}: supported layers are torch.nn.Linear, "
-                "transformers' Conv1D and bitsandbytes/quantized linear layers. Leave it out of target_modules "
-                "(or add it to exclude_modules)."
-            )
-        if config.fan_in_fan_out and not fan_in_fan_out:
-            warnings.warn(f"fan_in_fan_out=True does not fit {key!r} ({type(base).__name__}, (out, in) layout); ignored.")
+        fan_in_fan_out = linear_fan_in_fan_out(base_of(target), key, "SORSA", config.fan_in_fan_out)
         return Linear(target, adapter_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
 
     @classmethod

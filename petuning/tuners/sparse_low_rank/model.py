@@ -3,18 +3,16 @@ gradient-based supports, and applies the optional nuclear-norm regularizer throu
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from petuning.training import AuxiliaryLossMixin, StepContext, unwrap_model
-from petuning.tuners.common import check_adapter_shapes, is_quantized_linear
+from petuning.tuners.common import base_of, check_adapter_shapes, install_module, linear_fan_in_fan_out
 
 from .config import SparseLowRankConfig
 from .layer import Linear, SparseLowRankLayer
@@ -57,25 +55,9 @@ class SparseLowRankModel(AuxiliaryLossMixin, BaseTuner):
         if isinstance(target, SparseLowRankLayer):
             target.update_layer(adapter_name, **kwargs)
             return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, Conv1D):
-            fan_in_fan_out = True
-        elif isinstance(base, nn.Linear) or is_quantized_linear(base):
-            fan_in_fan_out = False
-        else:
-            raise TypeError(
-                f"sparse_low_rank cannot adapt {current_key!r} of type {type(base).__name__}: supported layers are "
-                "torch.nn.Linear, transformers' Conv1D and bitsandbytes/quantized linear layers. Leave it out of "
-                "target_modules (or add it to exclude_modules)."
-            )
-        if config.fan_in_fan_out and not fan_in_fan_out:
-            warnings.warn(
-                f"fan_in_fan_out=True does not fit {current_key!r} ({type(base).__name__}, (out, in) layout); ignored."
-            )
+        fan_in_fan_out = linear_fan_in_fan_out(base_of(target), current_key, "sparse_low_rank", config.fan_in_fan_out)
         new_module = Linear(target, adapter_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # an added, inactive adapter does not train
-        self._replace_module(parent, target_name, new_module, target)
+        install_module(self, adapter_name, parent, target_name, new_module, target)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
