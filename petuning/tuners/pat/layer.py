@@ -215,6 +215,18 @@ class PatLayer(BaseTunerLayer):
     def _active_here(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.pat_lora_A or n in self.pat_hsm_down]
 
+    def _forward_pat(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The ``forward`` of a PAT layer: the base output, passed through ``_apply_adapter`` for every active adapter
+        held here; the plain base output when adapters are disabled (unmerging first) or merged."""
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        for name in self._active_here():
+            result = self._apply_adapter(result, x, name)
+        return result
+
 
 class Linear(nn.Module, PatLayer):
     """PAT around an ``nn.Linear``: LoRA (optional), then an HSM if the layer writes into the residual stream."""
@@ -226,18 +238,14 @@ class Linear(nn.Module, PatLayer):
         self.update_layer(adapter_name, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for name in self._active_here():
-            if name in self.pat_lora_A:
-                result = result + self.lora_delta(x, name).to(result.dtype)
-            if self.has_hsm(name):
-                result = self.hsm(result, name)
+        return self._forward_pat(x, *args, **kwargs)
+
+    def _apply_adapter(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``result`` plus the LoRA update of ``x`` (if any), then the HSM (if this layer has one)."""
+        if adapter_name in self.pat_lora_A:
+            result = result + self.lora_delta(x, adapter_name).to(result.dtype)
+        if self.has_hsm(adapter_name):
+            result = self.hsm(result, adapter_name)
         return result
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -306,16 +314,11 @@ class Embedding(nn.Module, PatLayer):
         self.update_layer(adapter_name, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for name in self._active_here():
-            result = self.hsm(result, name)
-        return result
+        return self._forward_pat(x, *args, **kwargs)
+
+    def _apply_adapter(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The HSM applied to the embedding vectors ``result``."""
+        return self.hsm(result, adapter_name)
 
     def merged_weight(self, adapter_name: str, dtype=torch.float64) -> torch.Tensor:
         """The embedding (vocab, d) with the HSM folded in: ``E' = (E + (E W0ᵀ) W1ᵀ) diag(s ⊙ g)``."""
