@@ -16,6 +16,7 @@ import pytest
 import torch
 from bnb_utils import quantized_model
 from peft import get_peft_model
+from toy_models import Conv1DNet, MLP
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -26,33 +27,6 @@ ADAPTER = "default"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-class MLP(nn.Module):
-    """12 -> 10 -> 8 with biases."""
-
-    def __init__(self, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.lin1 = nn.Linear(12, 10, dtype=dtype)
-        self.lin2 = nn.Linear(10, 8, dtype=dtype)
-
-    def forward(self, x):
-        return self.lin2(torch.tanh(self.lin1(x)))
-
-
-class Conv1DNet(nn.Module):
-    """GPT-2 style Conv1D (weight stored as (in, out)) with a non-zero bias."""
-
-    def __init__(self, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.proj = Conv1D(nf=9, nx=14)  # in 14, out 9
-        with torch.no_grad():
-            self.proj.weight.normal_(0, 0.3)
-            self.proj.bias.normal_(0, 0.5)
-        self.to(dtype)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def wrap(model: nn.Module, **kwargs):
     kwargs.setdefault("target_modules", ["lin1", "lin2"])
     kwargs.setdefault("r", 3)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
+from toy_models import Conv1DNet, MLP
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from transformers.pytorch_utils import Conv1D
@@ -25,33 +26,6 @@ from petuning.tuners.sparse_low_rank import support as support_module
 from petuning.tuners.sparse_low_rank.support import SparseStructure
 
 ADAPTER = "default"
-
-
-class MLP(nn.Module):
-    """12 -> 10 -> 8 with biases."""
-
-    def __init__(self, dtype=torch.float64):
-        super().__init__()
-        self.lin1 = nn.Linear(12, 10, dtype=dtype)
-        self.lin2 = nn.Linear(10, 8, dtype=dtype)
-
-    def forward(self, x):
-        return self.lin2(torch.tanh(self.lin1(x)))
-
-
-class Conv1DNet(nn.Module):
-    """GPT-2 style Conv1D: weight stored as (in 14, out 9), non-zero bias."""
-
-    def __init__(self, dtype=torch.float64):
-        super().__init__()
-        self.proj = Conv1D(nf=9, nx=14)
-        with torch.no_grad():
-            self.proj.weight.normal_(0, 0.3)
-            self.proj.bias.normal_(0, 0.5)
-        self.to(dtype)
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def layers(model) -> dict[str, SparseLowRankLayer]:
@@ -109,7 +83,7 @@ def test_number_of_values_is_round_density_times_size(shape, density):
 
 
 def test_init_is_identity_and_zero_valued():
-    model = wrap(MLP(), init_weights=True)
+    model = wrap(MLP(torch.float64), init_weights=True)
     for layer in layers(model).values():
         assert not layer.sparse_low_rank_values[ADAPTER].any() and not layer.sparse_low_rank_B[ADAPTER].any()
         assert np.array_equal(reference_delta(layer), np.zeros((layer.out_features, layer.in_features)))
@@ -121,10 +95,10 @@ def test_init_is_identity_and_zero_valued():
 def test_update_and_forward_match_dense_float64(r, net):
     torch.manual_seed(3)
     if net == "mlp":
-        model = wrap(MLP(), r=r)
+        model = wrap(MLP(torch.float64), r=r)
         x = torch.randn(4, 5, 12, dtype=torch.float64)
     else:
-        model = wrap(Conv1DNet(), r=r, target_modules=["proj"])
+        model = wrap(Conv1DNet(torch.float64), r=r, target_modules=["proj"])
         x = torch.randn(4, 5, 14, dtype=torch.float64)
     for layer in layers(model).values():
         delta = reference_delta(layer)
@@ -149,7 +123,7 @@ def test_gradients_match_dense_masked_float64(net):
     """Gradients of A, B, the sparse values and the input equal those of the dense formula, where the values are
     scattered into a dense matrix (so their gradient is the dense gradient read at the support)."""
     torch.manual_seed(4)
-    model = wrap(MLP(), r=2) if net == "mlp" else wrap(Conv1DNet(), r=2, target_modules=["proj"])
+    model = wrap(MLP(torch.float64), r=2) if net == "mlp" else wrap(Conv1DNet(torch.float64), r=2, target_modules=["proj"])
     (layer, *_) = layers(model).values()
     in_f, out_f = layer.in_features, layer.out_features
     x = torch.randn(7, in_f, dtype=torch.float64, requires_grad=True)
@@ -246,7 +220,7 @@ def test_train_step_never_allocates_a_dense_update():
 @pytest.mark.parametrize("net", ["mlp", "conv1d"])
 def test_merge_and_unmerge_are_exact_float64(net):
     torch.manual_seed(8)
-    model = wrap(MLP()) if net == "mlp" else wrap(Conv1DNet(), target_modules=["proj"])
+    model = wrap(MLP(torch.float64)) if net == "mlp" else wrap(Conv1DNet(torch.float64), target_modules=["proj"])
     before = {n: weight_out_in(layer).copy() for n, layer in layers(model).items()}
     deltas = {n: reference_delta(layer) for n, layer in layers(model).items()}
     model.merge_adapter()
