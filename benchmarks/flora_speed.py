@@ -47,11 +47,9 @@ allocated outside torch's allocator (BLAS scratch) is not counted.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -61,36 +59,20 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from _common import (  # benchmarks/_common.py; also makes petuning importable from a checkout
+    LM_TARGETS, MIB, RESULTS_DIR, TINY_LLAMA, interleaved_blocks, lora_config, machine_info, profile_allocations,
+    storage_bytes, utc_now, write_json
+)
+from peft import PeftConfig, get_peft_model
 from torch import nn
 
-try:
-    import petuning
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import petuning
-
-import peft
-import transformers
-from peft import LoraConfig, PeftConfig, get_peft_model
-from torch.profiler import ProfilerActivity, profile
-
+import petuning
 from petuning.models import build_tiny_model, load_smollm2
 
-RESULTS = Path(__file__).resolve().parent / "results" / "flora_speed.json"
+RESULTS = RESULTS_DIR / "flora_speed.json"
 WORKLOADS = ("tiny_llama", "smollm2_135m", "convnet")
-LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONV_TARGETS = ["conv1", "conv2", "conv3", "conv4"]
 LR = 1e-4
-MIB = 2**20
-TINY_LLAMA = dict(
-    hidden_size=512,
-    intermediate_size=1376,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    vocab_size=4096,
-    max_position_embeddings=512,
-)
 
 
 class ConvNet(nn.Module):
@@ -136,7 +118,7 @@ def _lm_loss(model, batch):
 
 def _lm_configs(rank: int):
     return lambda: {
-        "lora": lambda: LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LM_TARGETS),
+        "lora": lambda: lora_config(rank, LM_TARGETS),
         "flora": lambda: petuning.FloraConfig(r=rank, scale=1.0, target_modules=LM_TARGETS),
     }
 
@@ -149,7 +131,7 @@ def _conv_configs(rank: int):
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def configs():
-        lora = lambda: LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=CONV_TARGETS)  # noqa: E731
+        lora = lambda: lora_config(rank, CONV_TARGETS)  # noqa: E731
         target = trainable(lora())
         def gap(j: int) -> int:
             return abs(trainable(petuning.FloraConfig(r=j, target_modules=CONV_TARGETS)) - target)
@@ -204,27 +186,13 @@ class Runner:
         return time.perf_counter() - start
 
     def static_mib(self) -> float:
-        seen: set[int] = set()
         tensors = [t for _, t in self.model.named_parameters()] + [t for _, t in self.model.named_buffers()]
         tensors += [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         tensors += list(self.batch)
-        total = 0
-        for t in tensors:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                total += t.untyped_storage().nbytes()
-        return total / MIB
+        return storage_bytes(tensors, set()) / MIB
 
     def transient_peak_mib(self) -> float:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            self.step()
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-        running = peak = 0
-        for _, nbytes in events:
-            running += nbytes
-            peak = max(peak, running)
-        return peak / MIB
+        return profile_allocations(self.step)[0] / MIB
 
 
 def bench(workload: Workload, warmup: int, repeats: int, steps_per_block: int, budget_s: float) -> dict:
@@ -243,21 +211,9 @@ def bench(workload: Workload, warmup: int, repeats: int, steps_per_block: int, b
         for _ in range(warmup):
             runner.step()
 
-    times: dict[str, list[float]] = {n: [] for n in names}
-    blocks: dict[str, list[float]] = {n: [] for n in names}
     load_before = os.getloadavg()[0]
-    deadline = time.perf_counter() + budget_s
-    for rep in range(repeats):
-        if rep >= 2 and time.perf_counter() > deadline:
-            print(f"  time budget of {budget_s:.0f}s spent: stopping after {rep} repeats", flush=True)
-            break
-        for name in names if rep % 2 == 0 else names[::-1]:
-            gc.collect()
-            block = [runners[name].step() for _ in range(steps_per_block)]
-            times[name] += block
-            blocks[name].append(statistics.median(block))
-        summary = "  ".join(f"{n} {blocks[n][-1]:.3f}s" for n in names)
-        print(f"  repeat {rep + 1}/{repeats}: {summary}", flush=True)
+    # two variants: the rotating order alternates them every repeat
+    times, blocks = interleaved_blocks({n: r.step for n, r in runners.items()}, repeats, steps_per_block, budget_s)
     load_after = os.getloadavg()[0]
 
     variants = {}
@@ -292,7 +248,7 @@ def bench(workload: Workload, warmup: int, repeats: int, steps_per_block: int, b
     gc.collect()
     return {
         "description": workload.description,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "torch_threads": torch.get_num_threads(),
         "warmup_steps": warmup,
         "repeats": len(blocks["lora"]),
@@ -315,20 +271,6 @@ def report(name: str, res: dict) -> None:
     print(f"  flora/lora: params {r['trainable_params']:.3f}x, step time {r['step_time']:.3f}x (paired median "
           f"{r['step_time_paired_median']:.3f}x, range {lo:.3f}-{hi:.3f}; ratio of minima {r['step_time_min']:.3f}x), "
           f"peak memory {r['peak_memory']:.3f}x, transient {r['transient_memory']:.3f}x")
-
-
-def machine_info() -> dict:
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "peft": peft.__version__,
-        "transformers": transformers.__version__,
-        "petuning": petuning.__version__,
-    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -370,10 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         report(name, res)
     results.pop("wall_time_s", None)
     print(f"total {time.perf_counter() - started:.0f}s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, results)
     print(f"wrote {args.out}")
 
 

@@ -32,9 +32,7 @@ adapter, AdamW state, batch; each storage once); ``peak = static + transient``. 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import json
 import os
 import platform
 import statistics
@@ -44,36 +42,28 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-try:
-    import petuning
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import petuning
-
 import peft
+import torch
 import transformers
-from peft import LoraConfig, PeftConfig, get_peft_model
-from torch.profiler import ProfilerActivity, profile
+from _common import (  # benchmarks/_common.py; also makes petuning importable from a checkout
+    MIB, RESULTS_DIR, TINY_LLAMA, interleaved_blocks, lora_config, profile_allocations, storage_bytes, utc_now,
+    write_json
+)
+from peft import PeftConfig, get_peft_model
 
+import petuning
 from petuning.models import build_tiny_model, load_smollm2
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RANK = 16
 LR = 8e-5  # the paper's learning rate for the scores
-RESULTS = Path(__file__).resolve().parent / "results" / "mask_tuning_speed.json"
-MIB = 2**20
-TINY_LLAMA = dict(
-    hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-    vocab_size=4096, max_position_embeddings=512,
-)
+RESULTS = RESULTS_DIR / "mask_tuning_speed.json"
 
 
 def variants() -> dict[str, Callable[[], PeftConfig]]:
     mask = dict(target_modules=TARGETS, task_type="CAUSAL_LM")
     return {
-        "lora": lambda: LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"),
+        "lora": lambda: lora_config(RANK, TARGETS, task_type="CAUSAL_LM"),
         "mask": lambda: petuning.MaskTuningConfig(**mask),
         "mask_gdr": lambda: petuning.MaskTuningConfig(gradient_dropout=True, **mask),
         "mask_share5": lambda: petuning.MaskTuningConfig(mask_share=0.05, **mask),
@@ -98,26 +88,13 @@ class Runner:
         return time.perf_counter() - t0
 
     def static_mib(self) -> float:
-        seen: set[int] = set()
-        total = 0
         tensors = list(self.model.parameters()) + list(self.model.buffers()) + [self.batch]
         tensors += [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-        for t in tensors:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                total += t.untyped_storage().nbytes()
-        return total / MIB
+        return storage_bytes(tensors, set()) / MIB
 
     def memory(self) -> dict[str, float]:
         static = self.static_mib()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            self.step()
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-        running = peak = 0
-        for _, nbytes in events:
-            running += nbytes
-            peak = max(peak, running)
+        peak = profile_allocations(self.step)[0]
         return {"static_mib": static, "transient_peak_mib": peak / MIB, "peak_mib": static + peak / MIB}
 
     def adapter_bytes(self, **config_overrides) -> int:
@@ -141,13 +118,8 @@ def bench(name: str, make_base: Callable[[], torch.nn.Module], batch_size: int, 
     for variant in names:
         for _ in range(warmup):
             runners[variant].step()
-    times: dict[str, list[float]] = {n: [] for n in names}
     load_before = os.getloadavg()[0]
-    for rep in range(repeats):
-        for variant in names[rep % len(names) :] + names[: rep % len(names)]:
-            gc.collect()
-            times[variant] += [runners[variant].step() for _ in range(block)]
-        print("  repeat", rep + 1, "  ".join(f"{n} {statistics.median(times[n][-block:]):.3f}s" for n in names), flush=True)
+    times, _ = interleaved_blocks({n: runners[n].step for n in names}, repeats, block)
     load_after = os.getloadavg()[0]
     result = {"batch": batch_size, "seq": seq, "warmup": warmup, "repeats": repeats, "steps_per_block": block,
               "load_avg_1min_before_after": [load_before, load_after], "variants": {}, "ratios_to_lora": {}}
@@ -200,7 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     results = {
         "benchmark": "mask_tuning_speed",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "versions": {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
@@ -216,8 +188,7 @@ def main() -> None:
         results["models"]["smollm2_135m"] = bench(
             "smollm2_135m", lambda: load_smollm2()[0], 4, 128, args.warmup, args.repeats, args.steps_per_block
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     print(f"\nwritten to {args.out}")
 
 

@@ -80,51 +80,32 @@ and ``"randomized"``), each on a freshly built/loaded base (loading is not timed
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from _common import (  # benchmarks/_common.py; also makes petuning importable from a checkout
+    LM_TARGETS, MIB, RESULTS_DIR, TINY_LLAMA, interleaved_blocks, lora_config, machine_info, profile_allocations,
+    rotated, storage_bytes, write_results
+)
+from peft import PeftConfig, get_peft_model
 
-try:
-    import petuning
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import petuning
-
-import peft
-import transformers
-from peft import LoraConfig, PeftConfig, get_peft_model
-from torch.profiler import ProfilerActivity, profile
-
+import petuning
 from petuning.models import build_tiny_model, load_smollm2
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGET_MODULES = LM_TARGETS
 GAMMA = 4e-4  # SORSA paper's regularizer strength
 LR = 1e-4
 MAX_STEPS = 1000  # schedule length given to the training hooks (PAT's mask schedule)
-RESULTS = Path(__file__).resolve().parent / "results" / "method_speed.json"
+RESULTS = RESULTS_DIR / "method_speed.json"
 STEP_TIME_TARGETS = {"sorsa": 1.1, "flora": 1.1, "sparse_low_rank": 1.25}  # the issues' targets vs LoRA
 ADAPTER_PREFIXES = ("lora_", "sorsa_", "flora_", "sparse_low_rank_", "mask_tuning_", "pat_")
-MIB = 2**20
-
-TINY_LLAMA = dict(
-    hidden_size=512,
-    intermediate_size=1376,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    vocab_size=4096,
-    max_position_embeddings=512,
-)
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -150,7 +131,7 @@ def peft_configs(rank: int) -> dict[str, Callable[[], PeftConfig]]:
     """The trained variants; factories because PEFT configs are mutated by get_peft_model."""
     t = TARGET_MODULES
     return {
-        "lora": lambda: LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=t),
+        "lora": lambda: lora_config(rank, t),
         "sorsa": lambda: petuning.SorsaConfig(r=rank, target_modules=t, gamma=GAMMA),
         "sorsa_gamma0": lambda: petuning.SorsaConfig(r=rank, target_modules=t, gamma=0.0),
         "flora": lambda: petuning.FloraConfig(r=rank, target_modules=t),
@@ -235,15 +216,7 @@ class StepRunner:
         seen: set[int] = set()
 
         def size(tensors) -> int:
-            total = 0
-            for t in tensors:
-                if t is None or t.device.type == "meta":
-                    continue
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in seen:
-                    seen.add(ptr)
-                    total += t.untyped_storage().nbytes()
-            return total
+            return storage_bytes(tensors, seen)
 
         prefixes = ADAPTER_PREFIXES
         named = list(self.model.named_parameters()) + list(self.model.named_buffers())
@@ -264,16 +237,7 @@ class StepRunner:
     def profile_step_memory(self) -> dict[str, float]:
         """Transient peak of torch CPU-allocator memory during one step (bytes above the step's start)."""
         static = self.static_bytes()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            self.step()
-        # The raw (kineto) event list holds every allocation/free; prof.events() folds most of them into ops.
-        events = sorted(
-            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-        )
-        running = peak = 0
-        for _, nbytes in events:
-            running += nbytes
-            peak = max(peak, running)
+        peak, running, n_events = profile_allocations(self.step)
         if abs(running) > MIB:  # a step should free what it allocated (zero_grad drops the gradients)
             print(f"  WARNING: tensor memory changed by {running / MIB:.1f} MiB over the profiled step", flush=True)
         return {
@@ -282,7 +246,7 @@ class StepRunner:
             "transient_peak_mib": peak / MIB,
             "end_of_step_delta_mib": running / MIB,
             "peak_mib": (static["total"] + peak) / MIB,
-            "n_alloc_events": len(events),
+            "n_alloc_events": n_events,
         }
 
 
@@ -316,22 +280,18 @@ def bench_training(
 
     steps: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     forwards: dict[str, list[float]] = {n: [] for n in names}
-    block_medians: dict[str, list[float]] = {n: [] for n in names}
+
+    def timed_step(name: str) -> float:
+        steps[name].append(runners[name].step())  # keep the phases; the loop gets the total
+        return steps[name][-1]["total"]
+
+    def forwards_after_block(name: str) -> None:
+        forwards[name] += [runners[name].forward_only() for _ in range(steps_per_block)]
+
     load_before = os.getloadavg()[0]
-    deadline = time.perf_counter() + budget_s
-    for rep in range(repeats):
-        if rep >= 2 and time.perf_counter() > deadline:
-            print(f"  time budget of {budget_s:.0f}s spent: stopping after {rep} repeats", flush=True)
-            break
-        order = names[rep % len(names) :] + names[: rep % len(names)]
-        for name in order:
-            gc.collect()
-            block = [runners[name].step() for _ in range(steps_per_block)]
-            steps[name] += block
-            forwards[name] += [runners[name].forward_only() for _ in range(steps_per_block)]
-            block_medians[name].append(median([s["total"] for s in block]))
-        summary = "  ".join(f"{n} {block_medians[n][-1]:.3f}s" for n in names)
-        print(f"  repeat {rep + 1}/{repeats}: {summary}", flush=True)
+    _, block_medians = interleaved_blocks(
+        {n: (lambda n=n: timed_step(n)) for n in names}, repeats, steps_per_block, budget_s, forwards_after_block
+    )
     load_after = os.getloadavg()[0]
 
     memory = {}
@@ -395,7 +355,7 @@ def bench_init(spec: ModelSpec, rank: int, repeats: int, variants: list[str]) ->
     times: dict[str, list[float]] = {n: [] for n in configs}
     names = list(configs)
     for rep in range(repeats):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+        for name in rotated(names, rep):
             base = spec.make_base()
             gc.collect()
             t = time.perf_counter()
@@ -441,20 +401,6 @@ def print_init_table(name: str, res: dict) -> None:
         ratio = res["ratios"].get(f"{v}/lora")
         extra = f"  ({ratio:.1f}x lora)" if ratio else ""
         print(f"  {v:<22} {d['s_median']:>7.3f}s{extra}")
-
-
-def machine_info() -> dict:
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "peft": peft.__version__,
-        "transformers": transformers.__version__,
-        "petuning": petuning.__version__,
-    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -511,12 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         print_training_table(name, res)
     for name, res in results["init"].items():
         print_init_table(name, res)
-    results["wall_time_s"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(f"\nwrote {args.out} (total {results['wall_time_s']:.0f}s)")
+    write_results(args.out, results, started)
 
 
 if __name__ == "__main__":

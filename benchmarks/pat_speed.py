@@ -42,31 +42,24 @@ after; above the core count other processes compete and absolute times swell, so
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
-
-import torch
-
-try:
-    import petuning
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import petuning
 
 import peft
+import torch
 import transformers
-from peft import LoraConfig, get_peft_model
+from _common import (  # benchmarks/_common.py; also makes petuning importable from a checkout
+    LM_TARGETS, RESULTS_DIR, interleaved_blocks, lora_config, rotated, utc_now, write_json
+)
+from peft import get_peft_model
 
+import petuning
 from petuning.models import load_smollm2
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RESULTS = Path(__file__).resolve().parent / "results" / "pat_speed.json"
+TARGETS = LM_TARGETS
+RESULTS = RESULTS_DIR / "pat_speed.json"
 
 
 def pruned_smollm2() -> tuple[torch.nn.Module, torch.nn.Module, dict]:
@@ -123,8 +116,7 @@ def inference_benchmark(repeats: int) -> dict:
             for model in models.values():
                 run(model)  # warm-up
             for repeat in range(repeats):
-                order = list(models) if repeat % 2 == 0 else list(reversed(models))
-                for name in order:
+                for name in rotated(list(models), repeat):  # two models: they alternate
                     times[name].append(time_call(lambda: run(models[name])))
             results[workload] = summarize(times, tokens, reference="original", other="pruned")
             print_row(workload, results[workload])
@@ -162,7 +154,7 @@ def print_row(label: str, result: dict) -> None:
 
 def train_benchmark(rounds: int) -> dict:
     configs = {
-        "lora": lambda: LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS),
+        "lora": lambda: lora_config(16, TARGETS),
         "pat": lambda: petuning.PatConfig(
             pruning_ratio=0.25, hsm_rank=32, lora_r=16, lora_alpha=16, lora_dropout=0.0
         ),
@@ -191,10 +183,7 @@ def train_benchmark(rounds: int) -> dict:
     names = list(runners)
     for name in names:
         step(name)  # warm-up
-    times = {name: [] for name in names}
-    for round_ in range(rounds):
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            times[name].append(step(name))
+    times, _ = interleaved_blocks({name: (lambda name=name: step(name)) for name in names}, rounds, 1)
     out = {
         name: {
             "median_s": statistics.median(ts),
@@ -226,7 +215,7 @@ def main() -> None:
     repeats, rounds = (4, 3) if args.quick else (12, 5)
     load_before = os.getloadavg()[0]
     results = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "command": "python benchmarks/pat_speed.py" + (" --quick" if args.quick else ""),
         "environment": {
             "python": platform.python_version(),
@@ -242,8 +231,7 @@ def main() -> None:
     if not args.no_train:
         results["train_step"] = train_benchmark(rounds)
     results["load_average_1min"] = [load_before, os.getloadavg()[0]]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(RESULTS, results)
     print(f"load average {results['load_average_1min']}; written to {RESULTS}")
 
 

@@ -46,11 +46,8 @@ start (activations saved for backward, gradients, temporaries such as dense mask
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -59,36 +56,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import (  # benchmarks/_common.py; also makes petuning importable from a checkout
+    LM_TARGETS, MIB, RESULTS_DIR, TINY_LLAMA, interleaved_blocks, lora_config, machine_info, profile_allocations,
+    storage_bytes, write_results
+)
+from peft import PeftConfig, get_peft_model
 
-try:
-    import petuning
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import petuning
-
-import peft
-import transformers
-from peft import LoraConfig, PeftConfig, get_peft_model
-from torch.profiler import ProfilerActivity, profile
-
+import petuning
 from petuning.models import build_tiny_model, load_smollm2
 from petuning.tuners.sparse_low_rank import SparseLowRankLayer
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGET_MODULES = LM_TARGETS
 LR = 1e-4
-MIB = 2**20
 TARGET_RATIO = 1.25
 TIMED_DENSITY = 0.01
-RESULTS = Path(__file__).resolve().parent / "results" / "sparse_low_rank_speed.json"
-TINY_LLAMA = dict(
-    hidden_size=512,
-    intermediate_size=1376,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    vocab_size=4096,
-    max_position_embeddings=512,
-)
+RESULTS = RESULTS_DIR / "sparse_low_rank_speed.json"
 MODELS = {
     "tiny_llama": (lambda: build_tiny_model("llama", seed=0, **TINY_LLAMA), 8, 128),
     "smollm2_135m": (lambda: load_smollm2()[0], 4, 128),
@@ -109,7 +91,7 @@ def dense_masked_output(self: SparseLowRankLayer, x: torch.Tensor, adapter_name:
 
 def make_variant(name: str, base: torch.nn.Module, rank: int) -> torch.nn.Module:
     if name == "lora":
-        config: PeftConfig = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGET_MODULES)
+        config: PeftConfig = lora_config(rank, TARGET_MODULES)
         return get_peft_model(base, config)
     kind, density = name.rsplit("_", 1)
     config = petuning.SparseLowRankConfig(r=rank, alpha=rank, density=float(density), target_modules=TARGET_MODULES)
@@ -141,15 +123,7 @@ class StepRunner:
         seen: set[int] = set()
 
         def size(tensors) -> int:
-            total = 0
-            for t in tensors:
-                if t is None:
-                    continue
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in seen:
-                    seen.add(ptr)
-                    total += t.untyped_storage().nbytes()
-            return total
+            return storage_bytes(tensors, seen)
 
         named = list(self.model.named_parameters()) + list(self.model.named_buffers())
         adapter = size(t for n, t in named if "lora_" in n or "sparse_low_rank_" in n)
@@ -161,15 +135,7 @@ class StepRunner:
     def memory(self) -> dict[str, float]:
         gc.collect()
         static = self.static_bytes()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            self.step()
-        events = sorted(
-            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-        )
-        running = peak = 0
-        for _, nbytes in events:
-            running += nbytes
-            peak = max(peak, running)
+        peak, running, _ = profile_allocations(self.step)
         return {
             "static_mib": static["total"] / MIB,
             "adapter_mib": static["adapter_tensors"] / MIB,
@@ -191,19 +157,8 @@ def bench_model(name: str, rank: int, densities: list[float], repeats: int, step
     trainable = {v: sum(p.numel() for p in r.trainable) for v, r in runners.items()}
     for runner in runners.values():
         runner.step()  # warm-up: kernels, caches, AdamW state
-    times: dict[str, list[float]] = {v: [] for v in timed}
-    block_medians: dict[str, list[float]] = {v: [] for v in timed}
     load_before = os.getloadavg()[0]
-    started = time.perf_counter()
-    for rep in range(repeats):
-        for v in timed[rep % len(timed):] + timed[: rep % len(timed)]:
-            block = [runners[v].step() for _ in range(steps_per_block)]
-            times[v] += block
-            block_medians[v].append(statistics.median(block))
-        summary = "  ".join(f"{v} {block_medians[v][-1]:.3f}s" for v in timed)
-        print(f"  repeat {rep + 1}: {summary}", flush=True)
-        if rep >= 1 and time.perf_counter() - started > budget:
-            break
+    times, block_medians = interleaved_blocks({v: runners[v].step for v in timed}, repeats, steps_per_block, budget)
     load_after = os.getloadavg()[0]
 
     memory = {v: runners[v].memory() for v in timed}
@@ -295,16 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     models = ["tiny_llama"] if (args.quick or args.no_smollm2) else ["tiny_llama", "smollm2_135m"]
     started = time.perf_counter()
     results = {
-        "machine": {
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "peft": peft.__version__,
-            "transformers": transformers.__version__,
-            "petuning": petuning.__version__,
-        },
+        "machine": machine_info(),
         "method": __doc__.split("Method\n------\n")[1].strip(),
         "target_step_time_ratio_at_density_0.01": TARGET_RATIO,
         "command": " ".join(
@@ -317,12 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + "=" * 100)
     for name, res in results["models"].items():
         report(name, res)
-    results["wall_time_s"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(f"\nwrote {args.out} (total {results['wall_time_s']:.0f}s)")
+    write_results(args.out, results, started)
 
 
 if __name__ == "__main__":
