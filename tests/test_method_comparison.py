@@ -19,7 +19,7 @@ import run  # noqa: E402
 
 def test_toy_tasks_answers_and_splits():
     assert TASK_A.answer(47, 85) == "231" and TASK_A.answer(0, 5) == "500"
-    assert TASK_B.answer(47, 85) == "38" and TASK_B.answer(9, 9) == "00"
+    assert TASK_B.answer(47, 85) == "132" and TASK_B.answer(9, 9) == "018"
     test, train = set(TASK_A.split("test")), set(TASK_A.split("train"))
     assert len(test) == 1000 and len(train) == 9000 and not test & train
     batch = Encoder().batch(TASK_A, [(47, 85)])
@@ -53,3 +53,17 @@ def test_every_experiment_runs_and_writes_peft_shaped_json(name, cache, tmp_path
     assert result["run_info"]["peft_config"]["peft_type"]
     if name.startswith("pat-"):  # the schedule ends with the run, so the mask is final and the model prunes
         assert info["pruned hidden size"] == 96 and info["pruned num params"] < info["num_total_params"]
+
+
+def test_results_table_orders_by_accuracy_and_reports_pruned(tmp_path):
+    from plots import results_table
+
+    def result(accuracy, **extra):
+        info = {"test accuracy": accuracy, "num_trainable_params": 1000, "file_size": 2048, "forgetting": 0.5,
+                "original task accuracy after": 0.25, "train_time": 3.0, "cpu_rss_peak_delta": 2**21,
+                "merge max abs logit diff": 1e-6, **extra}
+        return {"train_info": info}
+
+    table = results_table({"a": result(0.1), "b": result(0.9, **{"pruned test accuracy": 0.8})}).splitlines()
+    assert table[2].startswith("| b | 1,000 | 2 KiB | 0.900 (pruned: 0.800) | 0.250 | +0.50 | 3 s | 2 MiB | 1.0e-06 |")
+    assert table[3].startswith("| a |")

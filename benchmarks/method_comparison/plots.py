@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/method_comparison/plots.py [RESULTS_DIR]   # default: benchmarks/results/method_comparison/toy
+    python benchmarks/method_comparison/plots.py [RESULTS_DIR]           # PNGs next to the JSON files
+    python benchmarks/method_comparison/plots.py --table [RESULTS_DIR]   # the markdown table of the README
 """
 
 from __future__ import annotations
@@ -30,6 +31,25 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
         if not any((x2 <= x and y2 >= y) and (x2, y2) != (x, y) for x2, y2 in points.values())
     ]
     return sorted(front, key=lambda name: points[name][0])
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """A markdown table of the results, best new-task accuracy first."""
+    header = ("| experiment | trainable | adapter file | new-task acc | old-task acc after | forgetting | train time "
+              "| peak RSS Δ | merge error |")
+    rows = [header, "|" + " --- |" * 9]
+    for name, result in sorted(results.items(), key=lambda kv: -kv[1]["train_info"]["test accuracy"]):
+        info = result["train_info"]
+        merge = info["merge max abs logit diff"]
+        merge = merge if isinstance(merge, str) else f"{merge:.1e}"
+        pruned = info.get("pruned test accuracy")
+        acc = f"{info['test accuracy']:.3f}" + (f" (pruned: {pruned:.3f})" if pruned is not None else "")
+        rows.append(
+            f"| {name} | {info['num_trainable_params']:,} | {info['file_size'] / 1024:.0f} KiB | {acc} "
+            f"| {info['original task accuracy after']:.3f} | {info['forgetting']:+.2f} | {info['train_time']:.0f} s "
+            f"| {max(0, info['cpu_rss_peak_delta']) / 2**20:.0f} MiB | {merge} |"  # RSS may end a few pages below its start
+        )
+    return "\n".join(rows)
 
 
 def plot_all(directory: Path = DEFAULT, out: Path | None = None) -> list[Path]:
@@ -77,5 +97,12 @@ def plot_all(directory: Path = DEFAULT, out: Path | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for path in plot_all(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT):
-        print(path)
+    arguments = sys.argv[1:]
+    table = "--table" in arguments
+    arguments = [a for a in arguments if a != "--table"]
+    directory = Path(arguments[0]) if arguments else DEFAULT
+    if table:
+        print(results_table(load_results(directory)))
+    else:
+        for path in plot_all(directory):
+            print(path)

@@ -1,7 +1,11 @@
 """The toy tier's model and tasks: a tiny Llama that first learns task A, then gets adapted to task B.
 
 Task A ("pretraining"): ``"47+85="`` -> the sum's three digits reversed, ``"231"``.
-Task B (adaptation):    ``"47-85="`` -> ``|a - b|`` as two digits, ``"38"``.
+Task B (adaptation):    ``"47#85="`` -> the same sum in the usual digit order, ``"132"``.
+
+Task B reuses what the base knows (adding) but needs a new output format behind a new operator, so a method can
+learn it without destroying task A (which keeps its own operator): the benchmark sees both how well a method adapts
+and how much it forgets.
 
 Operands are two zero-padded digits, so every prompt has 6 characters and every answer a fixed length: batches
 need no padding and greedy decoding is a few argmax steps. Accuracy is exact match of the whole answer;
@@ -30,9 +34,8 @@ class Task:
     answer_length: int
 
     def answer(self, a: int, b: int) -> str:
-        if self.operator == "+":
-            return f"{a + b:03d}"[::-1]
-        return f"{abs(a - b):02d}"
+        total = f"{a + b:03d}"
+        return total[::-1] if self.operator == "+" else total
 
     def split(self, which: str) -> list[tuple[int, int]]:
         """All 10 000 operand pairs, shuffled once (seed 0): the first 1 000 are the test split."""
@@ -42,7 +45,7 @@ class Task:
 
 
 TASK_A = Task("A (reversed sum)", "+", 3)
-TASK_B = Task("B (absolute difference)", "-", 2)
+TASK_B = Task("B (sum, usual digit order)", "#", 3)
 
 
 class Encoder:
