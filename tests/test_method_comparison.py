@@ -67,3 +67,15 @@ def test_results_table_orders_by_accuracy_and_reports_pruned(tmp_path):
     table = results_table({"a": result(0.1), "b": result(0.9, **{"pruned test accuracy": 0.8})}).splitlines()
     assert table[2].startswith("| b | 1,000 | 2 KiB | 0.900 (pruned: 0.800) | 0.250 | +0.50 | 3 s | 2 MiB | 1.0e-06 |")
     assert table[3].startswith("| a |")
+
+
+def test_real_tier_runs_on_smollm2_and_measures_forgetting_on_general_text(tmp_path):
+    run.main(["--worker", "lora-r8", "--tier", "real", "--steps", "2", "--batch-size", "2", "--n-eval", "4",
+              "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "lora-r8.json").read_text())
+    info = result["train_info"]
+    assert result["run_info"]["experiment_name"] == "real/lora-r8"
+    assert result["meta_info"]["model"]["n_eval"] == 4 and "SmolLM2" in result["meta_info"]["model"]["name"]
+    assert info["steps"] == 2 and info["lr"] == 2e-4 and info["original task accuracy before"] is None
+    assert isinstance(info["forgetting"], float) and info["forgetting"] != 0.0  # two steps move the general-text loss
+    assert 0 <= info["test accuracy"] <= 1 and info["merge max abs logit diff"] < 1e-3

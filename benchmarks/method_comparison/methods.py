@@ -21,7 +21,8 @@ import petuning
 class Experiment:
     name: str
     make_config: Callable[[int], PeftConfig]
-    lr: float
+    lr: float  # toy tier
+    real_lr: float = 2e-4  # real tier (SmolLM2): the demo's rate for every method
     hooks: dict = field(default_factory=dict)  # extra TrainingHooks arguments
 
 

@@ -33,6 +33,10 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     return sorted(front, key=lambda name: points[name][0])
 
 
+def _maybe(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def results_table(results: dict[str, dict]) -> str:
     """A markdown table of the results, best new-task accuracy first."""
     header = ("| experiment | trainable | adapter file | new-task acc | old-task acc after | forgetting | train time "
@@ -46,7 +50,7 @@ def results_table(results: dict[str, dict]) -> str:
         acc = f"{info['test accuracy']:.3f}" + (f" (pruned: {pruned:.3f})" if pruned is not None else "")
         rows.append(
             f"| {name} | {info['num_trainable_params']:,} | {info['file_size'] / 1024:.0f} KiB | {acc} "
-            f"| {info['original task accuracy after']:.3f} | {info['forgetting']:+.2f} | {info['train_time']:.0f} s "
+            f"| {_maybe(info['original task accuracy after'])} | {info['forgetting']:+.2f} | {info['train_time']:.0f} s "
             f"| {max(0, info['cpu_rss_peak_delta']) / 2**20:.0f} MiB | {merge} |"  # RSS may end a few pages below its start
         )
     return "\n".join(rows)

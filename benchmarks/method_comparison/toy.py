@@ -113,3 +113,33 @@ def pretrained_base(cache: Path, steps: int = 2000, seed: int = 0) -> Path:
     model.eval().save_pretrained(tmp)
     tmp.rename(path)
     return path
+
+
+class ToyTier:
+    """The toy tier in the interface ``run.py`` drives: the task-A base, task-B batches, new-task and retention
+    metrics (task A), and a probe batch for the merge check."""
+
+    name = "toy"
+    default_steps, default_batch_size = 1500, 64
+
+    def __init__(self, args) -> None:
+        self.encoder = Encoder()
+        self.base_path = pretrained_base(args.cache, args.base_steps, args.seed)
+        self.model_info = {"name": "tiny-llama (toy tier)", "path": str(self.base_path), "base_steps": args.base_steps}
+
+    def load_base(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.base_path, dtype=torch.float32)
+
+    def batches(self, batch_size: int, seed: int):
+        return sample_batches(self.encoder, TASK_B, batch_size, seed)
+
+    def new_task(self, model) -> dict[str, float]:
+        return evaluate(model, self.encoder, TASK_B)
+
+    def retention(self, model) -> dict[str, float]:
+        return evaluate(model, self.encoder, TASK_A)
+
+    def probe(self) -> torch.Tensor:
+        return self.encoder.batch(TASK_B, TASK_B.split("test")[:64])["input_ids"]

@@ -1,0 +1,64 @@
+"""The real-model tier: SmolLM2-135M-Instruct adapted to the embedded arithmetic task.
+
+New-task accuracy is greedy exact match on the first ``n_eval`` held-out questions ("What is 47 + 385?" -> "432");
+forgetting is the rise of the mean per-token cross-entropy on ``general_text.jsonl`` (20 short general-English
+paragraphs shipped with the benchmark), the offline stand-in for PEFT's Wikipedia-based forgetting metric.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from petuning.data import SFTCollator, exact_match_accuracy, load_embedded_task, tokenize_for_sft
+
+GENERAL_TEXT = Path(__file__).resolve().parent / "general_text.jsonl"
+
+
+class RealTier:
+    name = "real"
+    default_steps, default_batch_size = 100, 16
+
+    def __init__(self, args) -> None:
+        from transformers import AutoTokenizer
+
+        from petuning.models import smollm2_path
+
+        self.path = smollm2_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.test = load_embedded_task("test")[: args.n_eval]
+        self.collate = SFTCollator(self.tokenizer.pad_token_id)
+        self.model_info = {"name": "SmolLM2-135M-Instruct (real tier)", "path": str(self.path), "n_eval": len(self.test)}
+
+    def load_base(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
+
+    def batches(self, batch_size: int, seed: int):
+        features = [tokenize_for_sft(example, self.tokenizer) for example in load_embedded_task("train")]
+        rng = random.Random(seed)
+        while True:
+            yield self.collate(rng.sample(features, batch_size))
+
+    @torch.no_grad()
+    def new_task(self, model) -> dict[str, float]:
+        accuracy, _ = exact_match_accuracy(model, self.tokenizer, self.test, max_new_tokens=8, batch_size=50)
+        batch = self.collate([tokenize_for_sft(example, self.tokenizer) for example in self.test])
+        model.eval()
+        return {"accuracy": accuracy, "loss": float(model(**batch).loss)}
+
+    @torch.no_grad()
+    def retention(self, model) -> dict[str, float]:
+        """Mean per-token cross-entropy on the general-text paragraphs (no accuracy: there is no answer)."""
+        model.eval()
+        texts = [json.loads(line)["text"] for line in GENERAL_TEXT.read_text().splitlines() if line.strip()]
+        encoded = self.tokenizer(texts, return_tensors="pt", padding=True)
+        labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+        return {"loss": float(model(**encoded, labels=labels).loss), "accuracy": None}
+
+    def probe(self) -> torch.Tensor:
+        return self.tokenizer(["What is 47 + 385?"], return_tensors="pt")["input_ids"]
