@@ -120,33 +120,42 @@ def compare_state_dicts(
     return reports
 
 
-def load_weights(path: str | Path, base: Optional[str | Path] = None) -> dict[str, torch.Tensor]:
-    """The weights of a checkpoint folder (``model.safetensors`` or a sharded index), or of a PEFT adapter
-    folder merged into ``base``. Only safetensors are read."""
+def _safetensors_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a model folder; a clear error for an adapter folder or a pickle-only checkpoint."""
     path = Path(path)
     if (path / "adapter_config.json").exists():
-        if base is None:
-            raise ValueError(f"{path} is an adapter; pass the base model folder to merge it into.")
-        return _merged_adapter_weights(path, Path(base))
+        raise ValueError(f"{path} is an adapter; pass the base model folder it was trained on.")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" It holds pickle files ({', '.join(pickles)}), which petuning does not read." if pickles else ""
         raise FileNotFoundError(f"No .safetensors files in {path}.{hint} Re-save the model with safetensors.")
+    return files
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint folder (``model.safetensors`` or a sharded index). Only safetensors are read."""
     weights: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in _safetensors_files(path):
         weights.update(load_file(file))
     return weights
 
 
-def _merged_adapter_weights(adapter: Path, base: Path) -> dict[str, torch.Tensor]:
+def load_pair(base: str | Path, tuned: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Base and tuned weights. A tuned *adapter* folder is merged into the base model, which is read once: its
+    weights are copied before the merge."""
+    tuned = Path(tuned)
+    if not (tuned / "adapter_config.json").exists():
+        return load_weights(base), load_weights(tuned)
+    _safetensors_files(base)  # the same checks (safetensors only, not an adapter) before loading the model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     import petuning  # noqa: F401  (registers petuning's methods with PEFT)
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+    base_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return base_weights, PeftModel.from_pretrained(model, tuned).merge_and_unload().state_dict()
 
 
 def summarize(reports: list[LayerComparison], top_k: int, threshold: float) -> dict:
@@ -223,9 +232,7 @@ def analyze(
 ) -> dict:
     """Compare checkpoint ``tuned`` (a model folder, or an adapter folder merged into ``base``) with ``base``;
     write ``summary.json`` (and plots) into ``out_dir`` and return the summary."""
-    reports = compare_state_dicts(
-        load_weights(base), load_weights(tuned, base=base), top_k, threshold, modules, include_embeddings
-    )
+    reports = compare_state_dicts(*load_pair(base, tuned), top_k, threshold, modules, include_embeddings)
     summary = summarize(reports, top_k, threshold)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

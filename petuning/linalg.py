@@ -83,7 +83,7 @@ def cached_top_singular_triplets(
     digest = hashlib.sha256()
     host = weight.detach().contiguous().cpu()
     digest.update(f"{tuple(host.shape)}|{host.dtype}|{rank}|{method}|{niter}|{oversampling}".encode())
-    digest.update(host.view(torch.uint8).numpy().tobytes() if host.numel() else b"")
+    digest.update(memoryview(host.view(torch.uint8).numpy()))  # hashed in place, no bytes copy
     path = Path(cache_dir) / f"svd-{digest.hexdigest()}.safetensors"
     if path.exists():
         try:

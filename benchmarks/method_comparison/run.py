@@ -40,12 +40,15 @@ RESULTS = HERE.parent / "results" / "method_comparison"
 sys.path.insert(0, str(HERE))
 
 from methods import EXPERIMENTS  # noqa: E402
+from real import RealTier  # noqa: E402
 from toy import ToyTier, pretrained_base  # noqa: E402
+
+TIERS = {tier.name: tier for tier in (ToyTier, RealTier)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tier", choices=("toy", "real"), default="toy")
+    parser.add_argument("--tier", choices=sorted(TIERS), default="toy")
     parser.add_argument("--experiments", nargs="*", default=sorted(EXPERIMENTS), choices=sorted(EXPERIMENTS))
     parser.add_argument("--steps", type=int, help="adaptation steps per method (default: toy 1500, real 100)")
     parser.add_argument("--batch-size", type=int, help="examples per step (default: toy 64, real 16)")
@@ -56,9 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=HERE.parent / "results" / "tmp")
     parser.add_argument("--worker", metavar="EXPERIMENT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    tier = ToyTier if args.tier == "toy" else None
-    args.steps = args.steps or (tier.default_steps if tier else 100)
-    args.batch_size = args.batch_size or (tier.default_batch_size if tier else 16)
+    args.steps = args.steps or TIERS[args.tier].default_steps
+    args.batch_size = args.batch_size or TIERS[args.tier].default_batch_size
     args.out = args.out or RESULTS / args.tier
     return args
 
@@ -76,14 +78,6 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def make_tier(args: argparse.Namespace):
-    if args.tier == "toy":
-        return ToyTier(args)
-    from real import RealTier  # loads SmolLM2 only when asked for
-
-    return RealTier(args)
-
-
 def run_experiment(args: argparse.Namespace) -> dict:
     """Adapt the tier's base model to its new task with one experiment's config; return the PEFT-shaped result."""
     from peft import get_peft_model
@@ -94,7 +88,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
     lr = experiment.lr if args.tier == "toy" else experiment.real_lr
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    tier = make_tier(args)
+    tier = TIERS[args.tier](args)
     model = tier.load_base()
     before_old, before_new = tier.retention(model), tier.new_task(model)
     rss_before = _reset_peak_rss()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from peft.utils.other import get_pattern_key
 from torch import nn
@@ -196,3 +196,19 @@ class AdditiveLayerMixin:
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """An additive update converts to a LoRA adapter (exactly at its rank, see ``petuning export --format lora``)."""
         return True
+
+
+def init_layer_state(layer: BaseTunerLayer, base_layer: nn.Module, kwargs: dict, quantizable: bool = True) -> None:
+    """The state every petuning tuner layer starts with (PEFT's layer protocol): the wrapped base layer, no merged or
+    disabled adapters, the quantization backend of the base (None when the method refuses quantized bases), its
+    in/out features and the creation kwargs."""
+    layer.base_layer = base_layer
+    layer._disable_adapters = False
+    layer.merged_adapters = []
+    layer.quantization_backend = (
+        resolve_quantization_backend(layer.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass"))
+        if quantizable
+        else None
+    )
+    layer.in_features, layer.out_features = _get_in_out_features(layer.get_base_layer())
+    layer.kwargs = kwargs

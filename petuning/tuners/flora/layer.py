@@ -30,11 +30,11 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
-from peft.utils import quantization_extra_repr, resolve_quantization_backend
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import quantization_extra_repr
 from torch import nn
 
-from petuning.tuners.common import AdditiveLayerMixin, adapter_dtype, move_adapter_to_base_device
+from petuning.tuners.common import AdditiveLayerMixin, adapter_dtype, init_layer_state, move_adapter_to_base_device
 
 INIT_NEGATIVE_SLOPE = math.sqrt(3)
 """Kaiming-normal ``a`` of the official code: std = 1 / sqrt(2 J_n) for a factor (I_n, J_n)."""
@@ -62,19 +62,12 @@ class FloraLayer(AdditiveLayerMixin, BaseTunerLayer):
     other_param_names = ("flora_r", "flora_scale", "flora_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self.base_layer = base_layer
+        init_layer_state(self, base_layer, kwargs)
         self.flora_G = nn.ParameterDict({})
         self.flora_U = nn.ModuleDict({})  # name -> ParameterList, one factor per mode [in, out, *kernel]
         self.flora_r: dict[str, tuple[int, ...]] = {}
         self.flora_scale: dict[str, float] = {}
         self.flora_dropout = nn.ModuleDict({})
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self.quantization_backend = resolve_quantization_backend(
-            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
-        )
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
-        self.kwargs = kwargs
 
     # ------------------------------------------------------------------------------- shape & ranks
     @abstractmethod

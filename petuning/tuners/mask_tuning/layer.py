@@ -30,10 +30,10 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from petuning.tuners.common import NAN_MESSAGE
+from petuning.tuners.common import NAN_MESSAGE, init_layer_state
 
 
 def masked_off(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -178,7 +178,7 @@ class MaskTuningLayer(BaseTunerLayer):
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self.base_layer = base_layer
+        init_layer_state(self, base_layer, kwargs, quantizable=False)
         self.mask_tuning_scores = nn.ParameterDict({})
         self.mask_tuning_indices = BufferDict({}, persistent=True)
         self.mask_tuning_mask = nn.ModuleDict({})  # PackedMask per adapter: the bit-packed masks in the state dict
@@ -186,10 +186,6 @@ class MaskTuningLayer(BaseTunerLayer):
         self.mask_tuning_removed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # merged adapters' zeroed entries
         self.mask_tuning_kl_grad: dict[str, torch.Tensor] = {}  # gradient dropout's accumulated KL gradients
         self._mask_tuning_probes: dict[str, torch.Tensor] = {}  # dense stand-in scores during weight selection
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
-        self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------- init
     def update_layer(

@@ -36,10 +36,10 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from petuning.tuners.common import NAN_MESSAGE, adapter_dtype, move_adapter_to_base_device
+from petuning.tuners.common import NAN_MESSAGE, adapter_dtype, init_layer_state, move_adapter_to_base_device
 
 FREEZE_FRACTION = 0.8
 """The mask stops learning at this fraction of the schedule (paper)."""
@@ -124,7 +124,7 @@ class PatLayer(BaseTunerLayer):
     other_param_names = ("pat_lora_scaling", "pat_lora_dropout")
 
     def __init__(self, base_layer: nn.Module, gate: PatGate, **kwargs: Any) -> None:
-        self.base_layer = base_layer
+        init_layer_state(self, base_layer, kwargs, quantizable=False)
         self.pat_lora_A = nn.ParameterDict({})
         self.pat_lora_B = nn.ParameterDict({})
         self.pat_hsm_down = nn.ParameterDict({})
@@ -134,11 +134,6 @@ class PatLayer(BaseTunerLayer):
         self.pat_lora_dropout = nn.ModuleDict({})
         self.pat_gate = gate
         self._pat_merge_backup: list[tuple[str, Any, Any]] = []
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self.quantization_backend = None
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
-        self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------- init
     def update_layer(

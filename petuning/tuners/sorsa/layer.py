@@ -23,13 +23,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
-from peft.utils import quantization_extra_repr, resolve_quantization_backend
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import quantization_extra_repr
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from petuning.linalg import cached_top_singular_triplets
-from petuning.tuners.common import AdditiveLayerMixin, adapter_dtype, move_adapter_to_base_device
+from petuning.tuners.common import AdditiveLayerMixin, adapter_dtype, init_layer_state, move_adapter_to_base_device
 
 
 class SorsaLayer(AdditiveLayerMixin, BaseTunerLayer):
@@ -41,7 +41,7 @@ class SorsaLayer(AdditiveLayerMixin, BaseTunerLayer):
     other_param_names = ("sorsa_A0", "sorsa_S0", "sorsa_B0", "sorsa_r", "sorsa_scaling", "sorsa_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self.base_layer = base_layer
+        init_layer_state(self, base_layer, kwargs)
         self.sorsa_A = nn.ParameterDict({})
         self.sorsa_S = nn.ParameterDict({})
         self.sorsa_B = nn.ParameterDict({})
@@ -51,13 +51,6 @@ class SorsaLayer(AdditiveLayerMixin, BaseTunerLayer):
         self.sorsa_r: dict[str, int] = {}
         self.sorsa_scaling: dict[str, float] = {}
         self.sorsa_dropout = nn.ModuleDict({})
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self.quantization_backend = resolve_quantization_backend(
-            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
-        )
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
-        self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------- init
     def update_layer(

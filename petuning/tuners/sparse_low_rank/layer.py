@@ -22,12 +22,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
-from peft.utils import quantization_extra_repr, resolve_quantization_backend
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import quantization_extra_repr
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
-from petuning.tuners.common import AdditiveLayerMixin
+from petuning.tuners.common import AdditiveLayerMixin, init_layer_state
 
 from .support import (
     SparseStructure,
@@ -108,7 +108,7 @@ class SparseLowRankLayer(AdditiveLayerMixin, BaseTunerLayer):
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self.base_layer = base_layer
+        init_layer_state(self, base_layer, kwargs)
         self.sparse_low_rank_A = nn.ParameterDict({})
         self.sparse_low_rank_B = nn.ParameterDict({})
         self.sparse_low_rank_values = nn.ParameterDict({})
@@ -123,14 +123,7 @@ class SparseLowRankLayer(AdditiveLayerMixin, BaseTunerLayer):
         # Cached CSR structure per adapter: (index tensor it was built from, its version, structure or None).
         self.sparse_low_rank_structure: dict[str, tuple[torch.Tensor, int, Optional[SparseStructure]]] = {}
         self._collecting: set[str] = set()
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self.quantization_backend = resolve_quantization_backend(
-            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
-        )
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self.module_name = ""
-        self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------- init
     def update_layer(
