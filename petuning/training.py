@@ -31,6 +31,7 @@ the same correction.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -159,6 +160,29 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+def deepspeed_active() -> bool:
+    """True when training runs under DeepSpeed (launched by accelerate with a DeepSpeed config, or ZeRO-3 set up
+    through transformers' integration)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return True
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def refuse_gradient_edits_under_deepspeed(feature: str, fix: str) -> None:
+    """Raise if DeepSpeed runs the optimizer: a hook that edits ``.grad`` (or the parameters) around the optimizer
+    step would then act on tensors the engine no longer reads (it keeps gradients and master weights in its own
+    partitioned buffers and steps inside ``backward``), so ``feature`` would silently do nothing. ``fix`` names
+    what works instead."""
+    if deepspeed_active():
+        raise RuntimeError(
+            f"{feature} edits gradients around the optimizer step, but under DeepSpeed the engine keeps gradients "
+            f"and master weights in its own buffers (and steps inside backward), so it would silently do nothing. "
+            f"{fix}"
+        )
 
 
 def hook_providers(model: nn.Module) -> list[TrainingHooksMixin]:

@@ -269,3 +269,22 @@ def test_gradient_dropout_under_reentrant_checkpointing_is_refused_with_the_fix(
     model.train()
     with pytest.raises(RuntimeError, match="use_reentrant': False"):
         model(**_batch())
+
+
+@pytest.mark.parametrize("gradient_dropout", [True, False])
+def test_gradient_dropout_is_refused_under_deepspeed_and_plain_masked_tuning_is_not(llama_path, monkeypatch, gradient_dropout):
+    model = get_peft_model(
+        _base(llama_path),
+        MaskTuningConfig(target_modules=TARGETS, gradient_dropout=gradient_dropout, task_type="CAUSAL_LM"),
+    )
+    optimizer = torch.optim.SGD(_scores(model), lr=0.1)
+    petuning.TrainingHooks(model, optimizer)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    model.train()
+    if gradient_dropout:
+        with pytest.raises(RuntimeError, match="gradient dropout.*DeepSpeed.*gradient_dropout=False"):
+            model(**_batch())
+        return
+    model(**_batch()).loss.backward()
+    optimizer.step()
+    assert all(param.grad is not None for param in _scores(model))

@@ -167,3 +167,17 @@ def test_ddp_matches_single_process(tmp_path):
     for name in single:
         assert not torch.equal(single[name], initial[name]), name
         torch.testing.assert_close(rank0[name], single[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_training_under_deepspeed_is_refused_with_the_alternative(monkeypatch):
+    model = tiny_pat(10)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    petuning.TrainingHooks(model, optimizer)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    model.train()
+    with model.disable_adapter():
+        optimizer.step()  # nothing of PAT trains: nothing to refuse
+    model(**token_batch()).loss.backward()
+    with pytest.raises(RuntimeError, match="PAT.*DeepSpeed.*DDP or FSDP"):
+        optimizer.step()
+    assert model.base_model.pat_schedule_step() == 0, "the refused step did not advance the schedule"

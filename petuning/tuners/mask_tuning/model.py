@@ -14,7 +14,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resol
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from petuning.training import AuxiliaryLossMixin, ForwardContext, StepContext
+from petuning.training import AuxiliaryLossMixin, ForwardContext, StepContext, refuse_gradient_edits_under_deepspeed
 from petuning.tuners.common import base_of, install_module
 
 from .config import MaskTuningConfig
@@ -261,6 +261,9 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
         adapters = list(self._trained(with_gradient_dropout=True))
         if not adapters:
             return
+        refuse_gradient_edits_under_deepspeed(
+            "Masked tuning's gradient dropout", "Set gradient_dropout=False under DeepSpeed, or train with DDP."
+        )
         logits = getattr(ctx.output, "logits", None)
         if logits is None or not logits.requires_grad:
             raise TypeError(

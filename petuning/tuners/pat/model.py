@@ -11,7 +11,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from petuning.training import AuxiliaryLossMixin, StepContext
+from petuning.training import AuxiliaryLossMixin, StepContext, refuse_gradient_edits_under_deepspeed
 from petuning.tuners.common import base_of, check_adapter_shapes, install_module
 
 from .config import PRODUCERS, PatConfig
@@ -253,6 +253,10 @@ class PatModel(AuxiliaryLossMixin, BaseTuner):
         return torch.stack(list(losses.values())).sum() if losses else None
 
     def petuning_before_optimizer_step(self, ctx: StepContext) -> None:
+        if self._training_adapter() is not None:
+            refuse_gradient_edits_under_deepspeed(
+                "PAT (which drops the channel mask's gradient once the mask stops learning)", "Train PAT with DDP or FSDP."
+            )
         for name, mask in self.pat_mask.items():
             if mask.grad is not None and self._pat_gate.phase(name) != "learning":
                 mask.grad = None  # the mask has stopped learning: no update, no momentum, no weight decay

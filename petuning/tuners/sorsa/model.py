@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Iterator, Optional
 
 import torch
@@ -10,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
 from torch import nn
 
-from petuning.training import AuxiliaryLossMixin, StepContext
+from petuning.training import AuxiliaryLossMixin, StepContext, refuse_gradient_edits_under_deepspeed
 from petuning.tuners.common import base_of, check_adapter_shapes, install_module, linear_fan_in_fan_out, pattern_value
 
 from .config import SorsaConfig
@@ -92,13 +91,9 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
         """Like :meth:`_adapters_in_mode`, with the gradient of L_reg for each factor (closed form, batched by
         shape, without autograd)."""
         for _, config, factors in self._adapters_in_mode(mode):
-            if _deepspeed_active():
-                raise RuntimeError(
-                    f"SORSA's ortho_mode={mode!r} writes the regularizer's gradient into .grad (or the parameters) "
-                    "around the optimizer step, but under DeepSpeed the engine keeps gradients and master weights in "
-                    "its own buffers, so the regularizer would silently do nothing. Use ortho_mode='loss' with "
-                    "DeepSpeed (autograd carries it), or DDP / FSDP."
-                )
+            refuse_gradient_edits_under_deepspeed(
+                f"SORSA's ortho_mode={mode!r}", "Use ortho_mode='loss' with DeepSpeed (autograd carries it), or DDP / FSDP."
+            )
             if any(_is_sharded(f) for f in factors):
                 raise RuntimeError(
                     f"SORSA's ortho_mode={mode!r} computes the regularizer's gradient from whole factors, but the "
@@ -188,16 +183,6 @@ def _gram_residuals(rows: list[torch.Tensor]):
                 m = m.float()
             d = m @ m.transpose(1, 2) - torch.eye(shape[0], device=device, dtype=m.dtype)
             yield index, m, d, torch.linalg.matrix_norm(d)
-
-
-def _deepspeed_active() -> bool:
-    """True when training runs under DeepSpeed (launched by accelerate with a DeepSpeed config, or ZeRO-3 set up
-    through transformers' integration)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return True
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return is_deepspeed_zero3_enabled()
 
 
 def _is_sharded(tensor: torch.Tensor) -> bool:
