@@ -45,10 +45,11 @@ def tokens(n=2, length=10, seed=1):
     return torch.randint(4, 100, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def own_gate(m: torch.Tensor, t: int, total: int, width: int) -> torch.Tensor:
-    """The paper's g_t in float64, written from the formulas (research notes §1.3)."""
+def own_gate(m: torch.Tensor, t: int, total: int, width: int, hard_when_frozen: bool = False) -> torch.Tensor:
+    """The paper's g_t in float64, written from the formulas (research notes §1.3); with ``hard_when_frozen`` the
+    final 0/1 gate from 0.8 T on (petuning's default ``frozen_gate="hard"``)."""
     m = m.double()
-    if t >= total:
+    if t >= total or (hard_when_frozen and t >= 0.8 * total):
         g = torch.zeros_like(m)
         g[torch.argsort(-m, stable=True)[:width]] = 1.0
         return g
@@ -74,11 +75,16 @@ def test_schedule_matches_the_paper_table():
     assert gate_values(torch.zeros(5), 0, 10000, 2).eq(1.0).all(), "g_0 is exactly 1 at m = 0"
 
 
+@pytest.mark.parametrize("hard_when_frozen", [False, True])
 @pytest.mark.parametrize("t", [0, 3, 11, 15, 16, 19, 20, 35])
-def test_gate_equals_own_formula_in_every_phase(t):
+def test_gate_equals_own_formula_in_every_phase(t, hard_when_frozen):
     m = torch.randn(32, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
     m[5] = -100.0  # below the clamp: σ is floored at σ(-10)
-    torch.testing.assert_close(gate_values(m, t, 20, 20), own_gate(m, t, 20, 20), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        gate_values(m, t, 20, 20, hard_when_frozen), own_gate(m, t, 20, 20, hard_when_frozen), rtol=1e-12, atol=1e-12
+    )
+    if hard_when_frozen and 16 <= t:
+        assert set(gate_values(m, t, 20, 20, True).tolist()) == {0.0, 1.0}, "binary from 0.8 T on"
 
 
 def test_gate_gradient_per_phase():
@@ -100,13 +106,13 @@ def _dense_hsm(layer, name, y):
     """s ⊙ g ⊙ (I + W1 W0) y with the d x d matrix formed explicitly, float64."""
     w0, w1 = layer.pat_hsm_down[name].double(), layer.pat_hsm_up[name].double()
     t_mat = torch.eye(w0.shape[1], dtype=torch.float64) + w1 @ w0
-    g = own_gate(layer.pat_gate.masks[name], layer.pat_gate.step(name), 20, WIDTH)
+    g = own_gate(layer.pat_gate.masks[name], layer.pat_gate.step(name), 20, WIDTH, layer.pat_gate.hard_when_frozen[name])
     return (y.double() @ t_mat.T) * (layer.pat_hsm_scale[name].double() * g)
 
 
-@pytest.mark.parametrize("step", [0, 7, 17, 20])
-def test_layers_match_dense_float64_formulas(llama_dir, step):
-    model = pat_model(llama_dir)
+@pytest.mark.parametrize("step,frozen_gate", [(0, "hard"), (7, "hard"), (17, "hard"), (17, "soft"), (20, "soft")])
+def test_layers_match_dense_float64_formulas(llama_dir, step, frozen_gate):
+    model = pat_model(llama_dir, frozen_gate=frozen_gate)
     tuner = model.base_model
     tuner.pat_step["default"].fill_(step)
     layers = dict(model.base_model.model.named_modules())

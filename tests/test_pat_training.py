@@ -181,3 +181,49 @@ def test_training_under_deepspeed_is_refused_with_the_alternative(monkeypatch):
     with pytest.raises(RuntimeError, match="PAT.*DeepSpeed.*DDP or FSDP"):
         optimizer.step()
     assert model.base_model.pat_schedule_step() == 0, "the refused step did not advance the schedule"
+
+
+@pytest.mark.parametrize("polarized", [True, False])
+def test_a_mask_frozen_before_it_polarized_is_warned_about_once(polarized):
+    total = 10
+    model = tiny_pat(total)
+    mask = mask_of(model)
+    with torch.no_grad():  # +-0.5 (sigma(tau m) ~ 0/1 at 0.8 T) or +-0.01 (gates near 0.5), 48 of 64 kept
+        mask.copy_(torch.where(torch.arange(mask.numel()) < WIDTH, 1.0, -1.0) * (0.5 if polarized else 0.01))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    petuning.TrainingHooks(model, optimizer)
+    model.train()
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(total + 2):
+            model(**token_batch()).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    messages = [str(w.message) for w in caught if "without polarizing" in str(w.message)]
+    assert len(messages) == (0 if polarized else 1), messages
+    if not polarized:
+        assert "step 8" in messages[0] and "schedule_steps" in messages[0]
+    gap = model.base_model.petuning_metrics()["pat_gate_gap"]
+    assert (gap < 0.01) if polarized else (0.4 < gap < 0.5)
+
+
+def test_hard_frozen_gate_makes_the_end_of_the_schedule_a_no_op():
+    """With frozen_gate='hard' (default) the model at 0.8 T <= t < T already computes what the final one does."""
+    model = tiny_pat(10)
+    model.eval()
+    ids = token_batch()["input_ids"]
+    tuner = model.base_model
+    with torch.no_grad():
+        mask_of(model).copy_(torch.linspace(-0.02, 0.02, mask_of(model).numel()))  # not polarized
+        tuner.pat_step["default"].fill_(9)
+        frozen = model(input_ids=ids).logits
+        tuner.pat_step["default"].fill_(10)
+        final = model(input_ids=ids).logits
+        torch.testing.assert_close(frozen, final, rtol=0, atol=0)
+        soft = tiny_pat(10, frozen_gate="soft")
+        soft.base_model.load_state_dict(tuner.state_dict())
+        soft.eval()
+        soft.base_model.pat_step["default"].fill_(9)
+        assert not torch.allclose(soft(input_ids=ids).logits, final, atol=1e-3), "the paper's soft gate differs"

@@ -22,7 +22,7 @@ class Experiment:
     name: str
     make_config: Callable[[int], PeftConfig]
     lr: float  # toy tier
-    real_lr: float = 2e-4  # real tier (SmolLM2): the rate of the method's recipes/configs/*_smollm2.yaml
+    real_lr: float = 2e-4  # real tier (SmolLM2): the demo's rate for every method
     hooks: dict = field(default_factory=dict)  # extra TrainingHooks arguments
 
 
@@ -49,7 +49,6 @@ EXPERIMENTS = {
             "mask-tuning-share10",  # scores on the 10% largest-|w| entries of each weight
             lambda steps: petuning.MaskTuningConfig(mask_share=0.1, target_modules=ALL, task_type=CAUSAL),
             1e-3,
-            real_lr=1e-3,  # scores move a threshold, not a weight: the recipe's rate
         ),
         Experiment(
             "mask-tuning-share10-gd",
@@ -57,7 +56,6 @@ EXPERIMENTS = {
                 mask_share=0.1, gradient_dropout=True, target_modules=ALL, task_type=CAUSAL
             ),
             1e-3,
-            real_lr=1e-3,
         ),
         Experiment(
             "pat-prune25-r8",  # 25% of the hidden channels pruned, HSM rank 8, LoRA r=8 as in the paper's recipe

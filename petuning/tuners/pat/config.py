@@ -74,6 +74,16 @@ class PatConfig(PeftConfig):
             "learning at 0.8 T and is hard from T on; training may continue past T."
         },
     )
+    frozen_gate: str = field(
+        default="hard",
+        metadata={
+            "help": "Gate while the mask is frozen (0.8 T <= t < T). 'hard': already the final 0/1 gate of the d' "
+            "largest mask entries, so the last 20% of the schedule trains LoRA and HSMs on the pruned model and "
+            "reaching T changes nothing. 'soft': the paper's σ(τ m) with τ frozen, then a jump to the hard gate at "
+            "T (harmless only if the mask has polarized, i.e. σ(τ m) is already near 0/1, which needs a long "
+            "schedule: the paper's 10000 steps)."
+        },
+    )
     mask_loss_weight: float = field(
         default=1.0, metadata={"help": "Weight of the mask loss (count term + polarization), paper: 1."}
     )
@@ -142,6 +152,8 @@ class PatConfig(PeftConfig):
                 raise ValueError(f"PatConfig.{name} must be a positive integer, got {value!r}.")
         if isinstance(self.schedule_steps, bool) or not isinstance(self.schedule_steps, int) or self.schedule_steps < 2:
             raise ValueError(f"PatConfig.schedule_steps must be an integer >= 2, got {self.schedule_steps!r}.")
+        if self.frozen_gate not in ("hard", "soft"):
+            raise ValueError(f"PatConfig.frozen_gate must be 'hard' or 'soft', got {self.frozen_gate!r}.")
         for name in ("mask_loss_weight", "count_loss_weight", "identity_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PatConfig.{name} must be >= 0, got {getattr(self, name)}.")

@@ -20,7 +20,8 @@ other decoder linears (q/k/v/gate/up) carry only the optional LoRA: ``y = W x + 
 Gate schedule (T = ``schedule_steps``, t = optimizer steps taken)::
 
     t < 0.8 T:        g_t = σ̃(τ_t m) + b_t,  τ_t = 1 / (1 - ln(max(t, 1)) / ln T + 1e-6),  b_t = max(0.5 - t/T, 0)
-    0.8 T <= t < T:   g_t = σ̃(τ_{0.8T} m), m no longer learns
+    0.8 T <= t < T:   m no longer learns; g = the final hard gate (``frozen_gate="hard"``, default), or the
+                      paper's g_t = σ̃(τ_{0.8T} m) (``frozen_gate="soft"``)
     t >= T:           g   = 1 on the d' largest entries of m, 0 elsewhere (the final, hard mask)
 
 where σ̃(x) = 1 / (1 + exp(min(-x, 10))) is the paper's sigmoid clipped below at σ(-10). At t = 0 with m = 0 the
@@ -70,14 +71,15 @@ def kept_channels(mask: torch.Tensor, width: int) -> torch.Tensor:
     return torch.sort(order).values
 
 
-def gate_values(mask: torch.Tensor, step: int, total: int, width: int) -> torch.Tensor:
-    """The gate g_t (d,) for mask ``mask`` at step ``step`` (see the module docstring), in the mask's dtype.
+def gate_values(mask: torch.Tensor, step: int, total: int, width: int, hard_when_frozen: bool = False) -> torch.Tensor:
+    """The gate g_t (d,) for mask ``mask`` at step ``step`` (see the module docstring), in the mask's dtype;
+    ``hard_when_frozen`` makes the frozen phase use the final hard gate.
 
     Once the mask stops learning, the gate still depends on ``mask`` through a zero-weighted term, so the mask
     receives an exact-zero gradient (not none): DDP's reducer then sees the same parameters every step.
     """
     phase = mask_phase(step, total)
-    if phase == "final":
+    if phase == "final" or (phase == "frozen" and hard_when_frozen):
         gate = torch.zeros_like(mask.detach())
         gate[kept_channels(mask, width)] = 1.0
     else:
@@ -87,6 +89,16 @@ def gate_values(mask: torch.Tensor, step: int, total: int, width: int) -> torch.
     if phase != "learning" and mask.requires_grad and torch.is_grad_enabled():
         gate = gate + 0.0 * mask
     return gate
+
+
+def polarization_gap(mask: torch.Tensor, step: int, total: int, width: int) -> float:
+    """mean_i |σ̃(τ_t m_i) - h_i|, with h the final hard gate: how far the soft gate (without offset) still is from
+    the 0/1 gate the pruned model will use. Near 0 once the mask has polarized; about 0.5 while m stays near 0."""
+    mask = mask.detach()
+    hard = torch.zeros_like(mask)
+    hard[kept_channels(mask, width)] = 1.0
+    soft = 1.0 / (1.0 + torch.exp(torch.clamp(-schedule(step, total)[0] * mask, max=GATE_LOGIT_CLAMP)))
+    return float((soft - hard).abs().mean())
 
 
 class PatGate:
@@ -102,6 +114,7 @@ class PatGate:
         self.steps = steps
         self.widths: dict[str, int] = {}
         self.totals: dict[str, int] = {}
+        self.hard_when_frozen: dict[str, bool] = {}
 
     def step(self, name: str) -> int:
         return int(self.steps[name])
@@ -110,7 +123,9 @@ class PatGate:
         return mask_phase(self.step(name), self.totals[name])
 
     def __call__(self, name: str) -> torch.Tensor:
-        return gate_values(self.masks[name], self.step(name), self.totals[name], self.widths[name])
+        return gate_values(
+            self.masks[name], self.step(name), self.totals[name], self.widths[name], self.hard_when_frozen[name]
+        )
 
     def kept(self, name: str) -> torch.Tensor:
         return kept_channels(self.masks[name], self.widths[name])

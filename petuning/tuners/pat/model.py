@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import Iterator, Optional
 
@@ -15,9 +16,13 @@ from petuning.training import AuxiliaryLossMixin, StepContext, refuse_gradient_e
 from petuning.tuners.common import base_of, check_adapter_shapes, install_module
 
 from .config import PRODUCERS, PatConfig
-from .layer import Embedding, Linear, PatGate, PatLayer, identity_loss, mask_loss, schedule
+from .layer import (
+    Embedding, Linear, PatGate, PatLayer, identity_loss, mask_loss, mask_phase, polarization_gap, schedule,
+)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+UNPOLARIZED_GAP = 0.2
+"""Mean distance of the soft from the hard gate above which the frozen mask counts as not polarized."""
 """transformers ``model_type`` values with the block shape PAT needs (RMSNorm -> attention -> o_proj -> residual,
 RMSNorm -> gated MLP -> down_proj -> residual, plain token embedding). SmolLM/SmolLM2 are ``llama``."""
 
@@ -81,6 +86,7 @@ class PatModel(AuxiliaryLossMixin, BaseTuner):
         self.pat_step[adapter_name] = torch.zeros((), dtype=torch.long, device=weight.device)
         self._pat_gate.widths[adapter_name] = width
         self._pat_gate.totals[adapter_name] = config.schedule_steps
+        self._pat_gate.hard_when_frozen[adapter_name] = config.frozen_gate == "hard"
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         except Exception:
@@ -167,7 +173,9 @@ class PatModel(AuxiliaryLossMixin, BaseTuner):
         self._sync_mask_grad()
 
     def _drop_shared_state(self, adapter_name: str) -> None:
-        for container in (self.pat_mask, self.pat_step, self._pat_gate.widths, self._pat_gate.totals):
+        for container in (
+            self.pat_mask, self.pat_step, self._pat_gate.widths, self._pat_gate.totals, self._pat_gate.hard_when_frozen
+        ):
             if adapter_name in container:
                 del container[adapter_name]
 
@@ -263,8 +271,31 @@ class PatModel(AuxiliaryLossMixin, BaseTuner):
 
     def petuning_after_optimizer_step(self, ctx: StepContext) -> None:
         name = self._training_adapter()
-        if name is not None:
-            self.pat_step[name].add_(1)
+        if name is None:
+            return
+        self.pat_step[name].add_(1)
+        step, total = self._pat_gate.step(name), self._pat_gate.totals[name]
+        if mask_phase(step, total) == "frozen" and mask_phase(step - 1, total) == "learning":
+            self._warn_if_unpolarized(name, step, total)
+
+    def _warn_if_unpolarized(self, name: str, step: int, total: int) -> None:
+        """The mask has just stopped learning: warn if its soft gate is still far from the hard gate."""
+        gap = polarization_gap(self.pat_mask[name], step, total, self._pat_gate.widths[name])
+        if gap <= UNPOLARIZED_GAP:
+            return
+        soft = self.peft_config[name].frozen_gate == "soft"
+        warnings.warn(
+            f"PAT's channel mask stopped learning at step {step} (0.8 x schedule_steps={total}) without polarizing: "
+            f"its soft gate is on average {gap:.2f} away from the 0/1 gate of the pruned model, so which channels "
+            "are pruned was decided by small differences, and switching to the hard gate "
+            + ("at the end of the schedule will change the model abruptly (use frozen_gate='hard' to train through "
+               "it). " if soft else "now is a large change the remaining steps must repair. ")
+            + "The mask moves about one learning rate per Adam step and needs to reach about ±0.5 (paper: lr 5e-5 "
+            "over 10000 steps): use a longer schedule (schedule_steps) and training run, or give the mask "
+            f"(model.base_model.pat_mask[{name!r}]) a larger learning rate in its own optimizer parameter group.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def petuning_metrics(self) -> dict[str, float]:
         name = self._active_pat_adapter()
@@ -273,6 +304,7 @@ class PatModel(AuxiliaryLossMixin, BaseTuner):
         step, total = self._pat_gate.step(name), self._pat_gate.totals[name]
         metrics = {
             "pat_step": float(step),
+            "pat_gate_gap": polarization_gap(self.pat_mask[name], step, total, self._pat_gate.widths[name]),
             "pat_tau": schedule(step, total)[0],
             "pat_kept": float((self.pat_mask[name] >= 0).sum()),
             "pat_final": float(self._pat_gate.phase(name) == "final"),
