@@ -79,3 +79,13 @@ def test_real_tier_runs_on_smollm2_and_measures_forgetting_on_general_text(tmp_p
     assert info["steps"] == 2 and info["lr"] == 2e-4 and info["original task accuracy before"] is None
     assert isinstance(info["forgetting"], float) and info["forgetting"] != 0.0  # two steps move the general-text loss
     assert 0 <= info["test accuracy"] <= 1 and info["merge max abs logit diff"] < 1e-3
+
+
+def test_parameter_groups_give_named_parameters_their_own_rate():
+    model = torch.nn.ModuleDict({"body": torch.nn.Linear(3, 3), "pat_mask_holder": torch.nn.Linear(3, 1)})
+    model["body"].bias.requires_grad_(False)
+    groups = run.parameter_groups(model, 1e-3, {"pat_mask": 1e-2})
+    assert [g["lr"] for g in groups] == [1e-3, 1e-2]
+    assert groups[0]["params"] == [model["body"].weight]
+    assert groups[1]["params"] == [model["pat_mask_holder"].weight, model["pat_mask_holder"].bias]
+    assert [g["lr"] for g in run.parameter_groups(model, 1e-3, {})] == [1e-3]

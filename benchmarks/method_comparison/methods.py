@@ -24,6 +24,7 @@ class Experiment:
     lr: float  # toy tier
     real_lr: float = 2e-4  # real tier (SmolLM2): the demo's rate for every method
     hooks: dict = field(default_factory=dict)  # extra TrainingHooks arguments
+    param_lrs: dict = field(default_factory=dict)  # parameter-name substring -> its own peak lr (both tiers)
 
 
 ALL = "all-linear"
@@ -64,6 +65,15 @@ EXPERIMENTS = {
                 task_type=CAUSAL,
             ),
             3e-3,
+        ),
+        Experiment(
+            "pat-prune25-r8-mask-lr1e-2",  # the same, with the channel mask in its own parameter group at lr 1e-2
+            lambda steps: petuning.PatConfig(
+                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, schedule_steps=steps,
+                task_type=CAUSAL,
+            ),
+            3e-3,
+            param_lrs={"pat_mask": 1e-2},
         ),
     ]
 }

@@ -97,8 +97,11 @@ def run_experiment(args: argparse.Namespace) -> dict:
     model = get_peft_model(model, config)
     init_time = time.perf_counter() - init_started
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=args.steps)
+    groups = parameter_groups(model, lr, experiment.param_lrs)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[group["lr"] for group in groups], total_steps=args.steps
+    )
     metrics, losses, tokens = [], [], 0
     model.train()
     train_started = time.perf_counter()
@@ -156,6 +159,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
             "steps": args.steps,
             "batch_size": args.batch_size,
             "lr": lr,
+            "param lrs": experiment.param_lrs,
             "train total tokens": tokens,
             "cpu_rss_peak_delta": rss_peak - rss_before,  # stand-in for accelerator_memory_max on CPU
             "file_size": file_size,
@@ -173,6 +177,16 @@ def run_experiment(args: argparse.Namespace) -> dict:
         },
         "meta_info": meta_info(tier.model_info),
     }
+
+
+def parameter_groups(model: torch.nn.Module, lr: float, param_lrs: dict[str, float]) -> list[dict]:
+    """AdamW groups: every trainable parameter at ``lr``, except those whose name contains a key of ``param_lrs``."""
+    groups = {lr: []}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            own = [value for key, value in param_lrs.items() if key in name]
+            groups.setdefault(own[0] if own else lr, []).append(param)
+    return [{"params": params, "lr": group_lr} for group_lr, params in groups.items() if params]
 
 
 def meta_info(model_info: dict) -> dict:
