@@ -288,3 +288,26 @@ def test_gradient_dropout_is_refused_under_deepspeed_and_plain_masked_tuning_is_
     model(**_batch()).loss.backward()
     optimizer.step()
     assert all(param.grad is not None for param in _scores(model))
+
+
+@pytest.mark.parametrize("lr,warns", [(1e-4, False), (1e-2, True)])
+def test_a_step_that_masks_many_weights_at_once_is_warned_about_once(llama_path, lr, warns):
+    """Adam moves every score by ~lr per step: with lr above the 5e-3 margin, one step masks about half the scores."""
+    import warnings
+
+    model = get_peft_model(_base(llama_path), MaskTuningConfig(target_modules=TARGETS, task_type="CAUSAL_LM"))
+    optimizer = torch.optim.Adam(_scores(model), lr=lr)
+    petuning.TrainingHooks(model, optimizer)
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            model(**_batch(seed=step)).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    messages = [str(w.message) for w in caught if "at once" in str(w.message)]
+    assert len(messages) == (1 if warns else 0), messages
+    share = model.base_model.masked_share()
+    assert (share > 0.1) if warns else share == 0.0
+    if warns:
+        assert "optimizer step 1 " in messages[0] and "smaller learning rate" in messages[0]

@@ -18,11 +18,13 @@ from petuning.training import AuxiliaryLossMixin, ForwardContext, StepContext, r
 from petuning.tuners.common import base_of, install_module
 
 from .config import MaskTuningConfig
-from .layer import Linear, MaskTuningLayer, unpack_bits
+from .layer import Linear, MaskTuningLayer, masked_off, unpack_bits
 
 SCORES = "mask_tuning_scores"
 PACKED = "mask_tuning_mask"
 """Container of the bit-packed binary masks (state-dict key ``<layer>.mask_tuning_mask[.<adapter>]._extra_state``)."""
+MASS_FLIP_SHARE = 0.01
+"""One optimizer step that masks more than this share of an adapter's scored entries triggers a warning."""
 
 
 def gradient_dropout(
@@ -70,6 +72,8 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
     _kl_weight = 0.0  # sum of the micro-batch shares whose KL gradients are accumulated in the layers
     _kl_forwards = 0  # forwards since the last optimizer step that applied gradient dropout
     _dropped_share: Optional[float] = None
+    _masked_counts: Optional[dict[str, int]] = None  # masked scored entries per adapter after the last step
+    _warned_mass_flip: tuple[str, ...] = ()  # adapters already warned about a mass flip
 
     # ------------------------------------------------------------------------------------ injection
     def _create_and_replace(self, config: MaskTuningConfig, adapter_name, target, target_name, parent, current_key, **kw):
@@ -319,8 +323,38 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
             for module, training in modes:
                 module.training = training
 
+    def _count_masked(self) -> dict[str, tuple[int, int]]:
+        """Training adapter -> (masked, scored) entries among its scored entries."""
+        counts = {}
+        for name, _, layers in self._trained():
+            scores = [layer.mask_tuning_scores[name].detach() for layer in layers]
+            masked = sum(int(masked_off(s, layer.mask_tuning_threshold[name]).sum()) for s, layer in zip(scores, layers))
+            counts[name] = (masked, sum(s.numel() for s in scores))
+        return counts
+
+    def petuning_after_optimizer_step(self, ctx: StepContext) -> None:
+        """Warn (once per adapter) when one optimizer step masks more than MASS_FLIP_SHARE of the scored entries."""
+        previous, self._masked_counts = self._masked_counts or {}, {}
+        for name, (masked, scored) in self._count_masked().items():
+            self._masked_counts[name] = masked
+            newly = masked - previous.get(name, masked)
+            if newly > MASS_FLIP_SHARE * scored and name not in self._warned_mass_flip:
+                self._warned_mass_flip += (name,)
+                warnings.warn(
+                    f"Masked tuning: optimizer step {ctx.step + 1} masked {newly:,} more of adapter {name!r}'s "
+                    f"{scored:,} scored weights ({newly / scored:.1%}) at once. Adam moves every score by about one "
+                    "learning rate per step whatever its gradient's size, so scores whose gradients keep one sign "
+                    "cross the threshold together, which can zero many large weights in one step (the loss usually "
+                    "jumps). Use a smaller learning rate over more steps (R-AMT: 8e-5 for 30 epochs), fewer targets "
+                    "(R-AMT masks attention weights only), or a larger margin mask_init - threshold.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+
     def petuning_before_optimizer_step(self, ctx: StepContext) -> None:
         """Gradient dropout, second half: apply the rule to the (clipped, final) task gradients of the scores."""
+        if self._masked_counts is None:  # the baseline of the mass-flip check
+            self._masked_counts = {name: masked for name, (masked, _) in self._count_masked().items()}
         pending = [
             (layer, name, config)
             for name, config, layers in self._trained(with_gradient_dropout=True)
