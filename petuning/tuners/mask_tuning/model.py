@@ -324,10 +324,10 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
                 module.training = training
 
     def _count_masked(self) -> dict[str, tuple[int, int]]:
-        """Training adapter -> (masked, scored) entries among its scored entries."""
+        """Training adapter -> (masked, scored) entries among its scored entries (this rank's shard under FSDP)."""
         counts = {}
         for name, _, layers in self._trained():
-            scores = [layer.mask_tuning_scores[name].detach() for layer in layers]
+            scores = [_local(layer.mask_tuning_scores[name].detach()) for layer in layers]
             masked = sum(int(masked_off(s, layer.mask_tuning_threshold[name]).sum()) for s, layer in zip(scores, layers))
             counts[name] = (masked, sum(s.numel() for s in scores))
         return counts
@@ -396,6 +396,11 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
             if isinstance(module, MaskTuningLayer):
                 module.mask_tuning_kl_grad.clear()
         return super()._unload_and_optionally_merge(*args, **kwargs)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _default_loss(model: nn.Module, batch) -> torch.Tensor:
