@@ -10,6 +10,9 @@ and takes gradients of that dense formula with torch autograd in float64.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,13 +20,15 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from toy_models import Conv1DNet, MLP
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 from transformers.pytorch_utils import Conv1D
 
 from petuning import SparseLowRankConfig
 from petuning.tuners.sparse_low_rank import SparseLinear, SparseLowRankLayer
 from petuning.tuners.sparse_low_rank import support as support_module
 from petuning.tuners.sparse_low_rank.support import SparseStructure
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import profile_allocations  # noqa: E402  (the benchmarks' allocator replay)
 
 ADAPTER = "default"
 
@@ -187,18 +192,6 @@ def test_train_step_never_allocates_a_dense_update():
     x = torch.randn(n, size)
     dense_bytes = size * size * 4
 
-    def peak_bytes(step) -> int:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-        events = sorted(
-            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-        )
-        running = peak = 0
-        for _, nbytes in events:
-            running += nbytes
-            peak = max(peak, running)
-        return peak
-
     def sparse_step():
         model(x).sum().backward()
 
@@ -210,7 +203,7 @@ def test_train_step_never_allocates_a_dense_update():
         torch.nn.functional.linear(x, layer.get_base_layer().weight + delta).sum().backward()
 
     sparse_step()  # builds and caches the support's index structure (O(nnz) memory, once)
-    sparse_peak, dense_peak = peak_bytes(sparse_step), peak_bytes(dense_masked_step)
+    sparse_peak, dense_peak = profile_allocations(sparse_step)[0], profile_allocations(dense_masked_step)[0]
     assert values.grad is not None and values.grad.abs().sum() > 0
     assert sparse_peak < dense_bytes / 8, (sparse_peak, dense_bytes)
     assert dense_peak >= 2 * dense_bytes, (dense_peak, dense_bytes)

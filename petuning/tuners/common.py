@@ -79,6 +79,26 @@ def check_adapter_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         )
 
 
+class ShapeCheckedLoadMixin:
+    """Tuner mixin (before ``BaseTuner``): PEFT's structural key remapping on load, then :func:`check_adapter_shapes`,
+    so an adapter made for another base fails with a clear error. ``method_label`` names the method in it."""
+
+    method_label: str = ""
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_shapes(model, remapped, config, cls.method_label)
+        return remapped
+
+
+def adapters_bypassed(layer: BaseTunerLayer) -> bool:
+    """True when ``layer``'s forward is just its base layer's: adapters merged, or disabled (unmerged first)."""
+    if layer.disable_adapters and layer.merged:
+        layer.unmerge()
+    return layer.disable_adapters or layer.merged
+
+
 def is_quantized_linear(module: nn.Module) -> bool:
     """True for a linear layer of one of PEFT's generic quantization backends (bitsandbytes 4/8-bit, HQQ, torchao,
     forward-only formats)."""
@@ -140,11 +160,7 @@ class AdditiveLayerMixin:
 
     def _forward_additive(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The ``forward`` of an additive layer: base output plus every active adapter's ``adapter_output``."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if adapters_bypassed(self):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:

@@ -14,7 +14,7 @@ from peft.utils import (
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from petuning.tuners.common import base_of, check_adapter_shapes, install_module, is_quantized_linear, pattern_value
+from petuning.tuners.common import ShapeCheckedLoadMixin, base_of, install_module, is_quantized_linear, pattern_value
 
 from .config import FloraConfig
 from .layer import Conv, Embedding, FloraLayer, Linear
@@ -26,9 +26,10 @@ SUPPORTED = (
 )
 
 
-class FloraModel(BaseTuner):
+class FloraModel(ShapeCheckedLoadMixin, BaseTuner):
     """Adds FLoRA (Tucker low-rank core) adapters to a model. Created by ``peft.get_peft_model(model, FloraConfig(...))``."""
 
+    method_label = "FLoRA"
     prefix: str = "flora_"
     tuner_layer_cls = FloraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -89,10 +90,3 @@ class FloraModel(BaseTuner):
         module. Loading maps keys through the same function, so both directions agree."""
         key = super()._remove_adapter_name_from_key(key, adapter_name)
         return _NESTED.sub("", key)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT's structural key remapping, plus a clear error when the adapter's shapes do not fit the model."""
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_shapes(model, remapped, config, "FLoRA")
-        return remapped

@@ -33,7 +33,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from petuning.tuners.common import NAN_MESSAGE, init_layer_state
+from petuning.tuners.common import NAN_MESSAGE, adapters_bypassed, init_layer_state
 
 
 def masked_off(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -310,11 +310,7 @@ class Linear(nn.Module, MaskTuningLayer):
         self.update_layer(adapter_name, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if adapters_bypassed(self):
             return self.base_layer(x, *args, **kwargs)
         scores, indices, thresholds = self._masks(self.active_adapters)
         if not scores:

@@ -40,7 +40,9 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from petuning.tuners.common import NAN_MESSAGE, adapter_dtype, init_layer_state, move_adapter_to_base_device
+from petuning.tuners.common import (
+    NAN_MESSAGE, adapter_dtype, adapters_bypassed, init_layer_state, move_adapter_to_base_device,
+)
 
 FREEZE_FRACTION = 0.8
 """The mask stops learning at this fraction of the schedule (paper)."""
@@ -228,11 +230,9 @@ class PatLayer(BaseTunerLayer):
     def _forward_pat(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The ``forward`` of a PAT layer: the base output, passed through ``_apply_adapter`` for every active adapter
         held here; the plain base output when adapters are disabled (unmerging first) or merged."""
-        if self.disable_adapters and self.merged:
-            self.unmerge()
+        if adapters_bypassed(self):
+            return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
-            return result
         for name in self._active_here():
             result = self._apply_adapter(result, x, name)
         return result

@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from petuning.training import AuxiliaryLossMixin, StepContext, refuse_gradient_edits_under_deepspeed
-from petuning.tuners.common import base_of, check_adapter_shapes, install_module
+from petuning.tuners.common import ShapeCheckedLoadMixin, base_of, install_module
 
 from .config import PRODUCERS, PatConfig
 from .layer import (
@@ -27,7 +27,7 @@ UNPOLARIZED_GAP = 0.2
 RMSNorm -> gated MLP -> down_proj -> residual, plain token embedding). SmolLM/SmolLM2 are ``llama``."""
 
 
-class PatModel(AuxiliaryLossMixin, BaseTuner):
+class PatModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
     """Adds PAT to a Llama-family causal LM. Created by ``peft.get_peft_model(model, PatConfig(...))``.
 
     Layout: one HSM after the token embedding and after every ``o_proj`` and ``down_proj`` (1 + 2L HSMs), optional
@@ -47,6 +47,7 @@ class PatModel(AuxiliaryLossMixin, BaseTuner):
     tuner, which those paths discard. Use ``get_peft_model`` / ``PeftModel.from_pretrained``.
     """
 
+    method_label = "PAT"
     prefix: str = "pat_"
     tuner_layer_cls = PatLayer
     target_module_mapping: dict = {}
@@ -140,13 +141,6 @@ class PatModel(AuxiliaryLossMixin, BaseTuner):
                 "torch.nn.Embedding (quantized bases are not supported; load the model in 16/32-bit)."
             )
         install_module(self, adapter_name, parent, target_name, new_module, target)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT's structural key remapping, plus a clear error when the adapter's shapes do not fit the model."""
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_shapes(model, remapped, config, "PAT")
-        return remapped
 
     # ----------------------------------------------------------------------------- adapter management
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:

@@ -10,13 +10,13 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_q
 from torch import nn
 
 from petuning.training import AuxiliaryLossMixin, StepContext, refuse_gradient_edits_under_deepspeed
-from petuning.tuners.common import base_of, check_adapter_shapes, install_module, linear_fan_in_fan_out, pattern_value
+from petuning.tuners.common import ShapeCheckedLoadMixin, base_of, install_module, linear_fan_in_fan_out, pattern_value
 
 from .config import SorsaConfig
 from .layer import Linear, SorsaLayer
 
 
-class SorsaModel(AuxiliaryLossMixin, BaseTuner):
+class SorsaModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
     """Adds SORSA adapters to a model. Created by ``peft.get_peft_model(model, SorsaConfig(...))``.
 
     Besides PEFT's tuner API it offers :meth:`orthonormal_regularizer` (the paper's L_reg, differentiable)
@@ -24,6 +24,7 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
     apply the regularizer as ``SorsaConfig.ortho_mode`` says and log ``sorsa_orthonormality``.
     """
 
+    method_label = "SORSA"
     prefix: str = "sorsa_"
     tuner_layer_cls = SorsaLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -54,13 +55,6 @@ class SorsaModel(AuxiliaryLossMixin, BaseTuner):
     def _create_new_module(config: SorsaConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
         fan_in_fan_out = linear_fan_in_fan_out(base_of(target), key, "SORSA", config.fan_in_fan_out)
         return Linear(target, adapter_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT's structural key remapping, plus a clear error when the adapter's shapes do not fit the model."""
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_shapes(model, remapped, config, "SORSA")
-        return remapped
 
     # ---------------------------------------------------------------------------------- regularizer
     def sorsa_factors(self, adapter_name: str) -> list[torch.Tensor]:

@@ -12,13 +12,13 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_q
 from torch import nn
 
 from petuning.training import AuxiliaryLossMixin, StepContext, unwrap_model
-from petuning.tuners.common import base_of, check_adapter_shapes, install_module, linear_fan_in_fan_out
+from petuning.tuners.common import ShapeCheckedLoadMixin, base_of, install_module, linear_fan_in_fan_out
 
 from .config import SparseLowRankConfig
 from .layer import Linear, SparseLowRankLayer
 
 
-class SparseLowRankModel(AuxiliaryLossMixin, BaseTuner):
+class SparseLowRankModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
     """Adds sparse-plus-low-rank adapters to a model. Created by
     ``peft.get_peft_model(model, SparseLowRankConfig(...))``.
 
@@ -27,6 +27,7 @@ class SparseLowRankModel(AuxiliaryLossMixin, BaseTuner):
     after that many optimizer steps.
     """
 
+    method_label = "sparse_low_rank"
     prefix: str = "sparse_low_rank_"
     tuner_layer_cls = SparseLowRankLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -58,13 +59,6 @@ class SparseLowRankModel(AuxiliaryLossMixin, BaseTuner):
         fan_in_fan_out = linear_fan_in_fan_out(base_of(target), current_key, "sparse_low_rank", config.fan_in_fan_out)
         new_module = Linear(target, adapter_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
         install_module(self, adapter_name, parent, target_name, new_module, target)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT's structural key remapping, plus a clear error when the adapter's shapes do not fit the model."""
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_shapes(model, remapped, config, "sparse_low_rank")
-        return remapped
 
     # ------------------------------------------------------------------------------------- layers
     def sparse_low_rank_layers(self, adapter_name: str) -> list[SparseLowRankLayer]:
