@@ -352,8 +352,9 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
                 )
 
     def petuning_before_optimizer_step(self, ctx: StepContext) -> None:
-        """Gradient dropout, second half: apply the rule to the (clipped, final) task gradients of the scores."""
-        if self._masked_counts is None:  # the baseline of the mass-flip check
+        """Before the first step, the masked counts the mass-flip check compares against; then gradient dropout,
+        second half: apply the rule to the (clipped, final) task gradients of the scores."""
+        if self._masked_counts is None:
             self._masked_counts = {name: masked for name, (masked, _) in self._count_masked().items()}
         pending = [
             (layer, name, config)
