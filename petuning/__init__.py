@@ -4,7 +4,8 @@
 ``AutoPeftModelForCausalLM`` and transformers' ``load_adapter`` accept petuning configs and adapters.
 """
 
-from petuning import registry  # noqa: F401  (checks the peft version first)
+from petuning import import_noise  # noqa: F401  (before peft imports bitsandbytes)
+from petuning import registry  # noqa: F401  (checks the peft version and the transformers/peft pair first)
 from petuning.training import PetuningCallback, TrainingHooks, attach_to_trainer
 from petuning.tuners import FloraConfig, FloraModel
 from petuning.tuners import SorsaConfig, SorsaModel
@@ -14,6 +15,19 @@ from petuning.tuners import PatConfig, PatModel
 
 __version__ = "0.1.0"
 
-__all__ = ["FloraConfig", "FloraModel", "MaskTuningConfig", "MaskTuningModel", "PetuningCallback", "SorsaConfig", "SorsaModel", "TrainingHooks", "attach_to_trainer", "__version__"]
-__all__ += ["SparseLowRankConfig", "SparseLowRankModel"]
-__all__ += ["PatConfig", "PatModel"]
+__all__ = [
+    "FloraConfig",
+    "FloraModel",
+    "MaskTuningConfig",
+    "MaskTuningModel",
+    "PatConfig",
+    "PatModel",
+    "PetuningCallback",
+    "SorsaConfig",
+    "SorsaModel",
+    "SparseLowRankConfig",
+    "SparseLowRankModel",
+    "TrainingHooks",
+    "__version__",
+    "attach_to_trainer",
+]

@@ -218,19 +218,20 @@ def load_records(source: str, split: str | None = None, subset: str | None = Non
     """Records of a dataset, as a list of dicts.
 
     ``source`` is ``"embedded"`` (the shipped arithmetic task; ``split`` ``"train"`` or ``"test"``),
-    a local ``.json``/``.jsonl`` file (``split`` does not apply), or anything
-    ``datasets.load_dataset`` accepts (a Hub id or a local dataset directory; ``subset`` is its
-    configuration name, ``split`` defaults to ``"train"``). Only the last needs the ``datasets``
-    package.
+    a local ``.json``/``.jsonl`` file (``split`` does not apply), a directory written by ``datasets``'
+    ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` from which ``split`` is taken), or anything else
+    ``datasets.load_dataset`` accepts (a Hub id or a local folder of data files; ``subset`` is its
+    configuration name, ``split`` defaults to ``"train"``). The last two need the ``datasets`` package.
     """
     if source == "embedded":
         return load_embedded_task(split or "train")
+    path = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or source.endswith(_JSON_SUFFIXES)
-    if source.endswith(_JSON_SUFFIXES) or (looks_local and Path(source).expanduser().is_file()):
+    if source.endswith(_JSON_SUFFIXES) or (looks_local and path.is_file()):
         if split not in (None, "train"):
             raise ValueError(f"a split ({split!r}) does not apply to the single file {source!r}; give the eval file itself")
         return read_json_records(source)
-    if looks_local and not Path(source).expanduser().exists():
+    if looks_local and not path.exists():
         raise FileNotFoundError(f"dataset {source!r} does not exist")
     try:
         import datasets
@@ -239,7 +240,23 @@ def load_records(source: str, split: str | None = None, subset: str | None = Non
             f"loading {source!r} needs the 'datasets' package (pip install datasets); local .json/.jsonl "
             f"files and 'embedded' do not"
         ) from None
-    return [dict(row) for row in datasets.load_dataset(source, subset, split=split or "train")]
+    if path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if (split or "train") not in loaded:
+                raise ValueError(f"the saved dataset {source!r} has splits {sorted(loaded)}, not {split or 'train'!r}")
+            loaded = loaded[split or "train"]
+        return [dict(row) for row in loaded]
+    try:
+        loaded = datasets.load_dataset(source, subset, split=split or "train")
+    except ConnectionError as error:
+        raise ConnectionError(
+            f"dataset {source!r} is not a local file or folder, and the Hugging Face Hub could not be reached for "
+            f"it ({error}). Fix: download it where the Hub is reachable "
+            f"(datasets.load_dataset({source!r}).save_to_disk(DIR)) and pass DIR, give a local .json/.jsonl file, "
+            f"or, if this machine is online, unset HF_HUB_OFFLINE."
+        ) from None
+    return [dict(row) for row in loaded]
 
 
 @dataclass(frozen=True)

@@ -7,17 +7,27 @@ only accepts names that are already members, so an out-of-tree method first adds
 petuning twice, or reloading a module, is harmless.
 
 The enum extension relies on CPython's ``enum`` internals and on PEFT 0.21's tuner-level state-dict
-hooks, so the supported PEFT range is checked here, once, with a clear message.
+hooks, so the supported PEFT range is checked here, once, with a clear message. The transformers/peft
+pair is checked too: transformers' adapter API (``add_adapter``, ``load_adapter``) refuses a peft older
+than its ``MIN_PEFT_VERSION``, which would otherwise surface deep inside ``load_adapter``.
 """
 
 from __future__ import annotations
 
+import warnings
 from importlib.metadata import version as _installed_version
 
 from packaging.version import Version
 
+# Both ranges equal pyproject.toml's (a test checks it).
 SUPPORTED_PEFT = (Version("0.21.0"), Version("0.22.0"))
 """Half-open range [low, high) of peft versions petuning is tested against."""
+TESTED_TRANSFORMERS = (Version("5.20.0"), Version("5.24.0"))
+"""Half-open range [low, high) of transformers versions petuning is tested against."""
+
+
+class IncompatibleVersionsWarning(UserWarning):
+    """The installed transformers and peft do not work together for part of their API."""
 
 
 def check_peft_version(found: str | None = None) -> None:
@@ -32,7 +42,35 @@ def check_peft_version(found: str | None = None) -> None:
         )
 
 
+def check_transformers_peft_pair(
+    transformers_version: str | None = None, peft_version: str | None = None, min_peft: str | None = None
+) -> str | None:
+    """Warn (and return the message) if transformers' adapter API refuses the installed peft; else ``None``.
+
+    ``min_peft`` is transformers' ``MIN_PEFT_VERSION`` for its adapter API, read from the installed transformers
+    unless given; the three arguments exist so that a test can simulate a pair that is not installed.
+    """
+    transformers_version = transformers_version or _installed_version("transformers")
+    peft_version = peft_version or _installed_version("peft")
+    if min_peft is None:
+        from transformers.integrations import peft as transformers_peft
+
+        min_peft = getattr(transformers_peft, "MIN_PEFT_VERSION", None)
+    if min_peft is None or Version(peft_version) >= Version(min_peft):
+        return None
+    low, high = TESTED_TRANSFORMERS
+    message = (
+        f"transformers {transformers_version} needs peft>={min_peft} for its adapter API (model.add_adapter, "
+        f"model.load_adapter, from_pretrained of an adapter folder), but peft {peft_version} is installed, and "
+        f"petuning supports peft>={SUPPORTED_PEFT[0]},<{SUPPORTED_PEFT[1]} only. get_peft_model and "
+        f'PeftModel.from_pretrained still work. Fix: pip install "transformers>={low},<{high}".'
+    )
+    warnings.warn(message, IncompatibleVersionsWarning, stacklevel=3)
+    return message
+
+
 check_peft_version()
+check_transformers_peft_pair()
 
 from peft import mapping as peft_mapping  # noqa: E402
 from peft.utils import PeftType, register_peft_method  # noqa: E402

@@ -110,6 +110,47 @@ def test_hub_ids_need_datasets(monkeypatch):
         load_records("someone/some-dataset")
 
 
+RECORDS = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": "4"}]
+
+
+def test_a_folder_of_jsonl_files_goes_through_datasets_json_builder(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    (tmp_path / "test.jsonl").write_text(json.dumps(RECORDS[0]) + "\n")
+    assert load_records(str(tmp_path)) == RECORDS
+    assert load_records(str(tmp_path), split="test") == RECORDS[:1]
+
+
+def test_a_dataset_saved_to_disk_loads_with_its_splits(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "one"))
+    assert load_records(str(tmp_path / "one")) == RECORDS
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(RECORDS), "validation": datasets.Dataset.from_list(RECORDS[1:])}
+    ).save_to_disk(str(tmp_path / "dict"))
+    assert load_records(str(tmp_path / "dict"), split="validation") == RECORDS[1:]
+    with pytest.raises(ValueError, match=r"has splits \['train', 'validation'\], not 'test'"):
+        load_records(str(tmp_path / "dict"), split="test")
+
+
+def test_a_hub_id_offline_names_the_fix(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # this suite runs offline anyway
+    with pytest.raises(ConnectionError, match=r"could not be reached .*save_to_disk\(DIR\)\) and pass DIR"):
+        load_records("someone/some-dataset")
+
+
+def test_the_recipe_trains_and_evaluates_on_the_splits_of_a_saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    saved = tmp_path / "saved"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(RECORDS * 3), "test": datasets.Dataset.from_list(RECORDS[:1])}
+    ).save_to_disk(str(saved))
+    cfg = load_config(None, ["method=lora", f"data.dataset={saved}", "data.eval_split=test", "eval.metric=exact_match"])
+    splits = prepare_splits(cfg, TOK, seed=0)
+    assert (len(splits.train), len(splits.eval), splits.references) == (6, 1, ["2"])
+
+
 def test_missing_columns_are_named():
     with pytest.raises(ValueError, match=r"dataset 'd' has columns \['question', 'solution'\], none of the layouts .*'messages'"):
         SFTFormat().resolve([{"question": "q", "solution": "s"}], "'d'")

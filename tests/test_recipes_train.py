@@ -136,7 +136,7 @@ def test_qlora_on_a_4bit_base(setup, tmp_path, method, options):
     q_proj = base.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.weight.dtype == torch.uint8
     assert base.model.norm.weight.dtype == torch.float32  # prepare_model_for_kbit_training upcasts the rest
-    assert base.is_activation_checkpointing
+    assert any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
     assert result.model.peft_config["default"].peft_type == method.upper()
     losses = result.metrics["loss_history"]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

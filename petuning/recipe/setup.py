@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from petuning import import_noise
 from petuning.models import CHATML_TEMPLATE, smollm2_path
 from petuning.recipe.config import ModelArgs
 
@@ -125,6 +126,9 @@ def load_tokenizer(args: ModelArgs) -> PreTrainedTokenizerBase:
 def quantization_config(args: ModelArgs, bf16: bool, device: torch.device):
     """bitsandbytes 4-bit config of a QLoRA run (nf4, double quantization by default)."""
     from transformers import BitsAndBytesConfig
+
+    for message in import_noise.held_back:  # held back at `import petuning`; it matters now
+        logger.warning("bitsandbytes: %s", message)
 
     if args.bnb_4bit_compute_dtype == "auto":
         compute = torch.bfloat16 if (bf16 or bf16_supported(device)) else torch.float32
