@@ -2,8 +2,11 @@
 
 Some methods need more than the task loss: SORSA's orthonormal regularizer, PAT's mask schedule and
 auxiliary losses, masked tuning's gradient dropout. A method takes part by inheriting
-:class:`TrainingHooksMixin` on its tuner (or its layers) and overriding any of four hooks. This module
-knows no method by name; it finds the providers on the model and calls them at fixed points:
+:class:`TrainingHooksMixin` on its tuner (or its layers) and overriding any of the hooks below; a tuner
+registers itself on the model it adapts (:func:`register_hook_provider`), so the hooks run whichever way the
+adapter was attached (``get_peft_model``, TRL's ``peft_config=``, transformers' ``add_adapter`` /
+``load_adapter``). This module knows no method by name; it finds the providers on the model and calls them
+at fixed points:
 
 ================================  ===========================================================================
 hook                              when
@@ -23,6 +26,9 @@ Drivers:
   hooks, which fire exactly once per real optimizer step (accelerate skips the step, and so the hooks,
   on accumulation micro-batches and on fp16 overflow).
 
+While a driver runs, the model is marked as in a training run (:func:`in_training_run`): checkpoints written
+then carry everything resuming needs.
+
 Gradient-level hooks work on the raw parameters with ``torch.autograd.grad`` and write into ``.grad``,
 so under DDP no second backward runs through the wrapper: every rank holds the same parameters and adds
 the same correction.
@@ -30,7 +36,6 @@ the same correction.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -57,7 +62,7 @@ class StepContext:
 class ForwardContext:
     """What a forward-level hook knows about a training forward of the wrapped model: the model itself, the
     arguments it was called with, its output, and this micro-batch's share of the optimizer step's label tokens
-    (1.0 when the driver does not say; see :class:`AuxiliaryLossMixin`)."""
+    (1.0 when the driver does not say; see :func:`_add_auxiliary_loss`)."""
 
     model: nn.Module
     args: tuple
@@ -90,51 +95,80 @@ class TrainingHooksMixin:
         return {}
 
 
-class AuxiliaryLossMixin(TrainingHooksMixin):
-    """Tuner mixin (put it before ``BaseTuner``) that adds the auxiliary losses of the tuner and its layers to
-    the wrapped model's ``outputs.loss``, in training mode, when a loss was computed.
-
-    It works through a forward hook on the wrapped model, so it acts for every ``PeftModel`` task type (the
-    generic ``PeftModel`` calls the wrapped model directly, not the tuner) and under ``Trainer``, TRL and DDP
-    (the term is part of the same graph). The hook is removed by ``unload()`` / ``merge_and_unload()``.
-
-    Normalization follows the task loss: when the driver passes ``num_items_in_batch`` (``transformers.Trainer``
-    with gradient accumulation normalizes the loss over the whole accumulated batch and does not divide by the
-    number of micro-batches), the term of a micro-batch is weighted by its share of the label tokens, so each
-    optimizer step sees it exactly once, whatever the accumulation and world size.
-    """
-
-    _auxiliary_loss_handle = None
-
-    def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
-        super()._post_injection_hook(model, config, adapter_name)
-        if self._auxiliary_loss_handle is None:
-            self._auxiliary_loss_handle = model.register_forward_hook(
-                functools.partial(_add_auxiliary_loss, self), with_kwargs=True
-            )
-
-    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
-        if self._auxiliary_loss_handle is not None:
-            self._auxiliary_loss_handle.remove()
-            self._auxiliary_loss_handle = None
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+# ------------------------------------------------------------------------------------------ providers
+_PROVIDERS = "_petuning_hook_providers"
+_FORWARD_HOOK = "_petuning_forward_hook"
+_TRAINING_RUN = "_petuning_training_run"
 
 
-def _add_auxiliary_loss(tuner: nn.Module, module: nn.Module, args: tuple, kwargs: dict, output: Any):
-    """Forward hook of the wrapped model: runs the providers' ``petuning_training_forward``, then
-    ``output.loss += share * auxiliary_loss(tuner)``."""
+def register_hook_provider(model: nn.Module, provider: TrainingHooksMixin) -> None:
+    """Make ``provider`` reachable from ``model`` and from every wrapper of it, and add its auxiliary losses to
+    ``model``'s ``outputs.loss`` (one forward hook per model, see :func:`_add_auxiliary_loss`).
+
+    The reference lives in ``model.__dict__``, outside the module tree, so a provider that nothing else holds (the
+    tuner of transformers' ``add_adapter`` / ``load_adapter``, which keep the injected model and drop the tuner)
+    still runs, and a tuner that holds ``model`` does not become a submodule of it. Idempotent."""
+    providers = model.__dict__.setdefault(_PROVIDERS, [])
+    if not any(p is provider for p in providers):
+        providers.append(provider)
+    if _FORWARD_HOOK not in model.__dict__:
+        model.__dict__[_FORWARD_HOOK] = model.register_forward_hook(_add_auxiliary_loss, with_kwargs=True)
+
+
+def unregister_hook_provider(model: nn.Module, provider: TrainingHooksMixin) -> None:
+    """Undo :func:`register_hook_provider`; the forward hook goes with the last provider (``unload()`` leaves no
+    hook behind)."""
+    providers = [p for p in model.__dict__.get(_PROVIDERS, []) if p is not provider]
+    if providers:
+        model.__dict__[_PROVIDERS] = providers
+        return
+    model.__dict__.pop(_PROVIDERS, None)
+    handle = model.__dict__.pop(_FORWARD_HOOK, None)
+    if handle is not None:
+        handle.remove()
+
+
+def _add_auxiliary_loss(module: nn.Module, args: tuple, kwargs: dict, output: Any):
+    """Forward hook of a model with registered providers, in training mode with gradients on: runs every provider's
+    ``petuning_training_forward``, then ``output.loss += share * auxiliary_loss``.
+
+    It sits on the wrapped model, so it acts for every ``PeftModel`` task type (the generic ``PeftModel`` calls the
+    wrapped model directly, not the tuner) and under ``Trainer``, TRL and DDP (the term is part of the same graph).
+    Normalization follows the task loss: when the driver passes ``num_items_in_batch`` (``transformers.Trainer`` with
+    gradient accumulation normalizes the loss over the whole accumulated batch and does not divide by the number of
+    micro-batches), the term of a micro-batch is weighted by its share of the label tokens, so each optimizer step
+    sees it exactly once, whatever the accumulation and world size."""
     if not module.training or not torch.is_grad_enabled():
         return None
     share = _micro_batch_share(module, kwargs)
-    training_forward(tuner, ForwardContext(module, args, kwargs, output, share))
+    training_forward(module, ForwardContext(module, args, kwargs, output, share))
     loss = getattr(output, "loss", None)
     if loss is None:
         return None
-    extra = auxiliary_loss(tuner)
+    extra = auxiliary_loss(module)
     if extra is None:
         return None
     output.loss = loss + share * extra.to(loss.dtype)
     return output
+
+
+def set_training_run(model: nn.Module, active: bool) -> None:
+    """Mark that a driver (``PetuningCallback``, ``TrainingHooks``) is running a training run of ``model``. While it
+    is, ``save_pretrained`` writes everything resuming needs (:func:`in_training_run`), so a Trainer checkpoint
+    resumes exactly; outside, methods may save a compact final adapter."""
+    root = unwrap_model(model)
+    for module in root.modules():  # the root, and every model a tuner registered on
+        if module is root or _PROVIDERS in module.__dict__:
+            if active:
+                module.__dict__[_TRAINING_RUN] = True
+            else:
+                module.__dict__.pop(_TRAINING_RUN, None)
+
+
+def in_training_run(model: nn.Module) -> bool:
+    """True while a driver runs a training run of ``model`` or of a model that contains it (see
+    :func:`set_training_run`)."""
+    return any(m.__dict__.get(_TRAINING_RUN, False) for m in unwrap_model(model).modules())
 
 
 def _micro_batch_share(module: nn.Module, kwargs: dict) -> torch.Tensor | float:
@@ -186,8 +220,14 @@ def refuse_gradient_edits_under_deepspeed(feature: str, fix: str) -> None:
 
 
 def hook_providers(model: nn.Module) -> list[TrainingHooksMixin]:
-    """Every module of ``model`` that implements the protocol, each once, in module order."""
-    return [m for m in unwrap_model(model).modules() if isinstance(m, TrainingHooksMixin)]
+    """Every provider reachable from ``model``, each once, in module order: modules that implement the protocol
+    and providers registered on a module with :func:`register_hook_provider`."""
+    found: dict[int, TrainingHooksMixin] = {}
+    for module in unwrap_model(model).modules():
+        for candidate in (module, *module.__dict__.get(_PROVIDERS, ())):
+            if isinstance(candidate, TrainingHooksMixin):
+                found.setdefault(id(candidate), candidate)
+    return list(found.values())
 
 
 def auxiliary_loss(model: nn.Module) -> Optional[torch.Tensor]:
@@ -229,6 +269,12 @@ class PetuningCallback(TrainerCallback):
     (progress bar and ``trainer.state.log_history``). ``report_to`` integrations such as W&B run before
     user callbacks; to have them record petuning's metrics too, use :func:`attach_to_trainer` instead.
     """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        set_training_run(model, True)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        set_training_run(model, False)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         before_optimizer_step(model, self._context(args, state))
@@ -290,6 +336,7 @@ class TrainingHooks:
             self.optimizer.register_step_pre_hook(self._before),
             self.optimizer.register_step_post_hook(self._after),
         ]
+        set_training_run(model, True)
 
     def _context(self) -> StepContext:
         if self.peak_lr is None:
@@ -310,6 +357,7 @@ class TrainingHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        set_training_run(self.model, False)
 
     def __enter__(self) -> "TrainingHooks":
         return self

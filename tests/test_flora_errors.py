@@ -64,15 +64,22 @@ def test_unsupported_layer_is_named():
         get_peft_model(Net(), FloraConfig(r=2, target_modules=["lin", "norm"]))
 
 
-def test_rank_larger_than_a_mode_names_the_mode_and_a_fix():
-    with pytest.raises(ValueError, match=r"rank 9 for the 'in' mode of layer 'lin' is larger than that mode's size 8"):
-        get_peft_model(Net(), FloraConfig(r=9, target_modules=["lin"]))
-    with pytest.raises(ValueError, match=r"'in/groups \(8/8\)' mode of layer 'depthwise' .* size 1.*\[1, 2, 3, 3\]"):
-        get_peft_model(Net(), FloraConfig(r=2, target_modules=["depthwise"]))
-    with pytest.raises(ValueError, match=r"rank 4 for the 'kernel_w' mode of layer 'conv' is larger than .* size 3"):
-        get_peft_model(Net(), FloraConfig(r=[2, 2, 3, 4], target_modules=["conv"]))
+def test_strict_rank_names_the_mode_and_a_fix():
+    with pytest.raises(ValueError, match=r"rank 9 for layer 'lin' is larger than 8: its 'in' mode has size 8"):
+        get_peft_model(Net(), FloraConfig(r=9, target_modules=["lin"], strict_rank=True))
+    with pytest.raises(ValueError, match=r"layer 'depthwise' .* its 'in/groups \(8/8\)' mode has size 1.*\[1, 2, 3, 3\]"):
+        get_peft_model(Net(), FloraConfig(r=2, target_modules=["depthwise"], strict_rank=True))
+    with pytest.raises(ValueError, match=r"rank 4 for layer 'conv' is larger than 3: its 'kernel_w' mode has size 3"):
+        get_peft_model(Net(), FloraConfig(r=[2, 2, 3, 4], target_modules=["conv"], strict_rank=True))
     with pytest.raises(ValueError, match=r"'kernel_h' mode"):
-        get_peft_model(Net(), FloraConfig(r=2, r_kernel=4, target_modules=["conv"]))
+        get_peft_model(Net(), FloraConfig(r=2, r_kernel=4, target_modules=["conv"], strict_rank=True))
+
+
+def test_ranks_larger_than_a_mode_are_capped_per_mode():
+    with pytest.warns(UserWarning, match=r"depthwise \(rank 2 -> 1: its 'in/groups \(8/8\)' mode has size 1\)"):
+        model = get_peft_model(Net(), FloraConfig(r=2, target_modules=["depthwise", "conv"]))
+    assert model.base_model.model.depthwise.flora_r["default"] == (1, 2, 3, 3)
+    assert model.base_model.model.conv.flora_r["default"] == (2, 2, 3, 3)
 
 
 def test_rank_list_of_the_wrong_length_names_the_modes():

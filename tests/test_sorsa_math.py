@@ -393,16 +393,19 @@ def test_bf16_base_svd_in_fp32_and_exact_init():
 
 
 # ---------------------------------------------------------------------------------------------- errors
-def test_rank_too_large_names_layer_and_limit():
+def test_strict_rank_names_layer_and_limit():
     with pytest.raises(ValueError) as err:
-        wrap(MLP(), r=9)  # lin2 is 10 -> 8: at most 8 singular values (lin1 allows 10)
+        wrap(MLP(), r=9, strict_rank=True)  # lin2 is 10 -> 8: at most 8 singular values (lin1 allows 10)
     message = str(err.value)
-    assert "lin2" in message and "8" in message and "r=9" in message
+    assert "'lin2'" in message and "larger than 8" in message and "rank 9" in message
 
 
-def test_rank_pattern_too_large():
+def test_rank_pattern_too_large_is_capped_with_a_warning_naming_the_layer():
+    with pytest.warns(UserWarning, match=r"lin1 \(rank 11 -> 10: a 10x12 weight has 10 singular values\)"):
+        model = wrap(MLP(), r=2, rank_pattern={"lin1": 11})
+    assert model.base_model.model.lin1.sorsa_r["default"] == 10
     with pytest.raises(ValueError, match="lin1"):
-        wrap(MLP(), r=2, rank_pattern={"lin1": 11})
+        wrap(MLP(), r=2, rank_pattern={"lin1": 11}, strict_rank=True)
 
 
 class WithConvAndEmbedding(nn.Module):

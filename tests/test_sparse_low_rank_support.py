@@ -332,12 +332,12 @@ def test_density_outside_open_unit_interval_is_refused(density):
         SparseLowRankConfig(density=density)
 
 
-def test_rank_larger_than_layer_and_empty_support_are_refused():
-    too_large = r"rank r=6 is larger than min\(in_features, out_features\)=5 \(layer 'lin3'\)"
+def test_rank_larger_than_layer_and_empty_support_are_refused_with_strict_rank():
+    too_large = r"rank 6 for layer 'lin3' is larger than 5: the low-rank part of a 5x16 update has rank at most 5"
     with pytest.raises(ValueError, match=too_large):
-        make(MLP(), r=6)
+        make(MLP(), r=6, strict_rank=True)
     with pytest.raises(ValueError, match=r"selects no entry of the 16x12 weight \(layer 'lin1'\)"):
-        make(MLP(), density=0.001)
+        make(MLP(), density=0.001, strict_rank=True)
     with pytest.raises(ValueError, match="r must be an integer >= 0"):
         SparseLowRankConfig(r=-1)
     with pytest.raises(ValueError, match="only applies to support='gradient'"):

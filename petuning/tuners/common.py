@@ -6,8 +6,7 @@ import warnings
 from typing import Optional
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from peft.utils.other import get_pattern_key
 from torch import nn
@@ -36,60 +35,6 @@ def check_mergeable(layer: BaseTunerLayer, method: str) -> None:
         UserWarning,
         stacklevel=3,
     )
-
-
-def adapter_dtype(layer: BaseTunerLayer) -> torch.dtype:
-    """Dtype for a layer's adapter tensors: float64 on a float64 base (exact tests), else float32, so that products
-    of several small factors are not rounded to 16 bits on fp16/bf16 bases."""
-    base_dtype = layer._get_base_layer_device_and_dtype(layer.get_base_layer())[1]
-    return torch.float64 if base_dtype == torch.float64 else torch.float32
-
-
-def move_adapter_to_base_device(layer: BaseTunerLayer, adapter_name: str, device: Optional[torch.device] = None) -> None:
-    """Move ``adapter_name``'s tensors (in every per-adapter container of ``layer``) to the base layer's device,
-    keeping their dtype (PEFT's default would also cast them to the base dtype). Tensors on meta stay there."""
-    target = device or layer._get_base_layer_device_and_dtype(layer.get_base_layer())[0]
-    if target is None:
-        return
-    for attr in layer.adapter_layer_names + layer.other_param_names:
-        container = getattr(layer, attr, None)
-        if not isinstance(container, (nn.ModuleDict, nn.ParameterDict, BufferDict)) or adapter_name not in container:
-            continue
-        item = container[adapter_name]
-        tensors = list(item.parameters()) + list(item.buffers()) if isinstance(item, nn.Module) else [item]
-        if any(t.device.type == "meta" for t in tensors):
-            continue
-        container[adapter_name] = item.to(target)
-
-
-def check_adapter_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], config, method: str) -> None:
-    """Refuse an adapter state dict (already remapped to the model's keys) whose tensors do not have the model's
-    shapes, naming a mismatching tensor: such an adapter was made for a different base model."""
-    expected = model.state_dict()
-    wrong = [
-        f"{key}: adapter {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
-        for key, value in state_dict.items()
-        if key in expected and expected[key].shape != value.shape
-    ]
-    if wrong:
-        raise ValueError(
-            f"This {method} adapter was made for a base model (or ranks) with different layer shapes than the model "
-            f"it is being loaded into ({len(wrong)} tensors differ, e.g. {wrong[0]}). Load it on the base model it "
-            f"was made for: {getattr(config, 'base_model_name_or_path', None)!r}."
-        )
-
-
-class ShapeCheckedLoadMixin:
-    """Tuner mixin (before ``BaseTuner``): PEFT's structural key remapping on load, then :func:`check_adapter_shapes`,
-    so an adapter made for another base fails with a clear error. ``method_label`` names the method in it."""
-
-    method_label: str = ""
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_shapes(model, remapped, config, cls.method_label)
-        return remapped
 
 
 def adapters_bypassed(layer: BaseTunerLayer) -> bool:
@@ -135,16 +80,6 @@ def linear_fan_in_fan_out(base: nn.Module, key: str, method: str, requested: boo
     if requested:
         warnings.warn(f"fan_in_fan_out=True does not fit {key!r} ({type(base).__name__}, (out, in) layout); ignored.")
     return False
-
-
-def install_module(
-    tuner: BaseTuner, adapter_name: str, parent: nn.Module, target_name: str, new_module: nn.Module, target: nn.Module
-) -> None:
-    """Put ``new_module`` (the tuner layer built around ``target``) in ``target``'s place in ``parent``; an adapter
-    added while another one is active does not train."""
-    if adapter_name not in tuner.active_adapters:
-        new_module.requires_grad_(False)
-    tuner._replace_module(parent, target_name, new_module, target)
 
 
 class AdditiveLayerMixin:
@@ -212,19 +147,3 @@ class AdditiveLayerMixin:
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """An additive update converts to a LoRA adapter (exactly at its rank, see ``petuning export --format lora``)."""
         return True
-
-
-def init_layer_state(layer: BaseTunerLayer, base_layer: nn.Module, kwargs: dict, quantizable: bool = True) -> None:
-    """The state every petuning tuner layer starts with (PEFT's layer protocol): the wrapped base layer, no merged or
-    disabled adapters, the quantization backend of the base (None when the method refuses quantized bases), its
-    in/out features and the creation kwargs."""
-    layer.base_layer = base_layer
-    layer._disable_adapters = False
-    layer.merged_adapters = []
-    layer.quantization_backend = (
-        resolve_quantization_backend(layer.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass"))
-        if quantizable
-        else None
-    )
-    layer.in_features, layer.out_features = _get_in_out_features(layer.get_base_layer())
-    layer.kwargs = kwargs

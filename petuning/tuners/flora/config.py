@@ -40,8 +40,8 @@ class FloraConfig(PeftConfig):
             "help": "Ranks per mode. An int J sets the input and output ranks (J_in = J_out = J; kernel modes take "
             "`r_kernel`). A list gives one rank per mode in the order [in, out, *kernel], e.g. [16, 16, 2, 2] for a "
             "3x3 Conv2d; its length must match every targeted layer's number of modes (2 for Linear/Embedding, "
-            "3/4/5 for Conv1d/2d/3d), so use rank_pattern for layers of different kinds. Each rank must be at most "
-            "its mode's size."
+            "3/4/5 for Conv1d/2d/3d), so use rank_pattern for layers of different kinds. A rank larger than its "
+            "mode's size is lowered to that size (see `strict_rank`)."
         },
     )
     r_kernel: Optional[int] = field(
@@ -103,6 +103,14 @@ class FloraConfig(PeftConfig):
     scale_pattern: Optional[dict] = field(
         default_factory=dict,
         metadata={"help": "Per-module overrides of `scale` (like PEFT's alpha_pattern): {'down_proj': 1.0}."},
+    )
+    strict_rank: bool = field(
+        default=False,
+        metadata={
+            "help": "False: a mode rank larger than the mode's size (e.g. r=8 on a depthwise convolution, whose input "
+            "mode has size 1) is lowered to that size, with one warning naming such layers, as LoRA accepts any r. "
+            "True: such a layer raises instead."
+        },
     )
 
     def __post_init__(self):

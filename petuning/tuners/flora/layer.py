@@ -30,11 +30,11 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import quantization_extra_repr
 from torch import nn
 
-from petuning.tuners.common import AdditiveLayerMixin, adapter_dtype, init_layer_state, move_adapter_to_base_device
+from petuning.tuners.base import PetuningLayer
+from petuning.tuners.common import AdditiveLayerMixin
 
 INIT_NEGATIVE_SLOPE = math.sqrt(3)
 """Kaiming-normal ``a`` of the official code: std = 1 / sqrt(2 J_n) for a factor (I_n, J_n)."""
@@ -53,7 +53,7 @@ def tucker_product(core: torch.Tensor, factors: list[torch.Tensor], first_mode: 
     return core
 
 
-class FloraLayer(AdditiveLayerMixin, BaseTunerLayer):
+class FloraLayer(AdditiveLayerMixin, PetuningLayer):
     """State and math shared by every FLoRA-adapted layer type (forward and merge: :class:`AdditiveLayerMixin`)."""
 
     method = "FLoRA"
@@ -62,7 +62,7 @@ class FloraLayer(AdditiveLayerMixin, BaseTunerLayer):
     other_param_names = ("flora_r", "flora_scale", "flora_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        init_layer_state(self, base_layer, kwargs)
+        self._init_petuning_state(base_layer, kwargs)
         self.flora_G = nn.ParameterDict({})
         self.flora_U = nn.ModuleDict({})  # name -> ParameterList, one factor per mode [in, out, *kernel]
         self.flora_r: dict[str, tuple[int, ...]] = {}
@@ -74,9 +74,17 @@ class FloraLayer(AdditiveLayerMixin, BaseTunerLayer):
     def modes(self) -> list[tuple[str, int]]:
         """(name, size) of every mode of the weight, in the order [in, out, *kernel]."""
 
-    def resolve_ranks(self, r: Union[int, list[int]], r_kernel: Optional[int], module_name: str = "") -> tuple[int, ...]:
+    def resolve_ranks(
+        self,
+        adapter_name: str,
+        r: Union[int, list[int]],
+        r_kernel: Optional[int],
+        module_name: str = "",
+        strict_rank: bool = False,
+    ) -> tuple[int, ...]:
         """Per-mode ranks for this layer from an int (input/output rank; kernel modes take ``r_kernel`` or full
-        rank) or a per-mode list, with a clear error when a rank does not fit."""
+        rank) or a per-mode list; a rank larger than its mode is lowered to the mode's size (a clear error with
+        ``strict_rank``)."""
         where = f"layer {module_name!r}" if module_name else f"this {type(self.get_base_layer()).__name__}"
         key = module_name or "<module name>"
         modes = self.modes()
@@ -91,15 +99,15 @@ class FloraLayer(AdditiveLayerMixin, BaseTunerLayer):
                     f"[{described}]. Give one rank per mode in the order [in, out, *kernel], or a single int; use "
                     "rank_pattern to give layers of different kinds their own lists."
                 )
-        for (name, size), rank in zip(modes, ranks):
-            if rank > size:
-                fitting = [min(j, s) for j, (_, s) in zip(ranks, modes)]
-                raise ValueError(
-                    f"FLoRA rank {rank} for the {name!r} mode of {where} is larger than that mode's size {size} "
-                    f"(modes: {described}). A Tucker factor cannot have more columns than its mode has entries. "
-                    f"Lower it, e.g. rank_pattern={{{key!r}: {fitting}}}, or leave the layer out of target_modules."
-                )
-        return tuple(ranks)
+        fitting = [min(j, s) for j, (_, s) in zip(ranks, modes)]
+        fix = (
+            f"A Tucker factor cannot have more columns than its mode has entries (modes: {described}). Lower it, e.g. "
+            f"rank_pattern={{{key!r}: {fitting}}}, or leave the layer out of target_modules."
+        )
+        return tuple(
+            self.fit_rank(adapter_name, rank, size, f"its {name!r} mode has size {size}", strict_rank, fix, module_name)
+            for (name, size), rank in zip(modes, ranks)
+        )
 
     # ----------------------------------------------------------------------------------------- init
     def update_layer(
@@ -112,12 +120,13 @@ class FloraLayer(AdditiveLayerMixin, BaseTunerLayer):
         r_kernel: Optional[int] = None,
         module_name: str = "",
         inference_mode: bool = False,
+        strict_rank: bool = False,
         **_: Any,
     ) -> None:
         """Add adapter ``adapter_name``: a zero core and Kaiming-normal(a=√3) factors (a random core as well with
         ``init_weights=False``)."""
-        ranks = self.resolve_ranks(r, r_kernel, module_name)
-        dtype = adapter_dtype(self)
+        ranks = self.resolve_ranks(adapter_name, r, r_kernel, module_name, strict_rank)
+        dtype = self.adapter_dtype()
         factors = []
         for (_, size), rank in zip(self.modes(), ranks):
             factor = torch.empty(size, rank, dtype=dtype)
@@ -132,7 +141,7 @@ class FloraLayer(AdditiveLayerMixin, BaseTunerLayer):
         self.flora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.flora_G[adapter_name] = nn.Parameter(core)
         self.flora_U[adapter_name] = nn.ParameterList(factors)
-        move_adapter_to_base_device(self, adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     # ---------------------------------------------------------------------------------------- math
@@ -153,9 +162,6 @@ class FloraLayer(AdditiveLayerMixin, BaseTunerLayer):
     @abstractmethod
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The adapter's contribution to the layer output for input ``x``, in the adapter's dtype."""
-
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        move_adapter_to_base_device(self, adapter_name, device)
 
 
 class _FloraModule(nn.Module, FloraLayer):

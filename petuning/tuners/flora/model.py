@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import (
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
     get_quantization_kwargs,
@@ -14,7 +14,8 @@ from peft.utils import (
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from petuning.tuners.common import ShapeCheckedLoadMixin, base_of, install_module, is_quantized_linear, pattern_value
+from petuning.tuners.base import PetuningTuner
+from petuning.tuners.common import base_of, is_quantized_linear, pattern_value
 
 from .config import FloraConfig
 from .layer import Conv, Embedding, FloraLayer, Linear
@@ -26,7 +27,7 @@ SUPPORTED = (
 )
 
 
-class FloraModel(ShapeCheckedLoadMixin, BaseTuner):
+class FloraModel(PetuningTuner):
     """Adds FLoRA (Tucker low-rank core) adapters to a model. Created by ``peft.get_peft_model(model, FloraConfig(...))``."""
 
     method_label = "FLoRA"
@@ -34,34 +35,36 @@ class FloraModel(ShapeCheckedLoadMixin, BaseTuner):
     tuner_layer_cls = FloraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    def _create_and_replace(self, config: FloraConfig, adapter_name, target, target_name, parent, current_key, **kw):
-        kwargs = {
-            "r": pattern_value(config.rank_pattern, current_key, config.r),
+    def _layer_kwargs(self, config: FloraConfig, adapter_name: str, key: str, target_name: str, target: nn.Module) -> dict:
+        return {
+            "r": pattern_value(config.rank_pattern, key, config.r),
             "r_kernel": config.r_kernel,
-            "scale": pattern_value(config.scale_pattern, current_key, config.scale),
+            "scale": pattern_value(config.scale_pattern, key, config.scale),
             "dropout": config.dropout,
             "init_weights": config.init_weights,
-            "module_name": current_key,
+            "module_name": key,
+            "strict_rank": config.strict_rank,
             **get_quantization_kwargs(self),
         }
+
+    def _existing_layer(self, target: nn.Module, key: str) -> FloraLayer | None:
+        """A FLoRA layer at ``target``, also when another method's layer was wrapped around it (FLoRA added first);
+        a clear error when ``target`` holds only another method's adapter."""
         layer = target
         while isinstance(layer, BaseTunerLayer) and not isinstance(layer, FloraLayer):
-            layer = layer.base_layer  # FLoRA added first, another method's layer wrapped around it
+            layer = layer.base_layer
         if isinstance(layer, FloraLayer):
-            layer.update_layer(adapter_name, **kwargs)
-            return
+            return layer
         if isinstance(target, BaseTunerLayer):
             raise ValueError(
-                f"FLoRA cannot adapt {current_key!r}: it already holds an adapter of another PEFT method "
+                f"FLoRA cannot adapt {key!r}: it already holds an adapter of another PEFT method "
                 f"({type(target).__module__}.{type(target).__name__}). Wrapping it would move that adapter's tensors "
                 "under 'base_layer.' and its saved files would no longer load on a plain base model. Add the FLoRA "
                 "adapter first (other methods may then wrap it), or target different modules."
             )
-        new_module = self._create_new_module(config, adapter_name, target, current_key, **kwargs)
-        install_module(self, adapter_name, parent, target_name, new_module, target)
+        return None
 
-    @staticmethod
-    def _create_new_module(config: FloraConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
+    def _create_new_module(self, config: FloraConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
         base = base_of(target)
         if isinstance(base, Conv1D):
             return Linear(target, adapter_name, fan_in_fan_out=True, **kwargs)

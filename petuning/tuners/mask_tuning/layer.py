@@ -30,10 +30,11 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from petuning.tuners.common import NAN_MESSAGE, adapters_bypassed, init_layer_state
+from petuning.tuners.base import PetuningLayer
+from petuning.tuners.common import NAN_MESSAGE, adapters_bypassed
 
 
 def masked_off(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -169,8 +170,16 @@ class PackedMask(nn.Module):
             scores.masked_fill_(~keep & current, 2 * self.threshold - self.mask_init)
 
 
-class MaskTuningLayer(BaseTunerLayer):
-    """State and math shared by every masked-tuning layer type."""
+class MaskTuningLayer(PetuningLayer):
+    """State and math shared by every masked-tuning layer type.
+
+    The scores stay float32 with ``autocast_adapter_dtype=False`` (``fp32_adapter_names``): they start
+    ``mask_init - threshold`` (5e-3) above the threshold and move by about one learning rate per Adam step, and
+    bfloat16's spacing near 1e-2 (6e-5) would swallow steps at learning rates below about 3e-5.
+    """
+
+    method = "masked tuning"
+    fp32_adapter_names = ("mask_tuning_scores",)
 
     adapter_layer_names = ("mask_tuning_scores",)
     other_param_names = (
@@ -178,7 +187,7 @@ class MaskTuningLayer(BaseTunerLayer):
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        init_layer_state(self, base_layer, kwargs, quantizable=False)
+        self._init_petuning_state(base_layer, kwargs, quantizable=False)
         self.mask_tuning_scores = nn.ParameterDict({})
         self.mask_tuning_indices = BufferDict({}, persistent=True)
         self.mask_tuning_mask = nn.ModuleDict({})  # PackedMask per adapter: the bit-packed masks in the state dict
@@ -204,7 +213,7 @@ class MaskTuningLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         numel = weight.numel()
         k = numel if mask_share >= 1.0 else max(1, round(mask_share * numel))
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        dtype = self.adapter_dtype()
         if k < numel:
             if numel >= 2**31:
                 raise ValueError(f"A weight with {numel} entries is too large for int32 mask indices.")

@@ -9,13 +9,19 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from petuning.training import AuxiliaryLossMixin, ForwardContext, StepContext, refuse_gradient_edits_under_deepspeed
-from petuning.tuners.common import base_of, install_module
+from petuning.training import (
+    ForwardContext,
+    StepContext,
+    TrainingHooksMixin,
+    in_training_run,
+    refuse_gradient_edits_under_deepspeed,
+)
+from petuning.tuners.base import PetuningTuner
+from petuning.tuners.common import base_of
 
 from .config import MaskTuningConfig
 from .layer import Linear, MaskTuningLayer, masked_off, unpack_bits
@@ -56,7 +62,7 @@ def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor, attention_mas
     return per_position.mean()
 
 
-class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
+class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
     """Adds masked-tuning adapters to a model. Created by ``peft.get_peft_model(model, MaskTuningConfig(...))``.
 
     Besides PEFT's tuner API it offers :meth:`select_masked_weights` (gradient-based choice of the entries that get
@@ -65,6 +71,7 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
     metrics ``mask_tuning_masked_share`` and ``mask_tuning_gradient_dropped_share``.
     """
 
+    method_label = "masked-tuning"
     prefix: str = "mask_tuning_"
     tuner_layer_cls = MaskTuningLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -76,21 +83,15 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
     _warned_mass_flip: tuple[str, ...] = ()  # adapters already warned about a mass flip
 
     # ------------------------------------------------------------------------------------ injection
-    def _create_and_replace(self, config: MaskTuningConfig, adapter_name, target, target_name, parent, current_key, **kw):
-        kwargs = {
+    def _layer_kwargs(self, config: MaskTuningConfig, adapter_name: str, key: str, target_name: str, target: nn.Module) -> dict:
+        return {
             "mask_share": config.mask_share,
             "mask_init": config.mask_init,
             "threshold": config.threshold,
             "init_weights": config.init_weights,
         }
-        if isinstance(target, MaskTuningLayer):
-            target.update_layer(adapter_name, **kwargs)
-            return
-        new_module = self._create_new_module(config, adapter_name, target, current_key, **kwargs)
-        install_module(self, adapter_name, parent, target_name, new_module, target)
 
-    @staticmethod
-    def _create_new_module(config: MaskTuningConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
+    def _create_new_module(self, config: MaskTuningConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
         base = base_of(target)
         if resolve_quantization_backend(base) is not None:
             raise TypeError(
@@ -118,17 +119,16 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """PEFT's selection: scores, indices and the bit-packed masks; the float scores only if
-        ``config.save_scores``."""
+        ``config.save_scores``, or while a training run is in progress (a Trainer checkpoint must resume exactly)."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        if getattr(config, "save_scores", True):
+        if getattr(config, "save_scores", True) or in_training_run(model):
             return selected
         return {k: v for k, v in selected.items() if not k.endswith(f".{SCORES}.{adapter_name}")}
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT's key remapping; scores missing from a bit-packed adapter are built from its masks (``mask_init``
-        kept, ``2 tau - mask_init`` masked). Refuses tensors whose shapes do not fit the model, naming one."""
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+    def _check_state_dict_for_load(cls, model, config, adapter_name: str, remapped: dict) -> dict:
+        """Scores missing from a bit-packed adapter are built from its masks (``mask_init`` kept, ``2 tau -
+        mask_init`` masked). Refuses tensors whose shapes do not fit the model, naming one."""
         expected = model.state_dict()
         packed_suffix = f".{PACKED}.{adapter_name}._extra_state"
         wrong = []
@@ -157,15 +157,13 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
         return remapped
 
     # ------------------------------------------------------------------------------------- queries
-    def _layers(self, adapter_name: str) -> Iterator[tuple[str, MaskTuningLayer]]:
-        for name, module in self.model.named_modules():
-            if isinstance(module, MaskTuningLayer) and adapter_name in module.mask_tuning_scores:
-                yield name, module
+    def _layers(self, adapter_name: str) -> list[tuple[str, MaskTuningLayer]]:
+        return self.petuning_layers(adapter_name)
 
     def mask_statistics(self, adapter_name: Optional[str] = None) -> dict[str, int]:
         """Entry counts over the targeted weights of ``adapter_name`` (default: the first active adapter):
         ``total`` entries, ``scored`` entries that carry a score, ``masked`` entries whose mask is 0."""
-        name = adapter_name or self.active_adapters[0]
+        name = self._resolve_adapter(adapter_name)
         stats = {"total": 0, "scored": 0, "masked": 0}
         for _, layer in self._layers(name):
             stats["total"] += layer.get_base_layer().weight.numel()
@@ -195,7 +193,7 @@ class MaskTuningModel(AuxiliaryLossMixin, BaseTuner):
         returns the loss, by default ``model(**batch).loss``. The model runs in eval mode (no dropout). Memory: one
         float32 accumulator of each targeted weight's size while it runs. Returns ``{layer name: entries chosen}``.
         """
-        name = adapter_name or self.active_adapters[0]
+        name = self._resolve_adapter(adapter_name)
         config = self.peft_config[name]
         layers = [(n, layer) for n, layer in self._layers(name) if name in layer.mask_tuning_indices]
         if not layers:

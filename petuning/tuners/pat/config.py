@@ -16,6 +16,8 @@ PRODUCERS = ("o_proj", "down_proj")
 CONSUMERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 """Linear layers that read the residual stream; pruning removes their input columns."""
 DECODER_LINEARS = CONSUMERS[:3] + PRODUCERS[:1] + CONSUMERS[3:] + PRODUCERS[1:]
+DEFAULT_PRUNING_RATIO = 0.25
+"""The paper's anchor (Llama-2-7B, 4096 -> 3072), used when neither `target_width` nor `pruning_ratio` is given."""
 
 
 @dataclass
@@ -46,14 +48,15 @@ class PatConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Hidden channels to keep, d' (a positive integer below the model's hidden size). Give this or "
-            "`pruning_ratio`, not both."
+            "`pruning_ratio`, not both; with neither, the paper's pruning_ratio=0.25 applies."
         },
     )
     pruning_ratio: Optional[float] = field(
         default=None,
         metadata={
             "help": "Fraction of hidden channels to remove, in (0, 1); the kept width is round(d * (1 - ratio)), "
-            "rounded down to a multiple of `width_multiple`. The paper's anchor: 0.25 on Llama-2-7B (4096 -> 3072)."
+            "rounded down to a multiple of `width_multiple`. None with no `target_width`: 0.25, the paper's anchor "
+            "on Llama-2-7B (4096 -> 3072)."
         },
     )
     width_multiple: int = field(
@@ -65,7 +68,17 @@ class PatConfig(PeftConfig):
     )
     hsm_rank: int = field(
         default=200,
-        metadata={"help": "Rank r of each HSM's low-rank branch W1 W0 (the paper hard-codes 200); r <= hidden size."},
+        metadata={
+            "help": "Rank r of each HSM's low-rank branch W1 W0 (the paper hard-codes 200). On a model whose hidden "
+            "size d is smaller, r = d is used, with a warning (see `strict_rank`)."
+        },
+    )
+    strict_rank: bool = field(
+        default=False,
+        metadata={
+            "help": "False: an hsm_rank above the hidden size is lowered to it, with a warning (W0 (r, d) cannot have "
+            "more than d orthonormal rows). True: such a model raises instead."
+        },
     )
     schedule_steps: int = field(
         default=10000,
@@ -133,11 +146,13 @@ class PatConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PAT
-        if (self.target_width is None) == (self.pruning_ratio is None):
+        if self.target_width is not None and self.pruning_ratio is not None:
             raise ValueError(
-                "PatConfig needs exactly one of `target_width` (hidden channels to keep) and `pruning_ratio` "
-                f"(fraction to remove); got target_width={self.target_width!r}, pruning_ratio={self.pruning_ratio!r}."
+                "PatConfig takes one of `target_width` (hidden channels to keep) and `pruning_ratio` (fraction to "
+                f"remove), not both; got target_width={self.target_width!r}, pruning_ratio={self.pruning_ratio!r}."
             )
+        if self.target_width is None and self.pruning_ratio is None:
+            self.pruning_ratio = DEFAULT_PRUNING_RATIO
         if self.target_width is not None and (
             isinstance(self.target_width, bool) or not isinstance(self.target_width, int) or self.target_width <= 0
         ):

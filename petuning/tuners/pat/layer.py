@@ -37,12 +37,11 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from petuning.tuners.common import (
-    NAN_MESSAGE, adapter_dtype, adapters_bypassed, init_layer_state, move_adapter_to_base_device,
-)
+from petuning.tuners.base import PetuningLayer
+from petuning.tuners.common import NAN_MESSAGE, adapters_bypassed
 
 FREEZE_FRACTION = 0.8
 """The mask stops learning at this fraction of the schedule (paper)."""
@@ -134,14 +133,15 @@ class PatGate:
 
 
 # ---------------------------------------------------------------------------------------------------- layers
-class PatLayer(BaseTunerLayer):
+class PatLayer(PetuningLayer):
     """State and math shared by PAT's linear and embedding layers."""
 
+    method = "PAT"
     adapter_layer_names = ("pat_lora_A", "pat_lora_B", "pat_hsm_down", "pat_hsm_up", "pat_hsm_scale")
     other_param_names = ("pat_lora_scaling", "pat_lora_dropout")
 
     def __init__(self, base_layer: nn.Module, gate: PatGate, **kwargs: Any) -> None:
-        init_layer_state(self, base_layer, kwargs, quantizable=False)
+        self._init_petuning_state(base_layer, kwargs, quantizable=False)
         self.pat_lora_A = nn.ParameterDict({})
         self.pat_lora_B = nn.ParameterDict({})
         self.pat_hsm_down = nn.ParameterDict({})
@@ -166,7 +166,7 @@ class PatLayer(BaseTunerLayer):
         **_: Any,
     ) -> None:
         """Add adapter ``adapter_name``: an HSM (if ``hsm``) and a LoRA of rank ``lora_r`` (if > 0)."""
-        dtype = adapter_dtype(self)
+        dtype = self.adapter_dtype()
         if lora_r > 0:
             a = torch.empty(lora_r, self.in_features, dtype=dtype)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -191,10 +191,6 @@ class PatLayer(BaseTunerLayer):
             self.pat_hsm_scale[adapter_name] = nn.Parameter(scale)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
-
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        """Move this adapter's tensors to the base layer's device, keeping their (32/64-bit) dtype."""
-        move_adapter_to_base_device(self, adapter_name, device)
 
     # ---------------------------------------------------------------------------------------- math
     def has_hsm(self, adapter_name: str) -> bool:
@@ -262,7 +258,7 @@ class Linear(nn.Module, PatLayer):
         """The LoRA update ``(α/r') B A`` (out, in) in the adapter dtype (zero without LoRA). An HSM is not a
         weight delta; :meth:`merged_weight` folds it."""
         if adapter_name not in self.pat_lora_A:
-            return torch.zeros_like(self.get_base_layer().weight, dtype=adapter_dtype(self))
+            return torch.zeros_like(self.get_base_layer().weight, dtype=self.adapter_dtype())
         b, a = self.pat_lora_B[adapter_name], self.pat_lora_A[adapter_name]
         return (b @ a) * self.pat_lora_scaling[adapter_name]
 
@@ -290,7 +286,7 @@ class Linear(nn.Module, PatLayer):
         for name in adapter_names:
             if name not in self.pat_lora_A and not self.has_hsm(name):
                 continue
-            weight, bias = self.merged_weight(name, dtype=torch.promote_types(base.weight.dtype, adapter_dtype(self)))
+            weight, bias = self.merged_weight(name, dtype=torch.promote_types(base.weight.dtype, self.adapter_dtype()))
             if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
                 raise ValueError(NAN_MESSAGE.format(name))
             self._pat_merge_backup.append((name, base.weight.data, None if base.bias is None else base.bias.data))
@@ -346,7 +342,7 @@ class Embedding(nn.Module, PatLayer):
         for name in adapter_names:
             if not self.has_hsm(name):
                 continue
-            table = self.merged_weight(name, dtype=torch.promote_types(base.weight.dtype, adapter_dtype(self)))
+            table = self.merged_weight(name, dtype=torch.promote_types(base.weight.dtype, self.adapter_dtype()))
             if safe_merge and not torch.isfinite(table).all():
                 raise ValueError(NAN_MESSAGE.format(name))
             self._pat_merge_backup.append((name, base.weight, None))

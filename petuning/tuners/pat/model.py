@@ -9,11 +9,12 @@ from typing import Iterator, Optional
 import torch
 from accelerate import init_empty_weights
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from petuning.training import AuxiliaryLossMixin, StepContext, refuse_gradient_edits_under_deepspeed
-from petuning.tuners.common import ShapeCheckedLoadMixin, base_of, install_module
+from petuning.training import StepContext, TrainingHooksMixin, refuse_gradient_edits_under_deepspeed
+from petuning.tuners.base import PetuningTuner
+from petuning.tuners.common import base_of
 
 from .config import PRODUCERS, PatConfig
 from .layer import (
@@ -21,13 +22,13 @@ from .layer import (
 )
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-UNPOLARIZED_GAP = 0.2
-"""Mean distance of the soft from the hard gate above which the frozen mask counts as not polarized."""
 """transformers ``model_type`` values with the block shape PAT needs (RMSNorm -> attention -> o_proj -> residual,
 RMSNorm -> gated MLP -> down_proj -> residual, plain token embedding). SmolLM/SmolLM2 are ``llama``."""
+UNPOLARIZED_GAP = 0.2
+"""Mean distance of the soft from the hard gate above which the frozen mask counts as not polarized."""
 
 
-class PatModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
+class PatModel(TrainingHooksMixin, PetuningTuner):
     """Adds PAT to a Llama-family causal LM. Created by ``peft.get_peft_model(model, PatConfig(...))``.
 
     Layout: one HSM after the token embedding and after every ``o_proj`` and ``down_proj`` (1 + 2L HSMs), optional
@@ -59,6 +60,7 @@ class PatModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
         self.pat_mask = nn.ParameterDict({})
         self.pat_step = BufferDict({}, persistent=True)
         self._pat_gate = PatGate(self.pat_mask, self.pat_step)
+        self._hsm_ranks: dict[str, int] = {}
 
     def inject_adapter(
         self,
@@ -73,10 +75,14 @@ class PatModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
         hidden, embedding = _check_architecture(model)
         width = config.kept_width(hidden)
         if config.hsm_rank > hidden:
-            raise ValueError(
+            message = (
                 f"PatConfig.hsm_rank={config.hsm_rank} exceeds the hidden size {hidden} of {type(model).__name__}: W0 "
-                f"(r, d) cannot have more than d orthonormal rows. Use hsm_rank <= {hidden}."
+                f"(r, d) cannot have more than d orthonormal rows."
             )
+            if config.strict_rank:
+                raise ValueError(f"{message} Use hsm_rank <= {hidden} (strict_rank=True).")
+            warnings.warn(f"{message} Using hsm_rank={hidden}; pass strict_rank=True to refuse instead.", UserWarning, stacklevel=2)
+        self._hsm_ranks[adapter_name] = min(config.hsm_rank, hidden)
         weight = embedding.weight
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         mask = torch.zeros(hidden, dtype=dtype)
@@ -116,31 +122,35 @@ class PatModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
     def _get_tied_target_modules(self, model: nn.Module) -> list[str]:
         return []
 
-    def _create_and_replace(self, config: PatConfig, adapter_name, target, target_name, parent, current_key, **kw):
-        base = base_of(target)
-        is_embedding = isinstance(base, nn.Embedding)
-        kwargs = {
-            "hsm_rank": config.hsm_rank,
-            "hsm": is_embedding or target_name in PRODUCERS,
+    def _layer_kwargs(self, config: PatConfig, adapter_name: str, key: str, target_name: str, target: nn.Module) -> dict:
+        return {
+            "hsm_rank": self._hsm_ranks[adapter_name],
+            "hsm": isinstance(base_of(target), nn.Embedding) or target_name in PRODUCERS,
             "lora_r": config.lora_r if target_name in config.lora_targets() else 0,
             "lora_alpha": config.lora_alpha,
             "lora_dropout": config.lora_dropout,
             "init_weights": config.init_weights,
             "inference_mode": config.inference_mode,
         }
-        if isinstance(target, PatLayer):
-            target.update_layer(adapter_name, **kwargs)
-            return
-        if is_embedding:
-            new_module = Embedding(base, adapter_name, self._pat_gate, **kwargs)
-        elif type(base) is nn.Linear:
-            new_module = Linear(base, adapter_name, self._pat_gate, **kwargs)
-        else:
-            raise TypeError(
-                f"PAT cannot adapt {current_key!r} of type {type(base).__name__}: it supports torch.nn.Linear and "
-                "torch.nn.Embedding (quantized bases are not supported; load the model in 16/32-bit)."
-            )
-        install_module(self, adapter_name, parent, target_name, new_module, target)
+
+    def _create_new_module(self, config: PatConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
+        base = base_of(target)
+        if isinstance(base, nn.Embedding):
+            return Embedding(base, adapter_name, self._pat_gate, **kwargs)
+        if type(base) is nn.Linear:
+            return Linear(base, adapter_name, self._pat_gate, **kwargs)
+        raise TypeError(
+            f"PAT cannot adapt {key!r} of type {type(base).__name__}: it supports torch.nn.Linear and "
+            "torch.nn.Embedding (quantized bases are not supported; load the model in 16/32-bit)."
+        )
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """The layers follow the dtype rule; so does the shared mask, which lives on the tuner."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        mask = self.pat_mask.get(adapter_name)
+        dtype = _check_architecture(self.model)[1].weight.dtype
+        if mask is not None and not autocast_adapter_dtype and dtype.is_floating_point:
+            mask.data = mask.data.to(dtype)
 
     # ----------------------------------------------------------------------------- adapter management
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -168,7 +178,12 @@ class PatModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
 
     def _drop_shared_state(self, adapter_name: str) -> None:
         for container in (
-            self.pat_mask, self.pat_step, self._pat_gate.widths, self._pat_gate.totals, self._pat_gate.hard_when_frozen
+            self.pat_mask,
+            self.pat_step,
+            self._pat_gate.widths,
+            self._pat_gate.totals,
+            self._pat_gate.hard_when_frozen,
+            self._hsm_ranks,
         ):
             if adapter_name in container:
                 del container[adapter_name]

@@ -80,6 +80,13 @@ class SorsaConfig(PeftConfig):
     rank_pattern: Optional[dict] = field(
         default_factory=dict, metadata={"help": "Per-module rank overrides: {'q_proj': 16, 'layers.0.mlp.*': 4}."}
     )
+    strict_rank: bool = field(
+        default=False,
+        metadata={
+            "help": "False: a layer with fewer than r singular values (min(in, out) < r) gets rank min(in, out), "
+            "with one warning naming such layers, as LoRA accepts any r. True: such a layer raises instead."
+        },
+    )
     svd_method: Literal["full", "randomized"] = field(
         default="full",
         metadata={

@@ -23,16 +23,16 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import quantization_extra_repr
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from petuning.linalg import cached_top_singular_triplets
-from petuning.tuners.common import AdditiveLayerMixin, adapter_dtype, init_layer_state, move_adapter_to_base_device
+from petuning.tuners.base import PetuningLayer
+from petuning.tuners.common import AdditiveLayerMixin
 
 
-class SorsaLayer(AdditiveLayerMixin, BaseTunerLayer):
+class SorsaLayer(AdditiveLayerMixin, PetuningLayer):
     """State and math shared by every SORSA-adapted layer type (forward and merge: :class:`AdditiveLayerMixin`)."""
 
     method = "SORSA"
@@ -41,7 +41,7 @@ class SorsaLayer(AdditiveLayerMixin, BaseTunerLayer):
     other_param_names = ("sorsa_A0", "sorsa_S0", "sorsa_B0", "sorsa_r", "sorsa_scaling", "sorsa_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        init_layer_state(self, base_layer, kwargs)
+        self._init_petuning_state(base_layer, kwargs)
         self.sorsa_A = nn.ParameterDict({})
         self.sorsa_S = nn.ParameterDict({})
         self.sorsa_B = nn.ParameterDict({})
@@ -66,6 +66,7 @@ class SorsaLayer(AdditiveLayerMixin, BaseTunerLayer):
         svd_cache_dir: Optional[str] = None,
         module_name: str = "",
         inference_mode: bool = False,
+        strict_rank: bool = False,
         **_: Any,
     ) -> None:
         """Add adapter ``adapter_name``: SVD of the base weight, trainable factors and frozen copies.
@@ -76,19 +77,22 @@ class SorsaLayer(AdditiveLayerMixin, BaseTunerLayer):
         (``low_cpu_mem_usage=True``). The factors then start at zero, which is still an exact identity."""
         where = f" (layer {module_name!r})" if module_name else ""
         limit = min(self.in_features, self.out_features)
-        if r > limit:
-            raise ValueError(
-                f"SORSA rank r={r} is larger than min(in_features, out_features)={limit}{where}: a "
-                f"{self.out_features}x{self.in_features} weight has at most {limit} singular values. "
-                f"Use r <= {limit}, or lower this layer's rank with rank_pattern."
-            )
+        r = self.fit_rank(
+            adapter_name,
+            r,
+            limit,
+            f"a {self.out_features}x{self.in_features} weight has {limit} singular values",
+            strict_rank,
+            "Use a smaller r, or lower this layer's rank with rank_pattern.",
+            module_name,
+        )
         base = self.get_base_layer()
         if self.quantization_backend is None and not base.weight.dtype.is_floating_point:
             raise TypeError(
                 f"SORSA needs a floating-point base weight, but the weight{where} has dtype {base.weight.dtype}. "
                 "Load the model in float32/bfloat16/float16, or quantize it with bitsandbytes (supported)."
             )
-        dtype = adapter_dtype(self)  # singular vectors lose their orthonormality in 16-bit
+        dtype = self.adapter_dtype()  # the SVD in 32 bits; autocast_adapter_dtype=False rounds it afterwards
         if inference_mode or _creating_on_meta():
             a0 = torch.zeros(r, self.in_features, dtype=dtype)
             s0 = torch.zeros(r, dtype=dtype)
@@ -119,9 +123,6 @@ class SorsaLayer(AdditiveLayerMixin, BaseTunerLayer):
         self.sorsa_B0[adapter_name] = b0
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
-
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        move_adapter_to_base_device(self, adapter_name, device)
 
     def _base_weight_out_in(self) -> torch.Tensor:
         """The (dequantized) base weight in (out, in) layout."""

@@ -5,18 +5,18 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
 from torch import nn
 
-from petuning.training import AuxiliaryLossMixin, StepContext, refuse_gradient_edits_under_deepspeed
-from petuning.tuners.common import ShapeCheckedLoadMixin, base_of, install_module, linear_fan_in_fan_out, pattern_value
+from petuning.training import StepContext, TrainingHooksMixin, refuse_gradient_edits_under_deepspeed
+from petuning.tuners.base import PetuningTuner
+from petuning.tuners.common import base_of, linear_fan_in_fan_out, pattern_value
 
 from .config import SorsaConfig
 from .layer import Linear, SorsaLayer
 
 
-class SorsaModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
+class SorsaModel(TrainingHooksMixin, PetuningTuner):
     """Adds SORSA adapters to a model. Created by ``peft.get_peft_model(model, SorsaConfig(...))``.
 
     Besides PEFT's tuner API it offers :meth:`orthonormal_regularizer` (the paper's L_reg, differentiable)
@@ -30,9 +30,9 @@ class SorsaModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     # ------------------------------------------------------------------------------------ injection
-    def _create_and_replace(self, config: SorsaConfig, adapter_name, target, target_name, parent, current_key, **kw):
-        r = pattern_value(config.rank_pattern, current_key, config.r)
-        kwargs = {
+    def _layer_kwargs(self, config: SorsaConfig, adapter_name: str, key: str, target_name: str, target: nn.Module) -> dict:
+        r = pattern_value(config.rank_pattern, key, config.r)
+        return {
             "r": r,
             "scale": config.scale(r),
             "dropout": config.dropout,
@@ -41,18 +41,13 @@ class SorsaModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
             "svd_niter": config.svd_niter,
             "svd_oversampling": config.svd_oversampling,
             "svd_cache_dir": config.svd_cache_dir,
-            "module_name": current_key,
+            "module_name": key,
             "inference_mode": config.inference_mode,
+            "strict_rank": config.strict_rank,
             **get_quantization_kwargs(self),
         }
-        if isinstance(target, SorsaLayer):
-            target.update_layer(adapter_name, **kwargs)
-            return
-        new_module = self._create_new_module(config, adapter_name, target, current_key, **kwargs)
-        install_module(self, adapter_name, parent, target_name, new_module, target)
 
-    @staticmethod
-    def _create_new_module(config: SorsaConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
+    def _create_new_module(self, config: SorsaConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
         fan_in_fan_out = linear_fan_in_fan_out(base_of(target), key, "SORSA", config.fan_in_fan_out)
         return Linear(target, adapter_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
 
@@ -60,9 +55,8 @@ class SorsaModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
     def sorsa_factors(self, adapter_name: str) -> list[torch.Tensor]:
         """All ``sorsa_A`` (r, in) and ``sorsa_B`` (out, r) parameters of ``adapter_name``: A, B, A, B, ..."""
         factors = []
-        for layer in self.model.modules():
-            if isinstance(layer, SorsaLayer) and adapter_name in layer.sorsa_A:
-                factors += [layer.sorsa_A[adapter_name], layer.sorsa_B[adapter_name]]
+        for _, layer in self.petuning_layers(adapter_name):
+            factors += [layer.sorsa_A[adapter_name], layer.sorsa_B[adapter_name]]
         return factors
 
     def orthonormal_regularizer(self, adapter_name: Optional[str] = None) -> torch.Tensor:

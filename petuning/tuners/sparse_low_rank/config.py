@@ -58,6 +58,14 @@ class SparseLowRankConfig(PeftConfig):
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' support (combined with each module's name)."})
+    strict_rank: bool = field(
+        default=False,
+        metadata={
+            "help": "False: on a layer with min(in, out) < r the low-rank part gets rank min(in, out), and a density "
+            "that rounds to no entry keeps one entry, with one warning naming such layers (as LoRA accepts any r). "
+            "True: such a layer raises instead."
+        },
+    )
     gradient_warmup_steps: int = field(
         default=0,
         metadata={

@@ -22,12 +22,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import quantization_extra_repr
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
-from petuning.tuners.common import AdditiveLayerMixin, init_layer_state
+from petuning.tuners.base import PetuningLayer
+from petuning.tuners.common import AdditiveLayerMixin
 
 from .support import (
     SparseStructure,
@@ -91,7 +91,7 @@ class _GradientProbe(torch.autograd.Function):
         return grad, None, torch.zeros_like(values) if ctx.needs_input_grad[2] else None, None
 
 
-class SparseLowRankLayer(AdditiveLayerMixin, BaseTunerLayer):
+class SparseLowRankLayer(AdditiveLayerMixin, PetuningLayer):
     """State and math shared by every sparse-plus-low-rank layer type (forward and merge: :class:`AdditiveLayerMixin`)."""
 
     method = "sparse_low_rank"
@@ -108,7 +108,7 @@ class SparseLowRankLayer(AdditiveLayerMixin, BaseTunerLayer):
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        init_layer_state(self, base_layer, kwargs)
+        self._init_petuning_state(base_layer, kwargs)
         self.sparse_low_rank_A = nn.ParameterDict({})
         self.sparse_low_rank_B = nn.ParameterDict({})
         self.sparse_low_rank_values = nn.ParameterDict({})
@@ -139,19 +139,26 @@ class SparseLowRankLayer(AdditiveLayerMixin, BaseTunerLayer):
         init_weights: bool = True,
         module_name: str = "",
         inference_mode: bool = False,
+        strict_rank: bool = False,
         **_: Any,
     ) -> None:
         """Add adapter ``adapter_name``: choose the support (or mark it pending) and create the trainable tensors."""
         self.module_name = module_name
         where = self._where()
+        shape = f"{self.out_features}x{self.in_features}"
         limit = min(self.in_features, self.out_features)
-        if r > limit:
-            raise ValueError(
-                f"sparse_low_rank rank r={r} is larger than min(in_features, out_features)={limit}{where}: the "
-                f"low-rank part of a {self.out_features}x{self.in_features} update has rank at most {limit}. "
-                f"Use r <= {limit}, or leave this layer out of target_modules."
-            )
-        nnz = support_size(density, self.out_features, self.in_features, where)
+        r = self.fit_rank(
+            adapter_name,
+            r,
+            limit,
+            f"the low-rank part of a {shape} update has rank at most {limit}",
+            strict_rank,
+            "Use a smaller r, or leave this layer out of target_modules.",
+            module_name,
+        )
+        nnz = support_size(density, self.out_features, self.in_features, where, strict=strict_rank)
+        if nnz > round(density * self.out_features * self.in_features):
+            self.note_size_change(adapter_name, f"density {density} selects no entry of the {shape} weight: 1 entry")
         base = self.get_base_layer()
         if self.quantization_backend is None and not base.weight.dtype.is_floating_point:
             raise TypeError(
@@ -167,15 +174,16 @@ class SparseLowRankLayer(AdditiveLayerMixin, BaseTunerLayer):
         else:
             indices = pending_support(nnz)
 
-        values = torch.zeros(nnz)
+        dtype = self.adapter_dtype()
+        values = torch.zeros(nnz, dtype=dtype)
         if r:
-            a = torch.empty(r, self.in_features)
+            a = torch.empty(r, self.in_features, dtype=dtype)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            b = torch.zeros(self.out_features, r)
+            b = torch.zeros(self.out_features, r, dtype=dtype)
         if not init_weights:  # seeded by the global RNG, like PEFT's other tuners
-            values = torch.randn(nnz) / math.sqrt(self.in_features)
+            values = torch.randn(nnz, dtype=dtype) / math.sqrt(self.in_features)
             if r:
-                b = torch.randn(self.out_features, r) / math.sqrt(r)
+                b = torch.randn(self.out_features, r, dtype=dtype) / math.sqrt(r)
 
         self.sparse_low_rank_r[adapter_name] = r
         self.sparse_low_rank_scaling[adapter_name] = scaling

@@ -7,18 +7,18 @@ from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
-from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
 from torch import nn
 
-from petuning.training import AuxiliaryLossMixin, StepContext, unwrap_model
-from petuning.tuners.common import ShapeCheckedLoadMixin, base_of, install_module, linear_fan_in_fan_out
+from petuning.training import StepContext, TrainingHooksMixin, unwrap_model
+from petuning.tuners.base import PetuningTuner
+from petuning.tuners.common import base_of, linear_fan_in_fan_out
 
 from .config import SparseLowRankConfig
 from .layer import Linear, SparseLowRankLayer
 
 
-class SparseLowRankModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
+class SparseLowRankModel(TrainingHooksMixin, PetuningTuner):
     """Adds sparse-plus-low-rank adapters to a model. Created by
     ``peft.get_peft_model(model, SparseLowRankConfig(...))``.
 
@@ -37,10 +37,8 @@ class SparseLowRankModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
         super().__init__(model, config, adapter_name, **kwargs)
 
     # ------------------------------------------------------------------------------------ injection
-    def _create_and_replace(
-        self, config: SparseLowRankConfig, adapter_name, target, target_name, parent, current_key, **kw
-    ):
-        kwargs = {
+    def _layer_kwargs(self, config: SparseLowRankConfig, adapter_name: str, key: str, target_name: str, target: nn.Module) -> dict:
+        return {
             "r": config.r,
             "scaling": config.scaling,
             "density": config.density,
@@ -49,16 +47,15 @@ class SparseLowRankModel(AuxiliaryLossMixin, ShapeCheckedLoadMixin, BaseTuner):
             "gradient_warmup_steps": config.gradient_warmup_steps,
             "dropout": config.dropout,
             "init_weights": config.init_weights,
-            "module_name": current_key,
+            "module_name": key,
             "inference_mode": config.inference_mode,
+            "strict_rank": config.strict_rank,
             **get_quantization_kwargs(self),
         }
-        if isinstance(target, SparseLowRankLayer):
-            target.update_layer(adapter_name, **kwargs)
-            return
-        fan_in_fan_out = linear_fan_in_fan_out(base_of(target), current_key, "sparse_low_rank", config.fan_in_fan_out)
-        new_module = Linear(target, adapter_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
-        install_module(self, adapter_name, parent, target_name, new_module, target)
+
+    def _create_new_module(self, config: SparseLowRankConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
+        fan_in_fan_out = linear_fan_in_fan_out(base_of(target), key, "sparse_low_rank", config.fan_in_fan_out)
+        return Linear(target, adapter_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
 
     # ------------------------------------------------------------------------------------- layers
     def sparse_low_rank_layers(self, adapter_name: str) -> list[SparseLowRankLayer]:

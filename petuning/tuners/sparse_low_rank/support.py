@@ -24,8 +24,9 @@ TOKEN_CHUNK = 8192
 matrices that the sparse kernel makes, independently of the batch size."""
 
 
-def support_size(density: float, out_features: int, in_features: int, where: str = "") -> int:
-    """``round(density * out * in)``, refusing weights too large for int32 indices and densities that round to 0."""
+def support_size(density: float, out_features: int, in_features: int, where: str = "", strict: bool = True) -> int:
+    """``round(density * out * in)``, refusing weights too large for int32 indices; a density that rounds to 0 is
+    refused (``strict``) or gives one entry."""
     numel = out_features * in_features
     if numel > MAX_NUMEL:
         raise ValueError(
@@ -33,6 +34,8 @@ def support_size(density: float, out_features: int, in_features: int, where: str
             "support indices of sparse_low_rank. Leave this layer out of target_modules."
         )
     nnz = round(density * numel)
+    if nnz == 0 and not strict:
+        return 1
     if nnz == 0:
         raise ValueError(
             f"density={density} selects no entry of the {out_features}x{in_features} weight{where} "
