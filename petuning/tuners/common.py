@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch.distributed.tensor import DTensor, distribute_tensor
 from peft.utils import resolve_quantization_backend
 from peft.utils.other import get_pattern_key
 from torch import nn
@@ -35,6 +36,21 @@ def check_mergeable(layer: BaseTunerLayer, method: str) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 ``DTensor`` (an all-gather, which autograd reduces back to the shards), or
+    ``tensor`` itself. Terms computed outside a module's forward (regularizers, losses on adapter tensors, metrics)
+    meet the parameters sharded there."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like_parameter(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """A full ``value`` of ``parameter``'s shape laid out like ``parameter``: this rank's shard of it for an FSDP2
+    ``DTensor`` (every rank computed the same ``value``, so no data moves), else ``value``."""
+    if not isinstance(parameter, DTensor):
+        return value
+    return distribute_tensor(value, parameter.device_mesh, parameter.placements, src_data_rank=None)
 
 
 def adapters_bypassed(layer: BaseTunerLayer) -> bool:

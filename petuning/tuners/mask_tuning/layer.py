@@ -34,7 +34,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from petuning.tuners.base import PetuningLayer
-from petuning.tuners.common import NAN_MESSAGE, adapters_bypassed
+from petuning.tuners.common import NAN_MESSAGE, adapters_bypassed, full_tensor
 
 
 def masked_off(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -151,7 +151,7 @@ class PackedMask(nn.Module):
         self.mask_init = mask_init
 
     def get_extra_state(self) -> torch.Tensor:
-        return pack_bits(self._scores[self.adapter_name].detach() > self.threshold)
+        return pack_bits(full_tensor(self._scores[self.adapter_name].detach()) > self.threshold)
 
     def set_extra_state(self, state: Any) -> None:
         scores = self._scores[self.adapter_name]

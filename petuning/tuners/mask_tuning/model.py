@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from petuning.training import (
@@ -21,7 +22,7 @@ from petuning.training import (
     refuse_gradient_edits_under_deepspeed,
 )
 from petuning.tuners.base import PetuningTuner
-from petuning.tuners.common import base_of
+from petuning.tuners.common import base_of, full_tensor
 
 from .config import MaskTuningConfig
 from .layer import Linear, MaskTuningLayer, masked_off, unpack_bits
@@ -108,6 +109,12 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
                 "a linear layer (torch.nn.Linear or transformers' Conv1D). Leave it out of target_modules (or add "
                 "it to exclude_modules)."
             )
+        if hasattr(base.weight, "ds_id"):
+            raise RuntimeError(
+                f"Masked tuning cannot target {key!r} under DeepSpeed ZeRO-3: it multiplies the base weight itself "
+                "inside its own forward, and ZeRO-3 partitions that weight across ranks (gathering it only for the "
+                "base layer's forward). Use ZeRO-2, DDP or FSDP2 for masked tuning."
+            )
         if not base.weight.dtype.is_floating_point:
             raise TypeError(
                 f"Masked tuning needs a floating-point weight, but {key!r} has dtype {base.weight.dtype}. Load the "
@@ -165,10 +172,17 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
         ``total`` entries, ``scored`` entries that carry a score, ``masked`` entries whose mask is 0."""
         name = self._resolve_adapter(adapter_name)
         stats = {"total": 0, "scored": 0, "masked": 0}
+        sharded = False
         for _, layer in self._layers(name):
+            scores = layer.mask_tuning_scores[name].detach()
+            sharded |= isinstance(scores, DTensor)
             stats["total"] += layer.get_base_layer().weight.numel()
-            stats["scored"] += layer.mask_tuning_scores[name].numel()
-            stats["masked"] += layer.masked_positions(name).numel()
+            stats["scored"] += scores.numel()  # a DTensor's numel is the whole tensor's
+            stats["masked"] += int(masked_off(_local(scores), layer.mask_tuning_threshold[name]).sum())
+        if sharded:  # FSDP2: each rank counted its shard
+            masked = torch.tensor(stats["masked"])
+            dist.all_reduce(masked)
+            stats["masked"] = int(masked)
         return stats
 
     def masked_share(self, adapter_name: Optional[str] = None) -> float:
@@ -250,7 +264,7 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
     def petuning_auxiliary_loss(self) -> Optional[torch.Tensor]:
         """``l2_weight * sum over layers of ||m||_2`` for every training adapter."""
         terms = [
-            config.l2_weight * torch.stack([layer.mask_tuning_scores[name].norm() for layer in layers]).sum()
+            config.l2_weight * torch.stack([full_tensor(layer.mask_tuning_scores[name].norm()) for layer in layers]).sum()
             for name, config, layers in self._trained()
             if config.l2_weight > 0
         ]

@@ -14,7 +14,7 @@ from torch import nn
 
 from petuning.training import StepContext, TrainingHooksMixin, refuse_gradient_edits_under_deepspeed
 from petuning.tuners.base import PetuningTuner
-from petuning.tuners.common import base_of
+from petuning.tuners.common import base_of, full_tensor
 
 from .config import PRODUCERS, PatConfig
 from .layer import (
@@ -255,9 +255,9 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         config: PatConfig = self.peft_config[name]
         losses = {}
         if config.mask_loss_weight > 0 and self._pat_gate.phase(name) == "learning":
-            mask = self.pat_mask[name]
+            mask = full_tensor(self.pat_mask[name])
             losses["mask"] = config.mask_loss_weight * mask_loss(mask, self._pat_gate.widths[name], config.count_loss_weight)
-        downs = [layer.pat_hsm_down[name] for layer in self.hsm_layers(name)]
+        downs = [full_tensor(layer.pat_hsm_down[name]) for layer in self.hsm_layers(name)]
         if config.identity_loss_weight > 0 and any(d.requires_grad for d in downs):
             losses["identity"] = config.identity_loss_weight * identity_loss(downs)
         return losses
@@ -289,7 +289,7 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
 
     def _warn_if_unpolarized(self, name: str, step: int, total: int) -> None:
         """The mask has just stopped learning: warn if its soft gate is still far from the hard gate."""
-        gap = polarization_gap(self.pat_mask[name], step, total, self._pat_gate.widths[name])
+        gap = polarization_gap(full_tensor(self.pat_mask[name]), step, total, self._pat_gate.widths[name])
         if gap <= UNPOLARIZED_GAP:
             return
         soft = self.peft_config[name].frozen_gate == "soft"
@@ -311,11 +311,12 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         if name is None:
             return {}
         step, total = self._pat_gate.step(name), self._pat_gate.totals[name]
+        mask = full_tensor(self.pat_mask[name]).detach()
         metrics = {
             "pat_step": float(step),
-            "pat_gate_gap": polarization_gap(self.pat_mask[name], step, total, self._pat_gate.widths[name]),
+            "pat_gate_gap": polarization_gap(mask, step, total, self._pat_gate.widths[name]),
             "pat_tau": schedule(step, total)[0],
-            "pat_kept": float((self.pat_mask[name] >= 0).sum()),
+            "pat_kept": float((mask >= 0).sum()),
             "pat_final": float(self._pat_gate.phase(name) == "final"),
         }
         metrics.update({f"pat_{key}_loss": float(value) for key, value in self._losses(name).items()})

@@ -10,7 +10,7 @@ from torch import nn
 
 from petuning.training import StepContext, TrainingHooksMixin, refuse_gradient_edits_under_deepspeed
 from petuning.tuners.base import PetuningTuner
-from petuning.tuners.common import base_of, linear_fan_in_fan_out, pattern_value
+from petuning.tuners.common import base_of, full_tensor, like_parameter, linear_fan_in_fan_out, pattern_value
 
 from .config import SorsaConfig
 from .layer import Linear, SorsaLayer
@@ -62,8 +62,9 @@ class SorsaModel(TrainingHooksMixin, PetuningTuner):
     def orthonormal_regularizer(self, adapter_name: Optional[str] = None) -> torch.Tensor:
         """L_reg = mean over all A and B of ``||A Aᵀ - I||_F`` and ``||Bᵀ B - I||_F`` (squared for
         ``ortho_norm="fro2"``), in float32 or better with autocast off. Differentiable."""
-        name = adapter_name or self.active_adapters[0]
-        return orthonormal_regularizer(_as_rows(self.sorsa_factors(name)), self.peft_config[name].ortho_norm == "fro2")
+        name = self._resolve_adapter(adapter_name)
+        factors = [full_tensor(f) for f in self.sorsa_factors(name)]
+        return orthonormal_regularizer(_as_rows(factors), self.peft_config[name].ortho_norm == "fro2")
 
     def _adapters_in_mode(self, mode: str) -> Iterator[tuple[str, SorsaConfig, list[torch.Tensor]]]:
         """Active adapters regularized in ``mode`` whose factors train: name, config and A/B factors."""
@@ -77,24 +78,21 @@ class SorsaModel(TrainingHooksMixin, PetuningTuner):
 
     def _regularized(self, mode: str) -> Iterator[tuple[SorsaConfig, list[torch.Tensor], list[torch.Tensor]]]:
         """Like :meth:`_adapters_in_mode`, with the gradient of L_reg for each factor (closed form, batched by
-        shape, without autograd)."""
+        shape, without autograd), laid out like the factor: under FSDP2 every rank gathers the whole factors (the
+        regularizer needs all rows) and keeps its shard of the gradient."""
         for _, config, factors in self._adapters_in_mode(mode):
             refuse_gradient_edits_under_deepspeed(
                 f"SORSA's ortho_mode={mode!r}", "Use ortho_mode='loss' with DeepSpeed (autograd carries it), or DDP / FSDP."
             )
-            if any(_is_sharded(f) for f in factors):
-                raise RuntimeError(
-                    f"SORSA's ortho_mode={mode!r} computes the regularizer's gradient from whole factors, but the "
-                    "factors are sharded (FSDP2 DTensor), so each rank would see only its shard. Use "
-                    "ortho_mode='loss' under FSDP (autograd handles the sharding), or DDP / DeepSpeed ZeRO-2."
-                )
-            row_grads = orthonormal_regularizer_grads(_as_rows(factors), config.ortho_norm == "fro2")
-            yield config, factors, _as_rows(row_grads)
+            with torch.no_grad():
+                whole = [full_tensor(f) for f in factors]
+            row_grads = orthonormal_regularizer_grads(_as_rows(whole), config.ortho_norm == "fro2")
+            yield config, factors, [like_parameter(g, f) for g, f in zip(_as_rows(row_grads), factors)]
 
     # ------------------------------------------------------------------------------ training hooks
     def petuning_auxiliary_loss(self) -> Optional[torch.Tensor]:
         terms = [
-            config.gamma * orthonormal_regularizer(_as_rows(factors), config.ortho_norm == "fro2")
+            config.gamma * orthonormal_regularizer(_as_rows([full_tensor(f) for f in factors]), config.ortho_norm == "fro2")
             for _, config, factors in self._adapters_in_mode("loss")
         ]
         return torch.stack(terms).sum() if terms else None
@@ -123,7 +121,7 @@ class SorsaModel(TrainingHooksMixin, PetuningTuner):
                         factor.sub_(grad.to(factor.dtype), alpha=config.gamma)
 
     def petuning_metrics(self) -> dict[str, float]:
-        name = self.active_adapters[0] if self.active_adapters else None
+        name = next(iter(self.active_adapters), None)
         if name is None or not self.sorsa_factors(name):
             return {}
         return {"sorsa_orthonormality": float(self.orthonormal_regularizer(name))}
@@ -171,9 +169,3 @@ def _gram_residuals(rows: list[torch.Tensor]):
                 m = m.float()
             d = m @ m.transpose(1, 2) - torch.eye(shape[0], device=device, dtype=m.dtype)
             yield index, m, d, torch.linalg.matrix_norm(d)
-
-
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    """True for a DTensor sharded over several ranks (FSDP2); a replicated one holds the whole factor."""
-    placements = getattr(tensor, "placements", None)
-    return placements is not None and any(p.is_shard() for p in placements)
