@@ -7,26 +7,28 @@ Usage::
 
 Results are printed and written to ``benchmarks/results/mask_tuning_speed.json``.
 
-Variants, all on the attention projections q/k/v/o_proj (the weights the R-AMT paper masks):
+Variants, all on every linear layer of the attention and MLP blocks (q/k/v/o/gate/up/down_proj):
 
 * ``lora``           PEFT ``LoraConfig(r=16, lora_alpha=16, lora_dropout=0)``, the reference
-* ``mask``           ``MaskTuningConfig()``: a score for every entry of the targeted weights (paper setting)
-* ``mask_gdr``       the same with ``gradient_dropout=True`` (extra no-grad reference forward + KL backward)
-* ``mask_share5``    ``MaskTuningConfig(mask_share=0.05)``: scores for 5% of the entries (largest |W|)
+* ``mask``           ``MaskTuningConfig()``: the defaults (budget mode, scores on the 10% largest-|W| entries)
+* ``mask_gd``        the same with ``gradient_dropout=True`` (KL gradient on the first quarter of each batch)
+* ``mask_full``      ``MaskTuningConfig(mask_share=1.0)``: a score for every entry (the paper's setting)
+* ``mask_full_gd``   the same with the paper's whole-batch gradient dropout (``gradient_dropout_batch_share=1``)
 
 Models: (a) a Llama built from a config (hidden 512, MLP 1376, 4 layers, 8 heads / 4 KV heads, vocabulary
 4096), batch 8 x 128 tokens; (b) the embedded SmolLM2-135M-Instruct (``petuning.models.load_smollm2``),
 batch 4 x 128 tokens. The batch is fixed random token ids, used as labels too.
 
 One train step, timed from the forward to the end of ``zero_grad``: forward + backward, ``clip_grad_norm_``,
-AdamW step with ``petuning.TrainingHooks`` attached (gradient dropout runs in its pre-step hook). The variants
-run interleaved in blocks with a rotating order, so load on the shared machine falls on all of them alike;
-reported: median and minimum step time, their ratios to LoRA. Peak memory: one extra step per variant under
+AdamW step with ``petuning.TrainingHooks`` attached (budget schedule over ``MAX_STEPS`` steps, so the timed
+steps include masking; gradient dropout runs in its hooks). The variants run interleaved in blocks with a
+rotating order, so load on the shared machine falls on all of them alike; reported: median and minimum step
+time, their ratios to LoRA. Peak memory: one extra step per variant under
 ``torch.profiler(profile_memory=True)``; *transient peak* is the maximum of the running sum of allocator events
 during the step (activations, gradients, temporaries), *static* is counted from the live tensors (model,
 adapter, AdamW state, batch; each storage once); ``peak = static + transient``. Adapter file size: the
-``adapter_model.safetensors`` written by ``save_pretrained`` (for masked tuning with bit-packed masks, and with
-``save_scores=True`` for comparison).
+``adapter_model.safetensors`` written by ``save_pretrained`` after the timed steps (masks still short of their
+budget, so see the real tier's results for trained files), and with ``save_scores=True``.
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ from peft import PeftConfig, get_peft_model
 import petuning
 from petuning.models import build_tiny_model, load_smollm2
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
-LR = 8e-5  # the paper's learning rate for the scores
+LR = 2e-4
+MAX_STEPS = 12  # the budget ramp's run length: masks grow during the timed steps
 RESULTS = RESULTS_DIR / "mask_tuning_speed.json"
 
 
@@ -65,8 +68,11 @@ def variants() -> dict[str, Callable[[], PeftConfig]]:
     return {
         "lora": lambda: lora_config(RANK, TARGETS, task_type="CAUSAL_LM"),
         "mask": lambda: petuning.MaskTuningConfig(**mask),
-        "mask_gdr": lambda: petuning.MaskTuningConfig(gradient_dropout=True, **mask),
-        "mask_share5": lambda: petuning.MaskTuningConfig(mask_share=0.05, **mask),
+        "mask_gd": lambda: petuning.MaskTuningConfig(gradient_dropout=True, **mask),
+        "mask_full": lambda: petuning.MaskTuningConfig(mask_share=1.0, **mask),
+        "mask_full_gd": lambda: petuning.MaskTuningConfig(
+            mask_share=1.0, gradient_dropout=True, gradient_dropout_batch_share=1.0, **mask
+        ),
     }
 
 
@@ -76,7 +82,7 @@ class Runner:
         self.model.train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=LR, weight_decay=0.0)
-        self.hooks = petuning.TrainingHooks(self.model, self.optimizer, peak_lr=LR)
+        self.hooks = petuning.TrainingHooks(self.model, self.optimizer, peak_lr=LR, max_steps=MAX_STEPS)
         self.batch = batch
 
     def step(self) -> float:

@@ -13,6 +13,10 @@ from petuning import MaskTuningConfig
 from petuning.tuners.mask_tuning.layer import MaskTuningLayer
 
 TAU = 5e-3
+MODES = {  # budget mode from seeded scores starts with its budget (the lowest scores) masked
+    "threshold": {"mask_mode": "threshold"},
+    "budget": {"mask_mode": "budget", "masked_budget": 0.3},
+}
 
 
 class Net(nn.Module):
@@ -25,10 +29,15 @@ class Net(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-def _model(conv1d=False, dtype=torch.float64, **config):
+def _config(mode="threshold", **config) -> MaskTuningConfig:
+    config = {"mask_share": 1.0, **MODES[mode], **config}  # every entry scored unless a test says otherwise
+    return MaskTuningConfig(target_modules=["a", "b"], init_weights=False, **config)
+
+
+def _model(conv1d=False, dtype=torch.float64, mode="threshold", **config):
     torch.manual_seed(0)
     net = Net(conv1d).to(dtype)
-    return get_peft_model(net, MaskTuningConfig(target_modules=["a", "b"], init_weights=False, **config))
+    return get_peft_model(net, _config(mode, **config))
 
 
 def _layer(model, name="a") -> MaskTuningLayer:
@@ -36,13 +45,17 @@ def _layer(model, name="a") -> MaskTuningLayer:
 
 
 def _mask_of(layer: MaskTuningLayer, adapter: str) -> torch.Tensor:
-    """The mask rebuilt independently from the raw scores / indices: 1 where m > tau (or where no score exists)."""
+    """The mask rebuilt independently from the raw state: 1 where m > tau (threshold mode) or where the stored set
+    does not hold the entry (budget mode), and 1 where no score exists."""
     weight = layer.get_base_layer().weight
-    scores = layer.mask_tuning_scores[adapter].detach()
+    if adapter in layer.mask_tuning_off:
+        kept = ~layer.mask_tuning_off[adapter]
+    else:
+        kept = layer.mask_tuning_scores[adapter].detach() > TAU
     if adapter not in layer.mask_tuning_indices:
-        return (scores > TAU).to(torch.float64)
+        return kept.to(torch.float64)
     mask = torch.ones(weight.numel(), dtype=torch.float64)
-    mask[layer.mask_tuning_indices[adapter].long()] = (scores > TAU).to(torch.float64)
+    mask[layer.mask_tuning_indices[adapter].long()] = kept.to(torch.float64)
     return mask.view_as(weight)
 
 
@@ -60,10 +73,11 @@ def _reference_output(layer: MaskTuningLayer, x: torch.Tensor, adapters: list[st
     return y, w_eff, mask
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("share", [1.0, 0.4], ids=["full", "selected"])
-def test_forward_and_straight_through_gradient_match_dense_float64(conv1d, share):
-    model = _model(conv1d, mask_share=share)
+def test_forward_and_straight_through_gradient_match_dense_float64(conv1d, share, mode):
+    model = _model(conv1d, mask_share=share, mode=mode)
     layer = _layer(model)
     x = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
     assert 0 < int(_mask_of(layer, "default").eq(0).sum()) < layer.get_base_layer().weight.numel()
@@ -87,10 +101,11 @@ def test_forward_and_straight_through_gradient_match_dense_float64(conv1d, share
     assert not layer.get_base_layer().weight.requires_grad
 
 
-def test_two_active_adapters_multiply_masks_and_each_gradient_sees_the_other_mask():
-    model = _model(mask_share=1.0)
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_two_active_adapters_multiply_masks_and_each_gradient_sees_the_other_mask(mode):
+    model = _model(mask_share=1.0, mode=mode)
     torch.manual_seed(1)
-    model.add_adapter("other", MaskTuningConfig(target_modules=["a", "b"], init_weights=False, mask_share=0.5))
+    model.add_adapter("other", _config("threshold", mask_share=0.5))  # one mask of each kind in the budget case
     model.base_model.set_adapter(["default", "other"])
     layer = _layer(model)
     x = torch.randn(6, 5, dtype=torch.float64)
@@ -119,11 +134,12 @@ def test_init_is_the_base_model_bit_for_bit():
     assert model.base_model.masked_share() == 0.0
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
-def test_merge_is_w_times_mask_and_unmerge_restores_exactly(conv1d):
-    model = _model(conv1d, dtype=torch.float32, mask_share=0.5)
+def test_merge_is_w_times_mask_and_unmerge_restores_exactly(conv1d, mode):
+    model = _model(conv1d, dtype=torch.float32, mask_share=0.5, mode=mode)
     torch.manual_seed(2)
-    model.add_adapter("other", MaskTuningConfig(target_modules=["a", "b"], init_weights=False))
+    model.add_adapter("other", _config(mode, mask_share=1.0))
     model.base_model.set_adapter(["default", "other"])
     layer = _layer(model)
     weight = layer.get_base_layer().weight
@@ -154,18 +170,21 @@ def test_safe_merge_refuses_nan_scores_and_leaves_base_untouched():
     assert torch.equal(layer.get_base_layer().weight, original)
 
 
-def test_nothing_weight_sized_is_saved_for_backward():
-    """Autograd keeps x and references to the weight and scores, no masked-weight copy."""
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_nothing_weight_sized_is_saved_for_backward(mode):
+    """Autograd keeps x and references to the weight, the scores and the stored set, no masked-weight copy and no
+    mask computed in forward."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 48))
-    model = get_peft_model(net, MaskTuningConfig(target_modules=["0"], init_weights=False))
+    model = get_peft_model(net, MaskTuningConfig(target_modules=["0"], init_weights=False, mask_share=1.0, **MODES[mode]))
     layer = dict(model.named_modules())["base_model.model.0"]
     weight, scores = layer.get_base_layer().weight, layer.mask_tuning_scores["default"]
+    state = {weight.data_ptr(), scores.data_ptr(), *(off.data_ptr() for off in layer.mask_tuning_off.values())}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         layer(torch.randn(3, 64))
     big = [t for t in saved if t.numel() >= weight.numel()]
-    assert big and all(t.data_ptr() in (weight.data_ptr(), scores.data_ptr()) for t in big)
+    assert big and all(t.data_ptr() in state for t in big)
 
 
 def test_half_precision_base_with_float32_scores():

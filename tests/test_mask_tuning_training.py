@@ -13,9 +13,16 @@ import petuning
 from petuning import MaskTuningConfig
 from petuning.models import build_tiny_model
 from petuning.tuners.mask_tuning import gradient_dropout
+from petuning.tuners.mask_tuning import model as mask_tuning_model
 from petuning.tuners.mask_tuning.layer import MaskTuningLayer
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
+PAPER = {"mask_mode": "threshold", "mask_share": 1.0}  # the paper's rule on every entry
+
+
+def _paper(**config) -> MaskTuningConfig:
+    """A threshold-mode config scoring every entry (these tests check R-AMT's own terms on plain loops)."""
+    return MaskTuningConfig(**{**PAPER, **config})
 
 
 @pytest.fixture(scope="module")
@@ -53,33 +60,36 @@ def test_gradient_dropout_rule_matches_a_hand_computed_example():
     assert new[3] == 0 and torch.equal(new[[0, 1, 2, 5]], g_task[[0, 1, 2, 5]])
 
 
-def _reference_gradients(model, batch, l2_weight):
+def _reference_gradients(model, batch, l2_weight, kl_rows=None):
     """Independent float64 computation, in eval mode (no training hooks fire): the task gradient (CE + the L2
-    term) and the gradient of KL(p_base || p_tuned), the base being the same model with adapters disabled."""
+    term) and the gradient of KL(p_base || p_tuned) averaged over the label positions of the first ``kl_rows``
+    examples (all by default), the base being the same model with adapters disabled."""
     model.eval()
     params = _scores(model)
     out = model(**batch)
     task = out.loss + l2_weight * sum(p.norm() for p in params)
     g_task = torch.autograd.grad(task, params)
+    ids = batch["input_ids"][:kl_rows]
     with torch.no_grad(), model.disable_adapter():
-        base_logits = model(input_ids=batch["input_ids"]).logits
-    log_q, log_p = F.log_softmax(base_logits, -1), F.log_softmax(model(**batch).logits, -1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+        base_logits = model(input_ids=ids).logits
+    log_q, log_p = F.log_softmax(base_logits, -1), F.log_softmax(model(input_ids=ids).logits, -1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)[:, :-1].mean()  # the label positions: the last predicts nothing
     g_kl = torch.autograd.grad(kl, params)
     model.train()
     return g_task, g_kl
 
 
-def test_gradient_dropout_step_applies_the_rule_to_task_and_kl_gradients(llama_path):
+@pytest.mark.parametrize("batch_share", [1.0, 0.5], ids=["whole-batch", "first-row"])
+def test_gradient_dropout_step_applies_the_rule_to_task_and_kl_gradients(llama_path, batch_share):
     lam, l2 = 0.6, 1e-3
     torch.manual_seed(0)
-    config = MaskTuningConfig(
+    config = _paper(
         target_modules=TARGETS, init_weights=False, gradient_dropout=True, gradient_dropout_lambda=lam,
-        l2_weight=l2, task_type="CAUSAL_LM",
+        gradient_dropout_batch_share=batch_share, l2_weight=l2, task_type="CAUSAL_LM",
     )
     model = get_peft_model(_base(llama_path), config)
     batch = _batch()
-    g_task, g_kl = _reference_gradients(model, batch, l2)
+    g_task, g_kl = _reference_gradients(model, batch, l2, kl_rows=None if batch_share == 1 else 1)
 
     model.train()
     optimizer = torch.optim.SGD(_scores(model), lr=0.0)
@@ -111,10 +121,10 @@ def test_gradient_dropout_step_applies_the_rule_to_task_and_kl_gradients(llama_p
 def test_gradient_dropout_off_leaves_gradients_alone_and_runs_no_reference(llama_path, monkeypatch):
     torch.manual_seed(0)
     model = get_peft_model(
-        _base(llama_path), MaskTuningConfig(target_modules=TARGETS, init_weights=False, l2_weight=0.0, task_type="CAUSAL_LM")
+        _base(llama_path), _paper(target_modules=TARGETS, init_weights=False, l2_weight=0.0, task_type="CAUSAL_LM")
     )
     calls = []
-    monkeypatch.setattr(type(model.base_model), "_reference_logits", lambda *a: calls.append(1))
+    monkeypatch.setattr(mask_tuning_model, "_eval_logits", lambda *a, **k: calls.append(1))
     g_task, _ = _reference_gradients(model, _batch(), 0.0)
     optimizer = torch.optim.SGD(_scores(model), lr=0.0)
     petuning.TrainingHooks(model, optimizer)
@@ -132,7 +142,7 @@ def test_gradient_dropout_under_trainer_with_accumulation_logs_its_metrics(llama
     model = get_peft_model(
         _base(llama_path).float(),
         # init_weights=False: some masks start off, so the KL gradient is not 0 (at the all-ones start it is)
-        MaskTuningConfig(target_modules=TARGETS, init_weights=False, gradient_dropout=True, task_type="CAUSAL_LM"),
+        _paper(target_modules=TARGETS, init_weights=False, gradient_dropout=True, task_type="CAUSAL_LM"),
     )
     rows = [{k: v[0].tolist() for k, v in _batch(seed).items()} for seed in range(8)]
     args = TrainingArguments(
@@ -153,7 +163,7 @@ def test_l2_term_is_added_in_training_and_its_gradient_reaches_the_scores(llama_
     l2 = 0.05
     torch.manual_seed(0)
     model = get_peft_model(
-        _base(llama_path), MaskTuningConfig(target_modules=TARGETS, init_weights=False, l2_weight=l2, task_type="CAUSAL_LM")
+        _base(llama_path), _paper(target_modules=TARGETS, init_weights=False, l2_weight=l2, task_type="CAUSAL_LM")
     )
     params, batch = _scores(model), _batch()
     model.eval()
@@ -170,7 +180,7 @@ def test_l2_term_is_added_in_training_and_its_gradient_reaches_the_scores(llama_
 def test_masked_share_is_reported_and_counts_masked_entries(llama_path):
     torch.manual_seed(0)
     model = get_peft_model(
-        _base(llama_path), MaskTuningConfig(target_modules=TARGETS, init_weights=False, mask_share=0.5, task_type="CAUSAL_LM")
+        _base(llama_path), _paper(target_modules=TARGETS, init_weights=False, mask_share=0.5, task_type="CAUSAL_LM")
     )
     layers = [m for m in model.modules() if isinstance(m, MaskTuningLayer)]
     total = sum(m.get_base_layer().weight.numel() for m in layers)
@@ -252,7 +262,7 @@ def test_targets_that_are_not_linear_weights_are_refused_by_name(target, kind):
 
 
 def test_gradient_dropout_without_logits_and_selection_without_share_are_refused():
-    model = get_peft_model(Mixed(), MaskTuningConfig(target_modules=["lin"], gradient_dropout=True))
+    model = get_peft_model(Mixed(), MaskTuningConfig(target_modules=["lin"], mask_share=1.0, gradient_dropout=True))
     model.train()
     with pytest.raises(TypeError, match="gradient dropout .* no `logits`"):
         model(torch.tensor([[1, 2, 3]]))
@@ -261,10 +271,13 @@ def test_gradient_dropout_without_logits_and_selection_without_share_are_refused
 
 
 def test_gradient_dropout_under_reentrant_checkpointing_is_refused_with_the_fix(llama_path):
+    """The whole-batch KL gradient differentiates the training forward, which reentrant checkpointing hides (the
+    sub-batch one runs its own forward in eval mode, where transformers does not checkpoint)."""
     base = _base(llama_path)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model = get_peft_model(
-        base, MaskTuningConfig(target_modules=TARGETS, init_weights=False, gradient_dropout=True, task_type="CAUSAL_LM")
+        base, _paper(target_modules=TARGETS, init_weights=False, gradient_dropout=True, gradient_dropout_batch_share=1.0,
+               task_type="CAUSAL_LM")
     )
     model.train()
     with pytest.raises(RuntimeError, match="use_reentrant': False"):
@@ -275,7 +288,7 @@ def test_gradient_dropout_under_reentrant_checkpointing_is_refused_with_the_fix(
 def test_gradient_dropout_is_refused_under_deepspeed_and_plain_masked_tuning_is_not(llama_path, monkeypatch, gradient_dropout):
     model = get_peft_model(
         _base(llama_path),
-        MaskTuningConfig(target_modules=TARGETS, gradient_dropout=gradient_dropout, task_type="CAUSAL_LM"),
+        _paper(target_modules=TARGETS, gradient_dropout=gradient_dropout, task_type="CAUSAL_LM"),
     )
     optimizer = torch.optim.SGD(_scores(model), lr=0.1)
     petuning.TrainingHooks(model, optimizer)
@@ -295,7 +308,7 @@ def test_a_step_that_masks_many_weights_at_once_is_warned_about_once(llama_path,
     """Adam moves every score by ~lr per step: with lr above the 5e-3 margin, one step masks about half the scores."""
     import warnings
 
-    model = get_peft_model(_base(llama_path), MaskTuningConfig(target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model = get_peft_model(_base(llama_path), _paper(target_modules=TARGETS, task_type="CAUSAL_LM"))
     optimizer = torch.optim.Adam(_scores(model), lr=lr)
     petuning.TrainingHooks(model, optimizer)
     model.train()

@@ -47,14 +47,34 @@ EXPERIMENTS = {
             3e-3,
         ),
         Experiment(
-            "mask-tuning-share10",  # scores on the 10% largest-|w| entries of each weight
-            lambda steps: petuning.MaskTuningConfig(mask_share=0.1, target_modules=ALL, task_type=CAUSAL),
+            "mask-tuning-share10",  # the paper's threshold rule on the 10% largest-|w| entries of each weight
+            lambda steps: petuning.MaskTuningConfig(
+                mask_share=0.1, mask_mode="threshold", target_modules=ALL, task_type=CAUSAL
+            ),
             1e-3,
         ),
         Experiment(
             "mask-tuning-share10-gd",
             lambda steps: petuning.MaskTuningConfig(
-                mask_share=0.1, gradient_dropout=True, target_modules=ALL, task_type=CAUSAL
+                mask_share=0.1, mask_mode="threshold", gradient_dropout=True, target_modules=ALL, task_type=CAUSAL
+            ),
+            1e-3,
+        ),
+        Experiment(
+            "mask-tuning-budget2",  # the default: budget mode, 2% of every weight masked by the end of the ramp
+            lambda steps: petuning.MaskTuningConfig(masked_budget=0.02, target_modules=ALL, task_type=CAUSAL),
+            1e-3,
+        ),
+        Experiment(
+            "mask-tuning-budget2-lr1e-3",  # the same at lr 1e-3: scores reach the threshold after ~5 steps, not ~25
+            lambda steps: petuning.MaskTuningConfig(masked_budget=0.02, target_modules=ALL, task_type=CAUSAL),
+            1e-3,
+            real_lr=1e-3,
+        ),
+        Experiment(
+            "mask-tuning-budget2-gd",
+            lambda steps: petuning.MaskTuningConfig(
+                masked_budget=0.02, gradient_dropout=True, target_modules=ALL, task_type=CAUSAL
             ),
             1e-3,
         ),

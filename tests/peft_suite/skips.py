@@ -37,9 +37,9 @@ _SGD_DIVERGES = (
     "whose inputs reach 57,600) diverges to NaN on this model within three steps, as the issue's SORSA case"
 )
 _PACKED = (
-    "the default masked-tuning file stores the binary masks, which define the model, bit-packed, not the float "
+    "the default masked-tuning file stores only the positions the masks zero, which define the model, not the float "
     "scores, so raw scores do not round-trip; the same peft test passes with save_scores=True (run here too), and "
-    "tests/test_mask_tuning_saving.py checks that the packed file reproduces the model exactly"
+    "tests/test_mask_tuning_saving.py checks that the compact file reproduces the model exactly"
 )
 PACKED_ONLY = (
     "test_save_pretrained",
@@ -48,7 +48,7 @@ PACKED_ONLY = (
     "test_save_pretrained_selected_adapters_pickle",
     "test_parameters_after_loading_model",
 )
-"""The masked-tuning entries that hold only for the default bit-packed file (not with save_scores=True)."""
+"""The masked-tuning entries that hold only for the default compact file (not with save_scores=True)."""
 _FP32_SCORES = (
     "masked-tuning scores stay float32 with autocast_adapter_dtype=False (documented in MaskTuningLayer); "
     "tests/test_attach_paths.py checks that every other tensor takes the base dtype"

@@ -47,11 +47,15 @@ FLORA_LAYERS = LINEAR_AND_CONV1D + [
     ("Conv3d", {"target_modules": ["conv3d"]}),
     ("Conv3d", {"target_modules": ["conv3d", "lin0"]}),
 ]
+# Masked tuning runs peft's matrix with the paper's threshold rule on every entry: peft's loops step a bare optimizer,
+# and the default budget mode refuses to train without petuning's driver (its masks change only in the driver's
+# after-step hook; tests/test_mask_tuning_budget.py covers it, and the Trainer/TRL/DDP/engine tests run it).
+PAPER_RULE = {"mask_mode": "threshold", "mask_share": 1.0}
 CUSTOM_CASES = {  # method config -> the models and targets of peft's LoRA cases whose layer types it supports
     SorsaConfig: LINEAR_AND_CONV1D,
     FloraConfig: FLORA_LAYERS,
     SparseLowRankConfig: LINEAR_AND_CONV1D,
-    MaskTuningConfig: LINEAR_AND_CONV1D,
+    MaskTuningConfig: [(model_id, {**kwargs, **PAPER_RULE}) for model_id, kwargs in LINEAR_AND_CONV1D],
 }
 # Masked tuning also with its float scores saved: the round-trip tests that compare raw parameters, which the default
 # bit-packed file cannot pass (see skips.NOT_APPLICABLE), run on this variant.
@@ -94,7 +98,7 @@ def _custom_items():
 def _decoder_items():
     for name, grid in case_tests(decoder.TestDecoderModels, {"model_id", "config_cls", "config_kwargs"}):
         for config_cls in DECODER_CONFIGS:
-            variants = [{}, SAVED_SCORES] if config_cls is MaskTuningConfig else [{}]
+            variants = [PAPER_RULE, {**PAPER_RULE, **SAVED_SCORES}] if config_cls is MaskTuningConfig else [{}]
             for model_id, variant in itertools.product(DECODER_MODELS, variants):
                 if config_cls is PatConfig and model_id not in PAT_MODELS:
                     continue

@@ -1,18 +1,21 @@
 """Masked-tuning layers: a frozen linear layer whose weight is multiplied by learned binary masks.
 
-For a layer with weight W (stored as (out, in), or (in, out) for transformers' Conv1D) and an adapter with
-threshold tau:
+For a layer with weight W (stored as (out, in), or (in, out) for transformers' Conv1D) and an adapter:
 
-- ``mask_tuning_scores[name]``   trainable real scores m; the weight's shape (every entry masked) or (k,) for the
+- ``mask_tuning_scores[name]``   trainable real scores m; the weight's shape (every entry scored) or (k,) for the
   k selected entries of a layer with ``mask_share < 1``
-- ``mask_tuning_indices[name]``  (k,) int32 flat positions in W of the selected entries (only when k < W.numel());
-  saved with the adapter, never re-derived
-- ``mask_tuning_mask[name]``     :class:`PackedMask`, the binary mask bit-packed in the state dict (extra state)
-- ``M = 1[m > tau]`` on scored entries, 1 elsewhere; with several active adapters their masks multiply
+- ``mask_tuning_indices[name]``  (k,) int32 sorted flat positions in W of the scored entries (only when
+  k < W.numel())
+- ``mask_tuning_off[name]``      budget mode only: boolean, the scores' shape, True where the entry is masked; kept
+  by the tuner's schedule (the k_t lowest scores, see ``MaskTuningModel``), not derived from m in forward
+- ``mask_tuning_mask[name]``     :class:`MaskedPositions`, the positions the adapter zeroes, stored compactly in the
+  state dict (extra state; :mod:`.encoding`)
+- the mask M is 0 where the entry is "off" and 1 elsewhere: off = ``m <= tau`` in threshold mode (the paper's
+  rule), the stored set in budget mode. With several active adapters their masks multiply.
 
 Forward (``MaskedLinear``): ``y = x (W ⊙ M)ᵀ + b``. The masked weight is the one weight-sized temporary; it is
-built from W and m, used and freed, and built again in backward for the input gradient. Nothing weight-sized is
-saved for backward (only x, as for any linear layer).
+built from W and the off-sets, used and freed, and built again in backward for the input gradient. Nothing
+weight-sized is saved for backward (only x, as for any linear layer).
 
 Backward, straight-through: the binarization passes gradients unchanged, so with G = dL/dy and X = x
 flattened to (tokens, in)::
@@ -36,29 +39,31 @@ from torch import nn
 from petuning.tuners.base import PetuningLayer
 from petuning.tuners.common import NAN_MESSAGE, adapters_bypassed, full_tensor
 
+from .encoding import decode_positions, encode_positions
+
 
 def masked_off(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Boolean tensor of the entries whose mask is 0, i.e. ``not (m > tau)`` (a NaN score counts as masked)."""
+    """Threshold mode: boolean tensor of the entries whose mask is 0, i.e. ``not (m > tau)`` (a NaN score counts
+    as masked)."""
     return (scores > threshold).logical_not_()
 
 
 def apply_masks(
     weight: torch.Tensor,
-    scores: Sequence[torch.Tensor],
+    offs: Sequence[torch.Tensor],
     indices: Sequence[Optional[torch.Tensor]],
-    thresholds: Sequence[float],
     inplace: bool = False,
 ) -> torch.Tensor:
-    """``W ⊙ M_1 ⊙ M_2 ...``: a masked copy of ``weight`` (the one weight-sized temporary), or ``weight`` itself
-    zeroed in place."""
+    """``W ⊙ M_1 ⊙ M_2 ...`` for boolean "masked" tensors ``offs`` (over the whole weight, or over the entries at
+    ``indices``): a masked copy of ``weight`` (the one weight-sized temporary), or ``weight`` itself zeroed in
+    place."""
     out = weight if inplace else None
-    for s, idx, t in zip(scores, indices, thresholds):
+    for off, idx in zip(offs, indices):
         if out is None and idx is None:  # one pass: the copy and the first mask together
-            out = torch.where(s.detach() > t, weight, 0.0)
+            out = torch.where(off, 0.0, weight)
             continue
         if out is None:
             out = weight.clone()
-        off = masked_off(s.detach(), t)
         if idx is None:
             out.masked_fill_(off, 0)
         else:
@@ -66,18 +71,25 @@ def apply_masks(
     return out
 
 
+def _offs(scores: Sequence[torch.Tensor], sets: Sequence[Optional[torch.Tensor]], thresholds: Sequence[Optional[float]]):
+    """Each mask's boolean "masked" tensor: the stored set (budget mode), or ``m <= tau`` computed now (threshold
+    mode, so that nothing but the scores themselves is kept for backward)."""
+    return [off if t is None else masked_off(s.detach(), t) for s, off, t in zip(scores, sets, thresholds)]
+
+
 class MaskedLinear(torch.autograd.Function):
     """``y = x (W ⊙ M)ᵀ + b`` with straight-through gradients for the scores of each mask (see module docstring).
 
-    ``apply(x, weight, bias, fan_in_fan_out, thresholds, n_masks, *scores, *indices)``; an entry of ``indices``
-    is None for a mask that covers the whole weight.
+    ``apply(x, weight, bias, fan_in_fan_out, thresholds, n_masks, *scores, *sets, *indices)``: per mask, either a
+    threshold (threshold mode; its set is None) or None and the stored boolean set (budget mode); an entry of
+    ``indices`` is None for a mask that covers the whole weight.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, fan_in_fan_out, thresholds, n_masks, *tensors):
-        scores, indices = tensors[:n_masks], tensors[n_masks:]
+        scores, sets, indices = tensors[:n_masks], tensors[n_masks : 2 * n_masks], tensors[2 * n_masks :]
         with torch.no_grad():
-            w = apply_masks(weight, scores, indices, thresholds)
+            w = apply_masks(weight, _offs(scores, sets, thresholds), indices)
             if fan_in_fan_out:  # transformers' Conv1D computes addmm(bias, x, W) with W as (in, out)
                 flat = x.reshape(-1, x.shape[-1])
                 out = (flat @ w if bias is None else torch.addmm(bias, flat, w)).view(*x.shape[:-1], w.shape[1])
@@ -90,19 +102,21 @@ class MaskedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, *tensors = ctx.saved_tensors
-        scores, indices = tensors[: ctx.n_masks], tensors[ctx.n_masks :]
+        n = ctx.n_masks
+        scores, indices = tensors[:n], tensors[2 * n :]
+        offs = _offs(scores, tensors[n : 2 * n], ctx.thresholds)
         needs_x, _, needs_bias = ctx.needs_input_grad[:3]
-        needs_scores = ctx.needs_input_grad[6 : 6 + ctx.n_masks]
+        needs_scores = ctx.needs_input_grad[6 : 6 + n]
         grad_x = grad_bias = None
         dtype = grad_out.dtype
         if needs_x:
-            w = apply_masks(weight, scores, indices, ctx.thresholds).to(dtype)
+            w = apply_masks(weight, offs, indices).to(dtype)
             grad_x = (grad_out @ (w.T if ctx.fan_in_fan_out else w)).to(x.dtype)
             del w
         g = grad_out.reshape(-1, grad_out.shape[-1])
         if needs_bias:
             grad_bias = g.sum(0).to(bias.dtype)
-        grad_scores = [None] * ctx.n_masks
+        grad_scores = [None] * n
         if any(needs_scores):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             # dL/dW_eff in the stored layout, times W: the straight-through gradient of a full mask
@@ -111,71 +125,49 @@ class MaskedLinear(torch.autograd.Function):
             wanted = [i for i, need in enumerate(needs_scores) if need]
             for i in wanted:
                 gi = gw if i == wanted[-1] else gw.clone()
-                others = [j for j in range(ctx.n_masks) if j != i]
-                apply_masks(gi, [scores[j] for j in others], [indices[j] for j in others],
-                            [ctx.thresholds[j] for j in others], inplace=True)
+                others = [j for j in range(n) if j != i]
+                apply_masks(gi, [offs[j] for j in others], [indices[j] for j in others], inplace=True)
                 gi = gi if indices[i] is None else gi.view(-1)[indices[i]]
                 grad_scores[i] = gi.to(scores[i].dtype)
-        return (grad_x, None, grad_bias, None, None, None, *grad_scores, *([None] * ctx.n_masks))
+        return (grad_x, None, grad_bias, None, None, None, *grad_scores, *([None] * (2 * n)))
 
 
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Flatten a boolean tensor and pack it into uint8, 8 entries per byte, most significant bit first
-    (``numpy.packbits`` order); the last byte is padded with zeros."""
-    flat = bits.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+class MaskedPositions(nn.Module):
+    """One adapter's mask as *extra state* of its layer: ``state_dict()`` holds
+    ``encode_positions(positions the adapter zeroes, W.numel())`` under
+    ``<layer>.mask_tuning_mask.<adapter>._extra_state`` (computed when asked, so never stale). Loading it (torch's
+    ``load_state_dict``, PEFT, or transformers' ``load_adapter``) makes the layer mask exactly those positions
+    (:meth:`MaskTuningLayer.set_masked_positions`), whatever the scores or indices loaded before it."""
 
-
-def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``numel`` bits of ``packed`` as a flat boolean tensor."""
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    return ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].bool()
-
-
-class PackedMask(nn.Module):
-    """One adapter's binary mask as bit-packed *extra state* of the layer: ``state_dict()`` holds
-    ``pack_bits(m > tau)`` under ``<layer>.mask_tuning_mask.<adapter>._extra_state`` (computed from the scores when
-    asked, so never stale), and loading it (torch's ``load_state_dict``, PEFT, or transformers' ``load_adapter``)
-    changes exactly the scores whose mask disagrees with the loaded bit: to ``mask_init`` (kept) or to
-    ``2 tau - mask_init`` (masked). Scores loaded alongside, in either order, are therefore kept as they are."""
-
-    def __init__(self, scores: nn.ParameterDict, adapter_name: str, threshold: float, mask_init: float) -> None:
+    def __init__(self, layer: "MaskTuningLayer", adapter_name: str) -> None:
         super().__init__()
-        object.__setattr__(self, "_scores", scores)  # the layer's container, deliberately not registered twice
+        object.__setattr__(self, "_layer", layer)  # the owning layer, deliberately not registered as a child
         self.adapter_name = adapter_name
-        self.threshold = threshold
-        self.mask_init = mask_init
 
     def get_extra_state(self) -> torch.Tensor:
-        return pack_bits(full_tensor(self._scores[self.adapter_name].detach()) > self.threshold)
+        layer = self._layer
+        if layer.mask_tuning_scores[self.adapter_name].is_meta:  # an adapter created on meta, before loading
+            return torch.empty(1, dtype=torch.uint8, device="meta")
+        return encode_positions(layer.masked_positions(self.adapter_name), layer.get_base_layer().weight.numel())
 
     def set_extra_state(self, state: Any) -> None:
-        scores = self._scores[self.adapter_name]
-        expected = (scores.numel() + 7) // 8
-        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.numel() != expected:
-            got = f"{state.numel()} {state.dtype} values" if isinstance(state, torch.Tensor) else type(state).__name__
+        numel = self._layer.get_base_layer().weight.numel()
+        try:
+            positions = decode_positions(state, numel)
+        except ValueError as error:
             raise ValueError(
-                f"The packed mask of adapter {self.adapter_name!r} has {got}, but {expected} uint8 mask bytes are "
-                f"expected for {scores.numel()} scores: the adapter file is truncated, corrupt, or made for another "
-                "base model or mask_share."
-            )
-        keep = unpack_bits(state.to(scores.device), scores.numel()).view(scores.shape)
-        with torch.no_grad():
-            current = scores > self.threshold
-            scores.masked_fill_(keep & ~current, self.mask_init)
-            scores.masked_fill_(~keep & current, 2 * self.threshold - self.mask_init)
+                f"The stored mask of adapter {self.adapter_name!r} cannot be read ({error}): the adapter file is "
+                "truncated, corrupt, or made for another base model."
+            ) from None
+        self._layer.set_masked_positions(self.adapter_name, positions)
 
 
 class MaskTuningLayer(PetuningLayer):
     """State and math shared by every masked-tuning layer type.
 
-    The scores stay float32 with ``autocast_adapter_dtype=False`` (``fp32_adapter_names``): they start
-    ``mask_init - threshold`` (5e-3) above the threshold and move by about one learning rate per Adam step, and
-    bfloat16's spacing near 1e-2 (6e-5) would swallow steps at learning rates below about 3e-5.
+    The scores stay float32 with ``autocast_adapter_dtype=False`` (``fp32_adapter_names``): in threshold mode they
+    start ``mask_init - threshold`` (5e-3) above the threshold and move by about one learning rate per Adam step,
+    and bfloat16's spacing near 1e-2 (6e-5) would swallow steps at learning rates below about 3e-5.
     """
 
     method = "masked tuning"
@@ -183,15 +175,18 @@ class MaskTuningLayer(PetuningLayer):
 
     adapter_layer_names = ("mask_tuning_scores",)
     other_param_names = (
-        "mask_tuning_indices", "mask_tuning_mask", "mask_tuning_threshold", "mask_tuning_removed", "mask_tuning_kl_grad"
+        "mask_tuning_indices", "mask_tuning_off", "mask_tuning_mask", "mask_tuning_threshold", "mask_tuning_init",
+        "mask_tuning_removed", "mask_tuning_kl_grad",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self._init_petuning_state(base_layer, kwargs, quantizable=False)
         self.mask_tuning_scores = nn.ParameterDict({})
         self.mask_tuning_indices = BufferDict({}, persistent=True)
-        self.mask_tuning_mask = nn.ModuleDict({})  # PackedMask per adapter: the bit-packed masks in the state dict
+        self.mask_tuning_off = BufferDict({}, persistent=False)  # budget mode: the masked entries, kept by the tuner
+        self.mask_tuning_mask = nn.ModuleDict({})  # MaskedPositions per adapter: the zeroed positions, compactly
         self.mask_tuning_threshold: dict[str, float] = {}
+        self.mask_tuning_init: dict[str, float] = {}
         self.mask_tuning_removed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # merged adapters' zeroed entries
         self.mask_tuning_kl_grad: dict[str, torch.Tensor] = {}  # gradient dropout's accumulated KL gradients
         self._mask_tuning_probes: dict[str, torch.Tensor] = {}  # dense stand-in scores during weight selection
@@ -204,12 +199,17 @@ class MaskTuningLayer(PetuningLayer):
         mask_init: float,
         threshold: float,
         init_weights: bool,
+        budgeted: bool = False,
+        initial_budget: float = 0.5,
         inference_mode: bool = False,
         **_: Any,
     ) -> None:
         """Add adapter ``adapter_name``: scores for the whole weight (``mask_share == 1``) or for the
-        ``round(mask_share * numel)`` entries of largest |W| (re-chosen by gradient with the tuner's
-        ``select_masked_weights``)."""
+        ``round(mask_share * numel)`` entries of largest |W| (ties to the lower position; re-chosen by gradient with
+        the tuner's ``select_masked_weights``). ``budgeted``: the masked set is kept by the tuner's budget schedule
+        (empty at the start) instead of derived from ``m <= threshold``. ``init_weights=False`` (for tests) seeds
+        scores around the threshold; a budgeted adapter then starts with its ``initial_budget`` share of the
+        weight's entries masked (the lowest scores)."""
         weight = self.get_base_layer().weight
         numel = weight.numel()
         k = numel if mask_share >= 1.0 else max(1, round(mask_share * numel))
@@ -217,9 +217,7 @@ class MaskTuningLayer(PetuningLayer):
         if k < numel:
             if numel >= 2**31:
                 raise ValueError(f"A weight with {numel} entries is too large for int32 mask indices.")
-            with torch.no_grad():
-                top = torch.topk(weight.detach().reshape(-1).abs().float(), k).indices
-            self.mask_tuning_indices[adapter_name] = top.sort().values.to(torch.int32)
+            self.mask_tuning_indices[adapter_name] = largest_magnitude(weight, k).to(torch.int32)
             shape: tuple[int, ...] = (k,)
         else:
             shape = tuple(weight.shape)
@@ -228,44 +226,107 @@ class MaskTuningLayer(PetuningLayer):
             low = 2 * threshold - mask_init
             scores = low + (mask_init - low) * torch.rand(shape, dtype=dtype, device=weight.device)
         self.mask_tuning_scores[adapter_name] = nn.Parameter(scores)
-        self.mask_tuning_mask[adapter_name] = PackedMask(self.mask_tuning_scores, adapter_name, threshold, mask_init)
+        self.mask_tuning_mask[adapter_name] = MaskedPositions(self, adapter_name)
         self.mask_tuning_threshold[adapter_name] = threshold
+        self.mask_tuning_init[adapter_name] = mask_init
+        if budgeted:
+            off = torch.zeros(shape, dtype=torch.bool, device=weight.device)
+            if not init_weights:
+                n = min(round(initial_budget * numel), k)
+                off.view(-1)[torch.topk(scores.reshape(-1), n, largest=False).indices] = True
+            self.mask_tuning_off[adapter_name] = off
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     # ---------------------------------------------------------------------------------------- math
-    def _masks(self, names: Sequence[str]) -> tuple[list, list, list]:
-        """Scores, indices (None for whole-weight masks) and thresholds of the adapters ``names`` that this layer
-        holds; a selection probe, while one is set, stands in for the adapter's own scores."""
-        scores, indices, thresholds = [], [], []
+    def budgeted(self, adapter_name: str) -> bool:
+        """Whether the tuner's budget schedule keeps this adapter's masked set (else ``m <= threshold`` does)."""
+        return adapter_name in self.mask_tuning_off
+
+    def off(self, adapter_name: str) -> torch.Tensor:
+        """Boolean tensor of the scores' shape: True where ``adapter_name`` masks the entry."""
+        if adapter_name in self.mask_tuning_off:
+            return self.mask_tuning_off[adapter_name]
+        return masked_off(self.mask_tuning_scores[adapter_name].detach(), self.mask_tuning_threshold[adapter_name])
+
+    def _masks(self, names: Sequence[str]) -> tuple[list, list, list, list]:
+        """Per adapter in ``names`` that this layer holds: its scores, its stored set (budget mode) or None, its
+        threshold (threshold mode) or None, and its indices (None for whole-weight masks). A selection probe, while
+        one is set, stands in for the adapter's scores, with nothing masked."""
+        scores, sets, thresholds, indices = [], [], [], []
         for name in names:
             if name not in self.mask_tuning_scores:
                 continue
             if name in self._mask_tuning_probes:
-                scores.append(self._mask_tuning_probes[name])
+                probe = self._mask_tuning_probes[name]
+                scores.append(probe)
+                sets.append(torch.zeros(probe.shape, dtype=torch.bool, device=probe.device))
+                thresholds.append(None)
                 indices.append(None)
-            else:
-                scores.append(self.mask_tuning_scores[name])
-                indices.append(self.mask_tuning_indices[name] if name in self.mask_tuning_indices else None)
-            thresholds.append(self.mask_tuning_threshold[name])
-        return scores, indices, thresholds
+                continue
+            scores.append(self.mask_tuning_scores[name])
+            budgeted = name in self.mask_tuning_off
+            sets.append(self.mask_tuning_off[name] if budgeted else None)
+            thresholds.append(None if budgeted else self.mask_tuning_threshold[name])
+            indices.append(self.mask_tuning_indices[name] if name in self.mask_tuning_indices else None)
+        return scores, sets, thresholds, indices
 
     def mask(self, adapter_name: str) -> torch.Tensor:
         """The binary mask M of ``adapter_name`` as a boolean tensor in the base weight's layout."""
         weight = self.get_base_layer().weight
-        scores = self.mask_tuning_scores[adapter_name].detach()
-        keep = scores > self.mask_tuning_threshold[adapter_name]
-        if adapter_name not in self.mask_tuning_indices:
-            return keep
         full = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
-        full.view(-1)[self.mask_tuning_indices[adapter_name][~keep]] = False
+        full.view(-1)[self.masked_positions(adapter_name)] = False
         return full
 
     def masked_positions(self, adapter_name: str) -> torch.Tensor:
-        """Flat positions (int64) in the base weight of the entries ``adapter_name`` masks out."""
-        off = masked_off(self.mask_tuning_scores[adapter_name].detach(), self.mask_tuning_threshold[adapter_name])
+        """Sorted flat positions (int64) in the base weight of the entries ``adapter_name`` masks out."""
+        off = full_tensor(self.off(adapter_name))
         if adapter_name in self.mask_tuning_indices:
             return self.mask_tuning_indices[adapter_name][off].long()
         return off.reshape(-1).nonzero().squeeze(1)
+
+    @torch.no_grad()
+    def set_masked_positions(self, adapter_name: str, positions: torch.Tensor) -> None:
+        """Make ``adapter_name`` mask exactly the flat ``positions`` of the base weight (loading a saved mask).
+
+        Budget mode: the set becomes the adapter's masked set and the scores are left alone (they only rank).
+        Threshold mode: scores that disagree with the new mask move to ``mask_init`` (kept) or its mirror
+        ``2 tau - mask_init`` (masked), so scores loaded alongside a consistent mask stay as they are. When a position has no score (a
+        mask chosen on other scored entries, e.g. by gradient), the scored entries become the masked positions plus
+        the largest-|W| others, and every score restarts."""
+        weight = self.get_base_layer().weight
+        positions = positions.to(weight.device)
+        scores = self.mask_tuning_scores[adapter_name]
+        if hasattr(scores.data, "to_local"):
+            raise RuntimeError(
+                f"Cannot load the mask of adapter {adapter_name!r} into a sharded (FSDP2) layer: load the adapter "
+                "before calling fully_shard."
+            )
+        if adapter_name in self.mask_tuning_indices:
+            idx = self.mask_tuning_indices[adapter_name]
+            if positions.numel() > idx.numel():
+                raise ValueError(
+                    f"The stored mask of adapter {adapter_name!r} zeroes {positions.numel()} entries of a layer whose "
+                    f"adapter scores only {idx.numel()}: it was made with a larger mask_share. Load it with its own "
+                    "adapter_config.json."
+                )
+            where = torch.searchsorted(idx.long(), positions).clamp_max(idx.numel() - 1)
+            if not bool((idx[where].long() == positions).all()):
+                idx.copy_(_scored_entries_covering(weight, positions, idx.numel()).to(idx.dtype))
+                scores.data.fill_(self.mask_tuning_init[adapter_name])
+                where = torch.searchsorted(idx.long(), positions)
+            off = torch.zeros(idx.shape, dtype=torch.bool, device=weight.device)
+            off[where] = True
+        else:
+            off = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+            off[positions] = True
+            off = off.view(weight.shape)
+        if adapter_name in self.mask_tuning_off:  # budget mode: the set is the state; scores keep their ranking
+            self.mask_tuning_off[adapter_name].copy_(off)
+            return
+        threshold, init = self.mask_tuning_threshold[adapter_name], self.mask_tuning_init[adapter_name]
+        kept = scores.data > threshold
+        scores.data.masked_fill_(~off & ~kept, init)
+        scores.data.masked_fill_(off & kept, 2 * threshold - init)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense update ``W ⊙ M - W`` (= -W on masked entries, 0 elsewhere) in the base weight's layout and dtype,
@@ -308,6 +369,21 @@ class MaskTuningLayer(PetuningLayer):
                 self.get_base_layer().weight.data.view(-1)[positions] = values
 
 
+def largest_magnitude(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted flat positions (int64) of the ``k`` entries of largest |W|, ties going to the lower position, so the
+    choice is the same on every device and run."""
+    order = torch.argsort(weight.detach().reshape(-1).abs().float(), descending=True, stable=True)
+    return order[:k].sort().values
+
+
+def _scored_entries_covering(weight: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` sorted flat positions: all of ``positions``, then the largest-|W| other entries."""
+    magnitude = weight.detach().reshape(-1).abs().float().clone()
+    magnitude[positions] = float("inf")
+    order = torch.argsort(magnitude, descending=True, stable=True)
+    return order[:k].sort().values
+
+
 class Linear(nn.Module, MaskTuningLayer):
     """Masked tuning around ``nn.Linear`` or transformers' ``Conv1D`` (``fan_in_fan_out=True``, weight (in, out))."""
 
@@ -321,12 +397,12 @@ class Linear(nn.Module, MaskTuningLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if adapters_bypassed(self):
             return self.base_layer(x, *args, **kwargs)
-        scores, indices, thresholds = self._masks(self.active_adapters)
+        scores, sets, thresholds, indices = self._masks(self.active_adapters)
         if not scores:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         return MaskedLinear.apply(
-            x, base.weight, base.bias, self.fan_in_fan_out, thresholds, len(scores), *scores, *indices
+            x, base.weight, base.bias, self.fan_in_fan_out, tuple(thresholds), len(scores), *scores, *sets, *indices
         )
 
     def __repr__(self) -> str:

@@ -1,8 +1,10 @@
-"""Masked-tuning tuner: injects :class:`~petuning.tuners.mask_tuning.layer.Linear`, stores masks bit-packed, and
-applies R-AMT's L2 term and gradient dropout through petuning's training hooks."""
+"""Masked-tuning tuner: injects :class:`~petuning.tuners.mask_tuning.layer.Linear`, keeps budget-mode masks on their
+schedule, stores the masked positions compactly, and applies R-AMT's L2 term and gradient dropout through
+petuning's training hooks."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -25,13 +27,15 @@ from petuning.tuners.base import PetuningTuner
 from petuning.tuners.common import base_of, full_tensor
 
 from .config import MaskTuningConfig
-from .layer import Linear, MaskTuningLayer, masked_off, unpack_bits
+from .layer import Linear, MaskTuningLayer, largest_magnitude
 
 SCORES = "mask_tuning_scores"
-PACKED = "mask_tuning_mask"
-"""Container of the bit-packed binary masks (state-dict key ``<layer>.mask_tuning_mask[.<adapter>]._extra_state``)."""
+MASK = "mask_tuning_mask"
+"""Container of the compactly stored masked positions (state-dict key ``<layer>.mask_tuning_mask.<adapter>._extra_state``)."""
+INDICES = "mask_tuning_indices"
 MASS_FLIP_SHARE = 0.01
-"""One optimizer step that masks more than this share of an adapter's scored entries triggers a warning."""
+"""Threshold mode: one optimizer step that masks more than this share of an adapter's scored entries triggers a
+warning."""
 
 
 def gradient_dropout(
@@ -50,17 +54,37 @@ def gradient_dropout(
     return torch.where(kept, g_task, g_task * (1.0 - strength)), kept
 
 
-def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``KL(softmax(reference) || softmax(logits))`` over the last axis, averaged over positions (those with
-    ``attention_mask == 1`` when a mask of the positions' shape is given), computed in float32 or better."""
+def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """``KL(softmax(reference) || softmax(logits))`` over the last axis, averaged over the positions with nonzero
+    ``weights`` (of the positions' shape; every position when None), computed in float32 or better."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if weights is not None:
+        keep = weights.reshape(-1) != 0
+        logits, reference = logits.reshape(-1, logits.shape[-1])[keep], reference.reshape(-1, reference.shape[-1])[keep]
     log_p = F.log_softmax(logits.to(dtype), dim=-1)
     log_q = F.log_softmax(reference.to(dtype), dim=-1)
     per_position = (log_q.exp() * (log_q - log_p)).sum(-1)
-    if attention_mask is not None and attention_mask.shape == per_position.shape:
-        weights = attention_mask.to(dtype)
-        return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
-    return per_position.mean()
+    return per_position.sum() / max(per_position.numel(), 1)
+
+
+def label_positions(ctx: ForwardContext, logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """Boolean tensor of ``logits.shape[:-1]``: the positions whose prediction the task loss scores (a causal LM's
+    position i predicts label i + 1), or else those with ``attention_mask == 1``; None when neither is known."""
+    positions = logits.shape[:-1]
+    labels = ctx.kwargs.get("shift_labels")
+    shifted = labels is not None
+    if labels is None:
+        labels = ctx.kwargs.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.shape == positions:
+        keep = labels != -100
+        causal = type(ctx.model).__name__.endswith("ForCausalLM")
+        if causal and not shifted:
+            keep = torch.cat([keep[..., 1:], torch.zeros_like(keep[..., :1])], dim=-1)
+        return keep
+    mask = ctx.kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape == positions:
+        return mask != 0
+    return None
 
 
 class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
@@ -83,6 +107,11 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
     _masked_counts: Optional[dict[str, int]] = None  # masked scored entries per adapter after the last step
     _warned_mass_flip: tuple[str, ...] = ()  # adapters already warned about a mass flip
 
+    def __init__(self, *args, **kwargs) -> None:
+        self._newly_masked: dict[str, int] = {}  # budget mode: entries masked by the last step, per adapter
+        self._undriven_versions: dict[str, int] = {}  # budget mode: score versions seen in forwards without a driver
+        super().__init__(*args, **kwargs)
+
     # ------------------------------------------------------------------------------------ injection
     def _layer_kwargs(self, config: MaskTuningConfig, adapter_name: str, key: str, target_name: str, target: nn.Module) -> dict:
         return {
@@ -90,6 +119,8 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
             "mask_init": config.mask_init,
             "threshold": config.threshold,
             "init_weights": config.init_weights,
+            "budgeted": config.mask_mode == "budget",
+            "initial_budget": config.masked_budget,
         }
 
     def _create_new_module(self, config: MaskTuningConfig, adapter_name: str, target: nn.Module, key: str, **kwargs):
@@ -125,35 +156,35 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
     # ------------------------------------------------------------------------------------ save/load
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """PEFT's selection: scores, indices and the bit-packed masks; the float scores only if
-        ``config.save_scores``, or while a training run is in progress (a Trainer checkpoint must resume exactly)."""
+        """PEFT's selection: the compactly stored masked positions, plus the float scores and the scored entries'
+        indices only if ``config.save_scores`` or while a training run is in progress (a Trainer checkpoint must
+        resume exactly)."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if getattr(config, "save_scores", True) or in_training_run(model):
             return selected
-        return {k: v for k, v in selected.items() if not k.endswith(f".{SCORES}.{adapter_name}")}
+        dropped = (f".{SCORES}.{adapter_name}", f".{INDICES}.{adapter_name}")
+        return {k: v for k, v in selected.items() if not k.endswith(dropped)}
 
     @classmethod
     def _check_state_dict_for_load(cls, model, config, adapter_name: str, remapped: dict) -> dict:
-        """Scores missing from a bit-packed adapter are built from its masks (``mask_init`` kept, ``2 tau -
-        mask_init`` masked). Refuses tensors whose shapes do not fit the model, naming one."""
+        """Refuses tensors whose shapes do not fit the model, naming one. (The stored masks are checked when they
+        are read, see ``MaskedPositions``; scores and indices missing from a compact file keep their values from
+        the adapter's creation.)"""
         expected = model.state_dict()
-        packed_suffix = f".{PACKED}.{adapter_name}._extra_state"
-        wrong = []
-        for key, value in list(remapped.items()):
-            if key not in expected:
-                continue
-            target = expected[key]
-            if key.endswith(packed_suffix):
-                scores_key = key.removesuffix(packed_suffix) + f".{SCORES}.{adapter_name}"
-                n = expected[scores_key].numel()
-                if value.numel() != (n + 7) // 8:
-                    wrong.append(f"{key}: {value.numel()} mask bytes vs {(n + 7) // 8} expected")
-                elif scores_key not in remapped:
-                    keep = unpack_bits(value, n).view(expected[scores_key].shape)
-                    scores = torch.full(keep.shape, config.masked_score, dtype=expected[scores_key].dtype)
-                    remapped[scores_key] = scores.masked_fill_(keep.to(scores.device), config.mask_init)
-            elif value.shape != target.shape:
-                wrong.append(f"{key}: adapter {tuple(value.shape)} vs model {tuple(target.shape)}")
+        compact = [k.removesuffix(f".{MASK}.{adapter_name}._extra_state") for k in remapped
+                   if k.endswith(f".{MASK}.{adapter_name}._extra_state")]
+        for layer_key in compact:  # a compact file: the scores and scored entries of a new adapter (also on meta)
+            scores_key, indices_key = f"{layer_key}.{SCORES}.{adapter_name}", f"{layer_key}.{INDICES}.{adapter_name}"
+            if scores_key in expected and scores_key not in remapped:
+                remapped[scores_key] = torch.full(expected[scores_key].shape, config.mask_init, dtype=torch.float32)
+            if indices_key in expected and indices_key not in remapped:
+                weight = model.get_submodule(layer_key).get_base_layer().weight
+                remapped[indices_key] = largest_magnitude(weight, expected[indices_key].numel()).to(torch.int32)
+        wrong = [
+            f"{key}: adapter {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+            for key, value in remapped.items()
+            if key in expected and not key.endswith("._extra_state") and value.shape != expected[key].shape
+        ]
         if wrong:
             raise ValueError(
                 "This masked-tuning adapter does not fit the model it is being loaded into: it was made for a base "
@@ -172,17 +203,21 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
         ``total`` entries, ``scored`` entries that carry a score, ``masked`` entries whose mask is 0."""
         name = self._resolve_adapter(adapter_name)
         stats = {"total": 0, "scored": 0, "masked": 0}
+        sharded_masked = 0
         sharded = False
         for _, layer in self._layers(name):
             scores = layer.mask_tuning_scores[name].detach()
-            sharded |= isinstance(scores, DTensor)
             stats["total"] += layer.get_base_layer().weight.numel()
             stats["scored"] += scores.numel()  # a DTensor's numel is the whole tensor's
-            stats["masked"] += int(masked_off(_local(scores), layer.mask_tuning_threshold[name]).sum())
+            if isinstance(scores, DTensor) and not layer.budgeted(name):  # threshold mode: this rank's shard
+                sharded = True
+                sharded_masked += int(_local(layer.off(name)).sum())
+            else:
+                stats["masked"] += int(layer.off(name).sum())
         if sharded:  # FSDP2: each rank counted its shard
-            masked = torch.tensor(stats["masked"])
+            masked = torch.tensor(sharded_masked)
             dist.all_reduce(masked)
-            stats["masked"] = int(masked)
+            stats["masked"] += int(masked)
         return stats
 
     def masked_share(self, adapter_name: Optional[str] = None) -> float:
@@ -247,6 +282,8 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
             top = torch.topk(importance[layer].abs().reshape(-1), indices.numel()).indices.sort().values
             indices.copy_(top.to(indices.dtype))
             layer.mask_tuning_scores[name].fill_(config.mask_init)
+            if layer.budgeted(name):
+                layer.mask_tuning_off[name].zero_()
             chosen[layer_name] = indices.numel()
         return chosen
 
@@ -274,6 +311,7 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
         """Gradient dropout, first half: the gradient of ``KL(p_base || p_tuned)`` on this batch with respect to the
         scores, the reference being the same model with its masked-tuning adapters disabled. Accumulated (weighted
         by the micro-batch share) until the optimizer step."""
+        self._refuse_budget_without_driver(ctx.model)
         adapters = list(self._trained(with_gradient_dropout=True))
         if not adapters:
             return
@@ -290,10 +328,19 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
         layers = [layer for _, _, ls in adapters for layer in ls]
         params = [layer.mask_tuning_scores[name] for name, _, ls in adapters for layer in ls]
         keys = [(layer, name) for name, _, ls in adapters for layer in ls]
-        reference = self._reference_logits(ctx, layers)
-        kl = kl_to_reference(logits, reference, ctx.kwargs.get("attention_mask"))
+        rows = logits.shape[0]
+        n = math.ceil(min(config.gradient_dropout_batch_share for _, config, _ in adapters) * rows)
         share = float(ctx.share)
-        grads = torch.autograd.grad(kl * share, params, retain_graph=True, allow_unused=True)
+        if n >= rows:  # the whole micro-batch: differentiate this forward's own logits
+            reference = _eval_logits(ctx.model, ctx.args, ctx.kwargs, disabled=layers)
+            kl = kl_to_reference(logits, reference, label_positions(ctx, logits))
+            grads = torch.autograd.grad(kl * share, params, retain_graph=True, allow_unused=True)
+        else:  # its first n rows, forwarded again with and without the masks
+            sub = ForwardContext(ctx.model, *_leading_rows(ctx.args, ctx.kwargs, n, rows), None, ctx.share)
+            reference = _eval_logits(ctx.model, sub.args, sub.kwargs, disabled=layers)
+            tuned = _eval_logits(ctx.model, sub.args, sub.kwargs)
+            kl = kl_to_reference(tuned, reference, label_positions(sub, tuned))
+            grads = torch.autograd.grad(kl * share, params, allow_unused=True)
         if all(g is None for g in grads):
             raise RuntimeError(
                 "Masked tuning's gradient dropout found no path from the logits to the mask scores, so it cannot take "
@@ -317,37 +364,64 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
                 stacklevel=2,
             )
 
-    @torch.no_grad()
-    def _reference_logits(self, ctx: ForwardContext, layers: list[MaskTuningLayer]) -> torch.Tensor:
-        """Logits of the same model on the same inputs with the masked-tuning layers disabled, in eval mode (no
-        dropout), without gradients."""
-        disabled = [(layer, layer._disable_adapters) for layer in set(layers)]
-        modes = [(m, m.training) for m in ctx.model.modules()]
-        try:
-            for layer, _ in disabled:
-                layer._disable_adapters = True
-            ctx.model.eval()
-            kwargs = {k: v for k, v in ctx.kwargs.items() if k != "labels"}  # the reference needs no loss
-            return ctx.model(*ctx.args, **kwargs).logits
-        finally:
-            for layer, flag in disabled:
-                layer._disable_adapters = flag
-            for module, training in modes:
-                module.training = training
+    def _refuse_budget_without_driver(self, model: nn.Module) -> None:
+        """A budget-mode adapter masks only what the after-step hook schedules, so an optimizer that updates its
+        scores without petuning's driver trains nothing. Detected at the next training forward: the scores changed
+        in place (their version counter moved) and no driver ran."""
+        if in_training_run(model):
+            self._undriven_versions.clear()
+            return
+        for name, config, layers in self._trained():
+            if config.mask_mode != "budget":
+                continue
+            version = sum(layer.mask_tuning_scores[name]._version for layer in layers)
+            if self._undriven_versions.setdefault(name, version) != version:
+                raise RuntimeError(
+                    f"Masked-tuning adapter {name!r} (mask_mode='budget') is being trained without petuning's "
+                    "training driver, so its masks never change: its budget schedule runs after each optimizer step. "
+                    "Pass callbacks=[petuning.PetuningCallback()] to transformers' Trainer or TRL's trainers, or wrap "
+                    "a plain loop in `with petuning.TrainingHooks(model, optimizer, max_steps=...):`. "
+                    "(MaskTuningConfig(mask_mode='threshold') is the paper's rule, which needs no driver.)"
+                )
 
-    def _count_masked(self) -> dict[str, tuple[int, int]]:
-        """Training adapter -> (masked, scored) entries among its scored entries (this rank's shard under FSDP)."""
+    def _count_masked(self, threshold_only: bool = False) -> dict[str, tuple[int, int]]:
+        """Training adapter -> (masked, scored) entries among its scored entries (this rank's shard of
+        threshold-mode scores under FSDP)."""
         counts = {}
-        for name, _, layers in self._trained():
-            scores = [_local(layer.mask_tuning_scores[name].detach()) for layer in layers]
-            masked = sum(int(masked_off(s, layer.mask_tuning_threshold[name]).sum()) for s, layer in zip(scores, layers))
-            counts[name] = (masked, sum(s.numel() for s in scores))
+        for name, config, layers in self._trained():
+            if threshold_only and config.mask_mode != "threshold":
+                continue
+            masked = sum(int(_local(layer.off(name)).sum()) for layer in layers)
+            counts[name] = (masked, sum(_local(layer.mask_tuning_scores[name].detach()).numel() for layer in layers))
         return counts
 
+    @torch.no_grad()
+    def _advance_budgets(self, ctx: StepContext) -> None:
+        """Budget mode: after optimizer step ``ctx.step + 1``, every layer masks its scheduled ``k_t`` lowest-scored
+        entries among those whose score has reached the threshold (at most ``budget_swap_share * k_t`` of the
+        masked ones swapped per step); checked identical on every rank."""
+        checks = []
+        for name, config, layers in self._trained():
+            if config.mask_mode != "budget":
+                continue
+            share = config.budget_share(ctx.step + 1, ctx.max_steps)
+            newly = 0
+            for layer in layers:
+                target = round(share * layer.get_base_layer().weight.numel())
+                scores = full_tensor(layer.mask_tuning_scores[name].detach())
+                eligible = scores <= config.threshold  # evidence: the score has travelled the margin
+                newly += advance_budget(layer.mask_tuning_off[name], scores, target, config.budget_swap_share, eligible)
+                checks.append(layer.mask_tuning_off[name])
+            self._newly_masked[name] = newly
+        if checks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            _check_identical_on_every_rank(checks)
+
     def petuning_after_optimizer_step(self, ctx: StepContext) -> None:
-        """Warn (once per adapter) when one optimizer step masks more than MASS_FLIP_SHARE of the scored entries."""
+        """Budget mode: advance the masks along the schedule. Threshold mode: warn (once per adapter) when one
+        optimizer step masks more than MASS_FLIP_SHARE of the scored entries."""
+        self._advance_budgets(ctx)
         previous, self._masked_counts = self._masked_counts or {}, {}
-        for name, (masked, scored) in self._count_masked().items():
+        for name, (masked, scored) in self._count_masked(threshold_only=True).items():
             self._masked_counts[name] = masked
             newly = masked - previous.get(name, masked)
             if newly > MASS_FLIP_SHARE * scored and name not in self._warned_mass_flip:
@@ -357,17 +431,23 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
                     f"{scored:,} scored weights ({newly / scored:.1%}) at once. Adam moves every score by about one "
                     "learning rate per step whatever its gradient's size, so scores whose gradients keep one sign "
                     "cross the threshold together, which can zero many large weights in one step (the loss usually "
-                    "jumps). Use a smaller learning rate over more steps (R-AMT: 8e-5 for 30 epochs), fewer targets "
-                    "(R-AMT masks attention weights only), or a larger margin mask_init - threshold.",
+                    "jumps). Use mask_mode='budget' (the default), or a smaller learning rate over more steps (R-AMT: "
+                    "8e-5 for 30 epochs), fewer targets (R-AMT masks attention weights only), or a larger margin "
+                    "mask_init - threshold.",
                     UserWarning,
                     stacklevel=2,
                 )
 
     def petuning_before_optimizer_step(self, ctx: StepContext) -> None:
-        """Before the first step, the masked counts the mass-flip check compares against; then gradient dropout,
-        second half: apply the rule to the (clipped, final) task gradients of the scores."""
+        """Before the first step, the masked counts the mass-flip check compares against; then gradient dropout's
+        rule on the (clipped, final) task gradients."""
         if self._masked_counts is None:
-            self._masked_counts = {name: masked for name, (masked, _) in self._count_masked().items()}
+            self._masked_counts = {name: masked for name, (masked, _) in self._count_masked(threshold_only=True).items()}
+        self._apply_gradient_dropout(ctx)
+
+    def _apply_gradient_dropout(self, ctx: StepContext) -> None:
+        """Gradient dropout, second half: the paper's rule on the task gradients of the scores, against the KL
+        gradients accumulated since the last step (averaged across ranks)."""
         pending = [
             (layer, name, config)
             for name, config, layers in self._trained(with_gradient_dropout=True)
@@ -400,6 +480,9 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
         if not self.active_adapters or not any(True for _ in self._layers(self.active_adapters[0])):
             return {}
         metrics = {"mask_tuning_masked_share": self.masked_share()}
+        name = self.active_adapters[0]
+        if name in self._newly_masked:
+            metrics["mask_tuning_newly_masked"] = float(self._newly_masked[name])
         if self._dropped_share is not None:
             metrics["mask_tuning_gradient_dropped_share"] = self._dropped_share
         return metrics
@@ -409,6 +492,83 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
             if isinstance(module, MaskTuningLayer):
                 module.mask_tuning_kl_grad.clear()
         return super()._unload_and_optionally_merge(*args, **kwargs)
+
+
+def advance_budget(
+    off: torch.Tensor, scores: torch.Tensor, target: int, swap_share: float, eligible: Optional[torch.Tensor] = None
+) -> int:
+    """Move the boolean masked set ``off`` (in place) towards the ``target`` lowest of the ``eligible`` ``scores``
+    (all entries when None; same shapes). A masked entry that is no longer eligible is unmasked. The set then grows
+    to ``target`` entries (or all eligible ones, if fewer) with the lowest unmasked scores, and at most
+    ``ceil(swap_share * target)`` masked entries that are no longer among the lowest (highest scores first) are
+    swapped for lower-scored ones. It never holds more than ``target`` entries afterwards (a smaller target
+    unmasks the highest-scored). Returns the number of newly masked entries."""
+    flat, s = off.view(-1), scores.reshape(-1).float()
+    if eligible is not None:
+        ok = eligible.reshape(-1)
+        flat &= ok
+        s = torch.where(ok, s, torch.inf)
+        target = min(target, int(ok.sum()))
+    target = min(max(target, 0), s.numel())
+    masked = flat.nonzero().squeeze(1)
+    if target < masked.numel():
+        flat[masked[torch.topk(s[masked], masked.numel() - target).indices]] = False
+    if target == 0 or (swap_share == 0 and target <= masked.numel()):
+        return 0
+    want = torch.zeros_like(flat)
+    want[torch.topk(s, target, largest=False).indices] = True
+    add = (want & ~flat).nonzero().squeeze(1)
+    drop = (flat & ~want).nonzero().squeeze(1)
+    n_swap = min(drop.numel(), math.ceil(swap_share * target))
+    n_add = target - int(flat.sum()) + n_swap
+    if n_swap:
+        flat[drop[torch.topk(s[drop], n_swap).indices]] = False
+    if n_add:
+        flat[add[torch.topk(s[add], n_add, largest=False).indices]] = True
+    return n_add
+
+
+def _check_identical_on_every_rank(offs: list[torch.Tensor]) -> None:
+    """Raise if the ranks' masked sets differ (their scores should be identical under DDP and FSDP2)."""
+    fingerprint = torch.stack(
+        [torch.stack([o.sum(), (o.reshape(-1).nonzero().squeeze(1) % 1_000_003).sum()]) for o in offs]
+    ).to(torch.float64).cpu()
+    low, high = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(
+            "Masked tuning's budget chose different masks on different ranks, so the replicas have diverged: every "
+            "rank must hold the same scores (train under DDP or FSDP2 with the same seed on every rank)."
+        )
+
+
+def _eval_logits(model: nn.Module, args: tuple, kwargs: dict, disabled: Optional[list] = None) -> torch.Tensor:
+    """Logits of ``model`` on the given inputs in eval mode (no dropout, and petuning's training hooks stay quiet),
+    without the loss. With ``disabled`` layers: those adapters switched off, without gradients (the reference);
+    else with gradients."""
+    switched = [(layer, layer._disable_adapters) for layer in set(disabled or ())]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for layer, _ in switched:
+            layer._disable_adapters = True
+        model.eval()
+        with torch.set_grad_enabled(disabled is None):
+            return model(*args, **{k: v for k, v in kwargs.items() if k != "labels"}).logits
+    finally:
+        for layer, flag in switched:
+            layer._disable_adapters = flag
+        for module, training in modes:
+            module.training = training
+
+
+def _leading_rows(args: tuple, kwargs: dict, n: int, rows: int) -> tuple[tuple, dict]:
+    """The first ``n`` examples of a forward's inputs: every tensor whose first dimension is the batch (``rows``)
+    is cut to its first ``n`` rows; everything else is passed as it is."""
+    def cut(value):
+        return value[:n] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows else value
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
