@@ -3,7 +3,9 @@
 Budget anchor: LoRA r=8 on all linear layers of the toy model (34.8 k trainable parameters). Each method's
 rank/density/share is chosen so its trainable-parameter count is of the same order (the JSON records the exact
 count). ``make_config(steps)`` gets the run's step count (PAT's mask schedule spans the whole run). Learning
-rates are one choice per method for this toy, not a sweep.
+rates are one choice per method for this toy, not a sweep. Ablations of one method run in the real tier only
+(``tiers``), where they were measured.
+
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Experiment:
     real_lr: float = 2e-4  # real tier (SmolLM2): the demo's rate for every method
     hooks: dict = field(default_factory=dict)  # extra TrainingHooks arguments
     param_lrs: dict = field(default_factory=dict)  # parameter-name substring -> its own peak lr (both tiers)
+    tiers: tuple = ("toy", "real")  # the tiers whose default run includes it (ablations: the real tier only)
 
 
 ALL = "all-linear"
@@ -61,22 +64,45 @@ EXPERIMENTS = {
             1e-3,
         ),
         Experiment(
-            "mask-tuning-budget2",  # the default: budget mode, 2% of every weight masked by the end of the ramp
+            "mask-tuning-budget2",  # budget mode, 2% of every weight masked by the end of the ramp (collapses)
             lambda steps: petuning.MaskTuningConfig(masked_budget=0.02, target_modules=ALL, task_type=CAUSAL),
             1e-3,
+            tiers=("real",),
         ),
         Experiment(
             "mask-tuning-budget2-lr1e-3",  # the same at lr 1e-3: scores reach the threshold after ~5 steps, not ~25
             lambda steps: petuning.MaskTuningConfig(masked_budget=0.02, target_modules=ALL, task_type=CAUSAL),
             1e-3,
             real_lr=1e-3,
+            tiers=("real",),
         ),
         Experiment(
-            "mask-tuning-budget2-gd",
+            "mask-tuning-budget025-lr1e-3",  # 0.25% of every weight masked (2.5% of the scored entries)
+            lambda steps: petuning.MaskTuningConfig(masked_budget=0.0025, target_modules=ALL, task_type=CAUSAL),
+            1e-3,
+            real_lr=1e-3,
+            tiers=("real",),
+        ),
+        Experiment(
+            "mask-tuning-budget01-lr1e-3",  # the defaults: budget mode, 0.1% of every weight masked
+            lambda steps: petuning.MaskTuningConfig(masked_budget=0.001, target_modules=ALL, task_type=CAUSAL),
+            1e-3,
+            real_lr=1e-3,
+        ),
+        Experiment(
+            "mask-tuning-budget01-gd-lr1e-3",  # the defaults with gradient dropout (KL on a quarter of each batch)
             lambda steps: petuning.MaskTuningConfig(
-                masked_budget=0.02, gradient_dropout=True, target_modules=ALL, task_type=CAUSAL
+                masked_budget=0.001, gradient_dropout=True, target_modules=ALL, task_type=CAUSAL
             ),
             1e-3,
+            real_lr=1e-3,
+        ),
+        Experiment(
+            "mask-tuning-threshold-lr1e-3",  # ablation: the paper's threshold rule, same scores, lr and steps
+            lambda steps: petuning.MaskTuningConfig(mask_mode="threshold", target_modules=ALL, task_type=CAUSAL),
+            1e-3,
+            real_lr=1e-3,
+            tiers=("real",),
         ),
         Experiment(
             "pat-prune25-r8",  # 25% of the hidden channels pruned, HSM rank 8, LoRA r=8 as in the paper's recipe
@@ -97,3 +123,8 @@ EXPERIMENTS = {
         ),
     ]
 }
+
+
+def for_tier(tier: str) -> list[str]:
+    """The experiments a tier runs by default."""
+    return sorted(name for name, experiment in EXPERIMENTS.items() if tier in experiment.tiers)

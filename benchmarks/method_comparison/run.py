@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results" / "method_comparison"
 sys.path.insert(0, str(HERE))
 
-from methods import EXPERIMENTS  # noqa: E402
+from methods import EXPERIMENTS, for_tier  # noqa: E402
 from real import RealTier  # noqa: E402
 from toy import ToyTier, pretrained_base  # noqa: E402
 
@@ -49,7 +49,8 @@ TIERS = {tier.name: tier for tier in (ToyTier, RealTier)}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tier", choices=sorted(TIERS), default="toy")
-    parser.add_argument("--experiments", nargs="*", default=sorted(EXPERIMENTS), choices=sorted(EXPERIMENTS))
+    parser.add_argument("--experiments", nargs="*", choices=sorted(EXPERIMENTS),
+                        help="default: the tier's experiments (ablations run in the real tier only)")
     parser.add_argument("--steps", type=int, help="adaptation steps per method (default: toy 1500, real 100)")
     parser.add_argument("--batch-size", type=int, help="examples per step (default: toy 64, real 16)")
     parser.add_argument("--base-steps", type=int, default=2000, help="toy: full training steps of the task-A base")
@@ -59,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=HERE.parent / "results" / "tmp")
     parser.add_argument("--worker", metavar="EXPERIMENT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.experiments = args.experiments or for_tier(args.tier)
     args.steps = args.steps or TIERS[args.tier].default_steps
     args.batch_size = args.batch_size or TIERS[args.tier].default_batch_size
     args.out = args.out or RESULTS / args.tier
@@ -125,6 +127,8 @@ def run_experiment(args: argparse.Namespace) -> dict:
     after_old, after_new = tier.retention(model), tier.new_task(model)
 
     pruned = {}
+    if hasattr(model.base_model, "masked_share"):  # masked tuning: the share of the targeted weights switched off
+        pruned["masked share"] = model.base_model.masked_share()
     if hasattr(model.base_model, "petuning_prune_and_unload"):  # methods that shrink the model (PAT)
         smaller = copy.deepcopy(model).base_model.petuning_prune_and_unload()
         pruned = {

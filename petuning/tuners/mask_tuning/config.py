@@ -76,10 +76,11 @@ class MaskTuningConfig(PeftConfig):
         },
     )
     masked_budget: float = field(
-        default=0.02,
+        default=0.001,
         metadata={
-            "help": "Budget mode: share of each targeted weight's entries masked at the end of the ramp (R-AMT ends "
-            "with 2.56% masked on average). At most `mask_share`."
+            "help": "Budget mode: share of each targeted weight's entries masked at the end of the ramp; at most "
+            "`mask_share`. On SmolLM2 (all linear layers, 100 steps) 0.1% learns the task with +0.09 nats of "
+            "general-text loss, 0.25% forgets +0.70 and 2% collapses: the scored entries are the largest weights."
         },
     )
     budget_start_step: Optional[int] = field(
@@ -246,3 +247,9 @@ class MaskTuningConfig(PeftConfig):
         start, end = self.budget_steps(max_steps)
         progress = min(max((step - start) / (end - start), 0.0), 1.0)
         return self.masked_budget * (1.0 - (1.0 - progress) ** 3)
+
+    def largest_step_share(self, max_steps: Optional[int]) -> float:
+        """The ramp's steepest growth in one step (its first): ``3 * masked_budget / (end - start)``. Entries that
+        reach the threshold late are added at most this fast, so no step masks more than the schedule ever does."""
+        start, end = self.budget_steps(max_steps)
+        return 3.0 * self.masked_budget / (end - start)

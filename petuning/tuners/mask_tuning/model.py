@@ -398,16 +398,22 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
     @torch.no_grad()
     def _advance_budgets(self, ctx: StepContext) -> None:
         """Budget mode: after optimizer step ``ctx.step + 1``, every layer masks its scheduled ``k_t`` lowest-scored
-        entries among those whose score has reached the threshold (at most ``budget_swap_share * k_t`` of the
-        masked ones swapped per step); checked identical on every rank."""
+        entries among those whose score has reached the threshold, adding no more per step than the ramp's
+        steepest step and swapping at most ``budget_swap_share * k_t`` of the masked ones; checked identical on
+        every rank."""
         checks = []
         for name, config, layers in self._trained():
             if config.mask_mode != "budget":
                 continue
             share = config.budget_share(ctx.step + 1, ctx.max_steps)
+            growth = config.largest_step_share(ctx.max_steps)
             newly = 0
             for layer in layers:
-                target = round(share * layer.get_base_layer().weight.numel())
+                numel = layer.get_base_layer().weight.numel()
+                masked = int(layer.mask_tuning_off[name].sum())
+                # the schedule's k_t, reached no faster than the ramp's steepest step (scores may reach the
+                # threshold late, all at once)
+                target = min(round(share * numel), masked + math.ceil(growth * numel))
                 scores = full_tensor(layer.mask_tuning_scores[name].detach())
                 eligible = scores <= config.threshold  # evidence: the score has travelled the margin
                 newly += advance_budget(layer.mask_tuning_off[name], scores, target, config.budget_swap_share, eligible)
