@@ -55,6 +55,7 @@ from peft import PeftConfig, get_peft_model
 
 import petuning
 from petuning.models import build_tiny_model, load_smollm2
+from petuning.training import set_training_run
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
@@ -104,11 +105,17 @@ class Runner:
         return {"static_mib": static, "transient_peak_mib": peak / MIB, "peak_mib": static + peak / MIB}
 
     def adapter_bytes(self, **config_overrides) -> int:
+        """Size of the final adapter file: saved outside the training run (a checkpoint written during it also
+        carries the scores, like ``save_scores=True``)."""
         for key, value in config_overrides.items():
             setattr(self.model.peft_config["default"], key, value)
-        with tempfile.TemporaryDirectory() as directory:
-            self.model.save_pretrained(directory)
-            return os.path.getsize(Path(directory) / "adapter_model.safetensors")
+        set_training_run(self.model, False)
+        try:
+            with tempfile.TemporaryDirectory() as directory:
+                self.model.save_pretrained(directory)
+                return os.path.getsize(Path(directory) / "adapter_model.safetensors")
+        finally:
+            set_training_run(self.model, True)
 
 
 def bench(name: str, make_base: Callable[[], torch.nn.Module], batch_size: int, seq: int, warmup: int, repeats: int, block: int) -> dict:

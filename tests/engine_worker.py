@@ -37,7 +37,9 @@ METHODS = {
     "sorsa": lambda: petuning.SorsaConfig(r=4, target_modules="all-linear", ortho_mode="loss", gamma=0.1),
     "flora": lambda: petuning.FloraConfig(r=4, target_modules="all-linear"),
     "sparse_low_rank": lambda: petuning.SparseLowRankConfig(r=4, density=0.05, target_modules="all-linear"),
-    "mask_tuning": lambda: petuning.MaskTuningConfig(target_modules=["q_proj", "v_proj"], mask_share=0.25, save_scores=True),
+    "mask_tuning": lambda: petuning.MaskTuningConfig(
+        target_modules=["q_proj", "v_proj"], mask_share=0.25, masked_budget=0.05, save_scores=True
+    ),  # 5%: the 0.1% default masks a handful of entries of these 64 x 64 weights
     "pat": lambda: petuning.PatConfig(hsm_rank=8, lora_r=4, lora_dropout=0.0, schedule_steps=STEPS),
     "sorsa_official": lambda: petuning.SorsaConfig(r=4, target_modules="all-linear"),  # must refuse where it cannot act
 }

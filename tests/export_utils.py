@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 from conformance.cases import MethodCase
-from conformance.models import build_base, make_inputs, training_loss
+from conformance.models import build_base, make_inputs, train_steps
 from peft import PeftModel, get_peft_model
 
 from petuning.models import build_tiny_tokenizer
@@ -27,14 +27,8 @@ def tuned_model(case: MethodCase, root: Path) -> PeftModel:
     """A PEFT model of ``case`` that is not an identity: random start plus three AdamW steps, in eval mode."""
     torch.manual_seed(0)
     model = get_peft_model(build_base(case.model, root), case.make_config(False))
-    inputs = make_inputs(case.model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(3):
-        training_loss(model, case.model, inputs).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
+    train_steps(model, case.model, make_inputs(case.model))
+    return model
 
 
 def tuned_adapter(case: MethodCase, root: Path, name: str) -> tuple[Path, Path, torch.Tensor]:

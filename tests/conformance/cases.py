@@ -24,6 +24,9 @@ class MethodCase:
     supports_injection: bool = True
     """False for methods with state on the tuner (PEFT's ``uses_shared_state``): ``inject_adapter_in_model`` and
     transformers' ``load_adapter`` must then refuse them with a clear error instead."""
+    training_buffers: tuple = ()
+    """Adapter buffers that training updates (masked tuning's budget-mode masked sets, PAT's step counter); every
+    other buffer must stay as it was."""
 
     @property
     def id(self) -> str:
@@ -45,12 +48,15 @@ def _flora(targets, task_type=None, **extra):
 
 
 def _mask_tuning(targets, task_type=None, **extra):
-    # save_scores=True: the suite compares adapter tensors after a state-dict round trip, and bit-packed masks
-    # (the default) keep the masks, not the scores; tests/test_mask_tuning_saving.py covers the packed format.
+    # save_scores=True: the suite compares adapter tensors after a state-dict round trip, and the compact file (the
+    # default) keeps the masked positions, not the scores; tests/test_mask_tuning_saving.py covers it. Budget mode
+    # with 5% of each weight: its init_weights=False start masks that much (the 0.1% default masks nothing on
+    # these small layers).
     def make(init_weights: bool) -> PeftConfig:
-        return MaskTuningConfig(
-            target_modules=targets, init_weights=init_weights, task_type=task_type, **{"save_scores": True, **extra}
-        )
+        config = {"save_scores": True, "masked_budget": 0.05, **extra}
+        if config.get("mask_mode") == "threshold":
+            config.pop("masked_budget")
+        return MaskTuningConfig(target_modules=targets, init_weights=init_weights, task_type=task_type, **config)
 
     return make
 
@@ -72,13 +78,16 @@ CASES = [
     MethodCase("flora", "conv3d", _flora(["conv"], r_kernel=2), "flora_"),
     MethodCase("flora", "llama", _flora("all-linear", "CAUSAL_LM", r=4), "flora_"),
     MethodCase("flora", "opt", _flora(["q_proj", "v_proj", "fc1", "fc2"], "CAUSAL_LM", r=4, scale=1.0), "flora_"),
-    MethodCase("mask_tuning", "mlp", _mask_tuning(["lin0", "lin1", "lin2"]), "mask_tuning_"),
-    MethodCase("mask_tuning", "conv1d_gpt2", _mask_tuning(["c_fc", "c_proj"], mask_share=0.3), "mask_tuning_"),
-    MethodCase("mask_tuning", "llama", _mask_tuning("all-linear", "CAUSAL_LM", mask_share=0.25), "mask_tuning_"),
+    MethodCase("mask_tuning", "mlp", _mask_tuning(["lin0", "lin1", "lin2"]), "mask_tuning_",
+               training_buffers=("mask_tuning_off",)),
+    MethodCase("mask_tuning", "conv1d_gpt2", _mask_tuning(["c_fc", "c_proj"], mask_share=0.3), "mask_tuning_",
+               training_buffers=("mask_tuning_off",)),
+    MethodCase("mask_tuning", "llama", _mask_tuning("all-linear", "CAUSAL_LM", mask_share=0.25), "mask_tuning_",
+               training_buffers=("mask_tuning_off",)),
     MethodCase(
         "mask_tuning",
         "opt",
-        _mask_tuning(["q_proj", "v_proj", "fc1", "fc2"], "CAUSAL_LM", gradient_dropout=True),
+        _mask_tuning(["q_proj", "v_proj", "fc1", "fc2"], "CAUSAL_LM", gradient_dropout=True, mask_mode="threshold"),
         "mask_tuning_",
     ),
 ]
@@ -122,4 +131,4 @@ def _pat(**extra):
 
 
 # PAT keeps its shared mask on the tuner, so it cannot live in a model without one.
-CASES += [MethodCase("pat", "llama", _pat(), "pat_", supports_injection=False)]
+CASES += [MethodCase("pat", "llama", _pat(), "pat_", supports_injection=False, training_buffers=("pat_step",))]

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+import petuning
 from petuning.models import build_tiny_model
 
 LANGUAGE_MODELS = ("llama", "opt")
@@ -172,3 +173,16 @@ def training_loss(model: nn.Module, kind: str, inputs: dict) -> torch.Tensor:
     if kind in LANGUAGE_MODELS:
         return model(**inputs, labels=inputs["input_ids"]).loss
     return outputs(model, kind, inputs).pow(2).mean()
+
+
+def train_steps(model: nn.Module, kind: str, inputs: dict, steps: int = 3, lr: float = 1e-2) -> None:
+    """A few AdamW steps on :func:`training_loss` with petuning's training driver attached, as a user's loop would
+    have it; leaves the model in eval mode."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    with petuning.TrainingHooks(model, optimizer, max_steps=steps):
+        for _ in range(steps):
+            training_loss(model, kind, inputs).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval()
