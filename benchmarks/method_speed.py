@@ -23,7 +23,8 @@ attention and MLP blocks: q/k/v/o/gate/up/down_proj):
 * ``sorsa_gamma0``     ``SorsaConfig(r, gamma=0)``: the same adapter without the regularizer
 * ``flora``            ``FloraConfig(r=r)``: r x r Tucker core between U_in (in, r) and U_out (out, r)
 * ``sparse_low_rank``  ``SparseLowRankConfig(r=r, density=0.01)``: LoRA part plus 1% sparse values (random support)
-* ``mask_tuning``      ``MaskTuningConfig()``: a binary mask over every targeted weight (scores for all entries)
+* ``mask_tuning``      ``MaskTuningConfig(mask_share=1.0, mask_mode="threshold")``: the paper's binary mask over
+                       every targeted weight (scores for all entries); the defaults: ``mask_tuning_speed.py``
 * ``mask_tuning_gd``   the same with gradient dropout (one extra forward and backward for the KL gradient)
 * ``pat``              ``PatConfig(pruning_ratio=0.25, hsm_rank=r, lora_r=r)``: HSMs on the residual stream plus
                        the paper's LoRA, mask schedule running
@@ -136,8 +137,12 @@ def peft_configs(rank: int) -> dict[str, Callable[[], PeftConfig]]:
         "sorsa_gamma0": lambda: petuning.SorsaConfig(r=rank, target_modules=t, gamma=0.0),
         "flora": lambda: petuning.FloraConfig(r=rank, target_modules=t),
         "sparse_low_rank": lambda: petuning.SparseLowRankConfig(r=rank, density=0.01, target_modules=t),
-        "mask_tuning": lambda: petuning.MaskTuningConfig(target_modules=t),
-        "mask_tuning_gd": lambda: petuning.MaskTuningConfig(target_modules=t, gradient_dropout=True),
+        # the paper's setting, as committed in results/method_speed.json (the defaults: mask_tuning_speed.py)
+        "mask_tuning": lambda: petuning.MaskTuningConfig(target_modules=t, mask_share=1.0, mask_mode="threshold"),
+        "mask_tuning_gd": lambda: petuning.MaskTuningConfig(
+            target_modules=t, mask_share=1.0, mask_mode="threshold", gradient_dropout=True,
+            gradient_dropout_batch_share=1.0,
+        ),
         "pat": lambda: petuning.PatConfig(pruning_ratio=0.25, hsm_rank=rank, lora_r=rank, schedule_steps=MAX_STEPS),
     }
 
