@@ -175,15 +175,27 @@ def _micro_batch_share(module: nn.Module, kwargs: dict) -> torch.Tensor | float:
     """This micro-batch's share of the label tokens of the optimizer step, when the driver says how many there
     are (``num_items_in_batch``), counted as the driver counts them; else 1."""
     total = kwargs.get("num_items_in_batch")
-    labels = kwargs.get("shift_labels")
-    if labels is None:
-        labels = kwargs.get("labels")
-        config = getattr(module, "config", None)
-        if labels is not None and type(module).__name__.endswith("ForCausalLM") and not getattr(config, "is_encoder_decoder", False):
-            labels = labels[..., 1:]  # causal LM losses predict label i+1 at position i
-    if total is None or labels is None:
+    scored = predicted_labels(module, kwargs)
+    if total is None or scored is None:
         return 1.0
-    return labels.ne(-100).sum() / total
+    return scored.sum() / total
+
+
+def predicted_labels(module: nn.Module, kwargs: dict) -> Optional[torch.Tensor]:
+    """Boolean tensor, in the layout of the model's positions, of those whose prediction the task loss scores
+    (label != -100), from the forward's ``shift_labels`` or ``labels``; a causal LM's position i predicts label
+    i + 1, so its last position predicts nothing. None without token labels."""
+    labels = kwargs.get("shift_labels")
+    if isinstance(labels, torch.Tensor):
+        return labels.ne(-100)
+    labels = kwargs.get("labels")
+    if not isinstance(labels, torch.Tensor):
+        return None
+    scored = labels.ne(-100)
+    config = getattr(module, "config", None)
+    if type(module).__name__.endswith("ForCausalLM") and not getattr(config, "is_encoder_decoder", False):
+        scored = torch.cat([scored[..., 1:], torch.zeros_like(scored[..., :1])], dim=-1)
+    return scored
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -126,12 +126,12 @@ def run_experiment(args: argparse.Namespace) -> dict:
     rss_peak = _status_bytes("VmHWM")
     after_old, after_new = tier.retention(model), tier.new_task(model)
 
-    pruned = {}
+    extra = {}  # what only some methods report
     if hasattr(model.base_model, "masked_share"):  # masked tuning: the share of the targeted weights switched off
-        pruned["masked share"] = model.base_model.masked_share()
+        extra["masked share"] = model.base_model.masked_share()
     if hasattr(model.base_model, "petuning_prune_and_unload"):  # methods that shrink the model (PAT)
         smaller = copy.deepcopy(model).base_model.petuning_prune_and_unload()
-        pruned = {
+        extra |= {
             "pruned test accuracy": tier.new_task(smaller)["accuracy"],
             "pruned num params": sum(p.numel() for p in smaller.parameters()),
             "pruned hidden size": smaller.config.hidden_size,
@@ -176,7 +176,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
             "original task accuracy after": after_old["accuracy"],
             "new task accuracy before": before_new["accuracy"],
             "merge max abs logit diff": merge_error,
-            **pruned,
+            **extra,
             "metrics": metrics,
         },
         "meta_info": meta_info(tier.model_info),

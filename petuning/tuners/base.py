@@ -130,6 +130,7 @@ class PetuningTuner(BaseTuner):
     """
 
     method_label: str = ""
+    size_settings: str = "ranks"  # the config fields that set tensor shapes, named when a file does not fit
 
     # ---------------------------------------------------------------------------------------- injection
     def _layer_kwargs(self, config, adapter_name: str, key: str, target_name: str, target: nn.Module) -> dict:
@@ -246,7 +247,7 @@ class PetuningTuner(BaseTuner):
     def _check_state_dict_for_load(cls, model, config, adapter_name: str, state_dict: dict) -> dict:
         """The remapped state dict, after checking it fits ``model``; a method with its own file layout overrides
         this."""
-        check_adapter_shapes(model, state_dict, config, cls.method_label)
+        check_adapter_shapes(model, state_dict, config, cls.method_label, cls.size_settings)
         return state_dict
 
 
@@ -258,10 +259,13 @@ def _holds(layer: BaseTunerLayer, adapter_name: str) -> bool:
     )
 
 
-def check_adapter_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], config, method: str) -> None:
+def check_adapter_shapes(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], config, method: str, size_settings: str = "ranks"
+) -> None:
     """Refuse an adapter state dict (already remapped to the model's keys) whose tensors do not have the model's
-    shapes, naming a mismatching tensor: such an adapter was made for a different base model."""
-    expected = model.state_dict()
+    shapes, naming a mismatching tensor: such an adapter was made for a different base model. Compares against
+    the model's parameters and buffers (not ``state_dict()``, which would also build every module's extra state)."""
+    expected = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
     wrong = [
         f"{key}: adapter {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
         for key, value in state_dict.items()
@@ -269,7 +273,7 @@ def check_adapter_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     ]
     if wrong:
         raise ValueError(
-            f"This {method} adapter was made for a base model (or ranks) with different layer shapes than the model "
-            f"it is being loaded into ({len(wrong)} tensors differ, e.g. {wrong[0]}). Load it on the base model it "
+            f"This {method} adapter was made for a base model (or {size_settings}) with different layer shapes than the "
+            f"model it is being loaded into ({len(wrong)} tensors differ, e.g. {wrong[0]}). Load it on the base model it "
             f"was made for: {getattr(config, 'base_model_name_or_path', None)!r}."
         )

@@ -244,7 +244,7 @@ class MaskTuningLayer(PetuningLayer):
 
     def off(self, adapter_name: str) -> torch.Tensor:
         """Boolean tensor of the scores' shape: True where ``adapter_name`` masks the entry."""
-        if adapter_name in self.mask_tuning_off:
+        if self.budgeted(adapter_name):
             return self.mask_tuning_off[adapter_name]
         return masked_off(self.mask_tuning_scores[adapter_name].detach(), self.mask_tuning_threshold[adapter_name])
 
@@ -264,7 +264,7 @@ class MaskTuningLayer(PetuningLayer):
                 indices.append(None)
                 continue
             scores.append(self.mask_tuning_scores[name])
-            budgeted = name in self.mask_tuning_off
+            budgeted = self.budgeted(name)
             sets.append(self.mask_tuning_off[name] if budgeted else None)
             thresholds.append(None if budgeted else self.mask_tuning_threshold[name])
             indices.append(self.mask_tuning_indices[name] if name in self.mask_tuning_indices else None)
@@ -290,9 +290,9 @@ class MaskTuningLayer(PetuningLayer):
 
         Budget mode: the set becomes the adapter's masked set and the scores are left alone (they only rank).
         Threshold mode: scores that disagree with the new mask move to ``mask_init`` (kept) or its mirror
-        ``2 tau - mask_init`` (masked), so scores loaded alongside a consistent mask stay as they are. When a position has no score (a
-        mask chosen on other scored entries, e.g. by gradient), the scored entries become the masked positions plus
-        the largest-|W| others, and every score restarts."""
+        ``2 tau - mask_init`` (masked), so scores loaded alongside a consistent mask stay as they are. When a
+        position has no score (a mask chosen on other scored entries, e.g. by gradient), the scored entries become
+        the masked positions plus the largest-|W| others, and every score restarts."""
         weight = self.get_base_layer().weight
         positions = positions.to(weight.device)
         scores = self.mask_tuning_scores[adapter_name]
@@ -311,7 +311,7 @@ class MaskTuningLayer(PetuningLayer):
                 )
             where = torch.searchsorted(idx.long(), positions).clamp_max(idx.numel() - 1)
             if not bool((idx[where].long() == positions).all()):
-                idx.copy_(_scored_entries_covering(weight, positions, idx.numel()).to(idx.dtype))
+                idx.copy_(largest_magnitude(weight, idx.numel(), first=positions).to(idx.dtype))
                 scores.data.fill_(self.mask_tuning_init[adapter_name])
                 where = torch.searchsorted(idx.long(), positions)
             off = torch.zeros(idx.shape, dtype=torch.bool, device=weight.device)
@@ -320,7 +320,7 @@ class MaskTuningLayer(PetuningLayer):
             off = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
             off[positions] = True
             off = off.view(weight.shape)
-        if adapter_name in self.mask_tuning_off:  # budget mode: the set is the state; scores keep their ranking
+        if self.budgeted(adapter_name):  # budget mode: the set is the state; scores keep their ranking
             self.mask_tuning_off[adapter_name].copy_(off)
             return
         threshold, init = self.mask_tuning_threshold[adapter_name], self.mask_tuning_init[adapter_name]
@@ -369,17 +369,12 @@ class MaskTuningLayer(PetuningLayer):
                 self.get_base_layer().weight.data.view(-1)[positions] = values
 
 
-def largest_magnitude(weight: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted flat positions (int64) of the ``k`` entries of largest |W|, ties going to the lower position, so the
-    choice is the same on every device and run."""
-    order = torch.argsort(weight.detach().reshape(-1).abs().float(), descending=True, stable=True)
-    return order[:k].sort().values
-
-
-def _scored_entries_covering(weight: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
-    """``k`` sorted flat positions: all of ``positions``, then the largest-|W| other entries."""
-    magnitude = weight.detach().reshape(-1).abs().float().clone()
-    magnitude[positions] = float("inf")
+def largest_magnitude(weight: torch.Tensor, k: int, first: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sorted flat positions (int64) of the ``k`` entries of largest |W| (all of the flat positions ``first``
+    before any other), ties going to the lower position, so the choice is the same on every device and run."""
+    magnitude = weight.detach().reshape(-1).abs().float()
+    if first is not None:
+        magnitude = magnitude.index_fill(0, first, float("inf"))
     order = torch.argsort(magnitude, descending=True, stable=True)
     return order[:k].sort().values
 

@@ -21,6 +21,7 @@ from petuning.training import (
     StepContext,
     TrainingHooksMixin,
     in_training_run,
+    predicted_labels,
     refuse_gradient_edits_under_deepspeed,
 )
 from petuning.tuners.base import PetuningTuner
@@ -54,12 +55,12 @@ def gradient_dropout(
     return torch.where(kept, g_task, g_task * (1.0 - strength)), kept
 
 
-def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """``KL(softmax(reference) || softmax(logits))`` over the last axis, averaged over the positions with nonzero
-    ``weights`` (of the positions' shape; every position when None), computed in float32 or better."""
+def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """``KL(softmax(reference) || softmax(logits))`` over the last axis, averaged over the ``positions`` (boolean,
+    of the positions' shape; every position when None), computed in float32 or better."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if weights is not None:
-        keep = weights.reshape(-1) != 0
+    if positions is not None:
+        keep = positions.reshape(-1)
         logits, reference = logits.reshape(-1, logits.shape[-1])[keep], reference.reshape(-1, reference.shape[-1])[keep]
     log_p = F.log_softmax(logits.to(dtype), dim=-1)
     log_q = F.log_softmax(reference.to(dtype), dim=-1)
@@ -68,22 +69,11 @@ def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor, weights: Opti
 
 
 def label_positions(ctx: ForwardContext, logits: torch.Tensor) -> Optional[torch.Tensor]:
-    """Boolean tensor of ``logits.shape[:-1]``: the positions whose prediction the task loss scores (a causal LM's
-    position i predicts label i + 1), or else those with ``attention_mask == 1``; None when neither is known."""
-    positions = logits.shape[:-1]
-    labels = ctx.kwargs.get("shift_labels")
-    shifted = labels is not None
-    if labels is None:
-        labels = ctx.kwargs.get("labels")
-    if isinstance(labels, torch.Tensor) and labels.shape == positions:
-        keep = labels != -100
-        causal = type(ctx.model).__name__.endswith("ForCausalLM")
-        if causal and not shifted:
-            keep = torch.cat([keep[..., 1:], torch.zeros_like(keep[..., :1])], dim=-1)
-        return keep
-    mask = ctx.kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.shape == positions:
-        return mask != 0
+    """Boolean tensor of ``logits.shape[:-1]``: the positions the task loss scores (:func:`predicted_labels`), or
+    else those with ``attention_mask == 1``; None when neither fits the logits."""
+    for positions in (predicted_labels(ctx.model, ctx.kwargs), ctx.kwargs.get("attention_mask")):
+        if isinstance(positions, torch.Tensor) and positions.shape == logits.shape[:-1]:
+            return positions != 0
     return None
 
 
@@ -97,6 +87,7 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
     """
 
     method_label = "masked-tuning"
+    size_settings = "mask_share"
     prefix: str = "mask_tuning_"
     tuner_layer_cls = MaskTuningLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -167,32 +158,20 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
 
     @classmethod
     def _check_state_dict_for_load(cls, model, config, adapter_name: str, remapped: dict) -> dict:
-        """Refuses tensors whose shapes do not fit the model, naming one. (The stored masks are checked when they
-        are read, see ``MaskedPositions``; scores and indices missing from a compact file keep their values from
-        the adapter's creation.)"""
-        expected = model.state_dict()
-        compact = [k.removesuffix(f".{MASK}.{adapter_name}._extra_state") for k in remapped
-                   if k.endswith(f".{MASK}.{adapter_name}._extra_state")]
-        for layer_key in compact:  # a compact file: the scores and scored entries of a new adapter (also on meta)
+        """A compact file carries only the masked positions: the scores and scored entries a new adapter starts
+        with are added (real tensors, so a meta-initialized adapter loads too; the positions are applied when
+        their extra state is read, see ``MaskedPositions``). Then the shape check every tuner does."""
+        suffix = f".{MASK}.{adapter_name}._extra_state"
+        for layer_key in [k.removesuffix(suffix) for k in remapped if k.endswith(suffix)]:
+            layer = model.get_submodule(layer_key)
             scores_key, indices_key = f"{layer_key}.{SCORES}.{adapter_name}", f"{layer_key}.{INDICES}.{adapter_name}"
-            if scores_key in expected and scores_key not in remapped:
-                remapped[scores_key] = torch.full(expected[scores_key].shape, config.mask_init, dtype=torch.float32)
-            if indices_key in expected and indices_key not in remapped:
-                weight = model.get_submodule(layer_key).get_base_layer().weight
-                remapped[indices_key] = largest_magnitude(weight, expected[indices_key].numel()).to(torch.int32)
-        wrong = [
-            f"{key}: adapter {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
-            for key, value in remapped.items()
-            if key in expected and not key.endswith("._extra_state") and value.shape != expected[key].shape
-        ]
-        if wrong:
-            raise ValueError(
-                "This masked-tuning adapter does not fit the model it is being loaded into: it was made for a base "
-                f"model with other layer shapes or another mask_share ({len(wrong)} tensors differ, e.g. {wrong[0]}). "
-                f"Load it on the base model it was made for: {getattr(config, 'base_model_name_or_path', None)!r}, "
-                "with the adapter's own adapter_config.json."
-            )
-        return remapped
+            if scores_key not in remapped:
+                shape = layer.mask_tuning_scores[adapter_name].shape
+                remapped[scores_key] = torch.full(shape, config.mask_init, dtype=torch.float32)
+            if adapter_name in layer.mask_tuning_indices and indices_key not in remapped:
+                k = layer.mask_tuning_indices[adapter_name].numel()
+                remapped[indices_key] = largest_magnitude(layer.get_base_layer().weight, k).to(torch.int32)
+        return super()._check_state_dict_for_load(model, config, adapter_name, remapped)
 
     # ------------------------------------------------------------------------------------- queries
     def _layers(self, adapter_name: str) -> list[tuple[str, MaskTuningLayer]]:
