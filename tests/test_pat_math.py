@@ -146,6 +146,9 @@ def test_one_mask_shared_by_all_hsms_and_saved_once(llama_dir, tmp_path):
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert [k for k in saved if "pat_mask" in k] == ["base_model.pat_mask"]
     assert [k for k in saved if "pat_step" in k] == ["base_model.pat_step"]
+    assert sorted(k for k in saved if "pat_total" in k or "pat_channel_rms" in k) == [
+        "base_model.pat_channel_rms", "base_model.pat_total"
+    ]
     assert not [k for k in saved if "base_layer" in k], "base weights must not be saved"
 
 

@@ -45,15 +45,15 @@ def tuned_pat(path, kind_dtype=torch.float32, seed=0, train_steps=2, **overrides
     return model
 
 
-def expected_parameter_count(config, width: int) -> int:
-    """Parameters of a Llama-family model of hidden size ``width`` (attention and MLP widths unchanged, untied)."""
+def expected_parameter_count(config, width: int, tied: bool = False) -> int:
+    """Parameters of a Llama-family model of hidden size ``width`` (attention and MLP widths unchanged)."""
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q_out, kv_out, inter = heads * head_dim, kv_heads * head_dim, config.intermediate_size
     attention_bias = getattr(config, "attention_bias", False)
     qkv_bias = q_out + 2 * kv_out if config.model_type == "qwen2" or attention_bias else 0
     biases = qkv_bias + (width if attention_bias else 0) + (2 * inter + width if getattr(config, "mlp_bias", False) else 0)
     per_layer = width * (q_out + 2 * kv_out) + q_out * width + 3 * width * inter + 2 * width + biases
-    return 2 * config.vocab_size * width + config.num_hidden_layers * per_layer + width
+    return (1 if tied else 2) * config.vocab_size * width + config.num_hidden_layers * per_layer + width
 
 
 def inputs(seed=1):
@@ -68,9 +68,10 @@ def inputs(seed=1):
         ("qwen2", {}),
         ("mistral", {}),
         ("llama", {"tie_word_embeddings": True}),
+        ("qwen2", {"tie_word_embeddings": True}),
         ("llama", {"attention_bias": True, "mlp_bias": True}),
     ],
-    ids=["llama", "qwen2", "mistral", "llama-tied", "llama-biases"],
+    ids=["llama", "qwen2", "mistral", "llama-tied", "qwen2-tied", "llama-biases"],
 )
 def test_pruned_logits_equal_masked_logits(tmp_path, kind, overrides):
     path = tmp_path / kind
@@ -89,9 +90,23 @@ def test_pruned_logits_equal_masked_logits(tmp_path, kind, overrides):
     assert type(pruned) is type(model.get_base_model())
     assert (config.hidden_size, config.head_dim) == (WIDTH, 16)
     assert config.rms_norm_eps == pytest.approx(old.rms_norm_eps * 64 / WIDTH)
-    assert config.tie_word_embeddings is False
-    assert pruned.lm_head.weight.data_ptr() != pruned.model.embed_tokens.weight.data_ptr()
-    assert sum(p.numel() for p in pruned.parameters()) == expected_parameter_count(old, WIDTH)
+    tied = bool(overrides.get("tie_word_embeddings"))  # a tied base stays tied (scale-only embedding HSM)
+    assert config.tie_word_embeddings is tied
+    assert (pruned.lm_head.weight is pruned.model.embed_tokens.weight) is tied
+    assert sum(p.numel() for p in pruned.parameters()) == expected_parameter_count(old, WIDTH, tied)
+
+
+def test_tied_base_with_a_low_rank_embedding_hsm_exports_an_untied_head(tmp_path):
+    path = tmp_path / "llama"
+    build_tiny_model("llama", save_dir=path, tie_word_embeddings=True)
+    model = tuned_pat(path, embedding_low_rank=True)
+    assert model.base_model.model.model.embed_tokens.has_low_rank("default")
+    batch = inputs()
+    with torch.no_grad():
+        masked = model(**batch).logits
+        pruned = model.base_model.petuning_prune_and_unload()
+        torch.testing.assert_close(pruned(**batch).logits, masked, atol=2e-5, rtol=1e-5)
+    assert pruned.config.tie_word_embeddings is False and pruned.lm_head.weight is not pruned.model.embed_tokens.weight
 
 
 def test_pruned_model_in_half_precision(tmp_path):
@@ -104,9 +119,10 @@ def test_pruned_model_in_half_precision(tmp_path):
         torch.testing.assert_close(pruned(**inputs()).logits, model(**inputs()).logits, atol=0.1, rtol=0.05)
 
 
-def test_pruned_folder_loads_in_stock_transformers_without_petuning(tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_pruned_folder_loads_in_stock_transformers_without_petuning(tmp_path, tied):
     path = tmp_path / "qwen2"
-    build_tiny_model("qwen2", save_dir=path)
+    build_tiny_model("qwen2", save_dir=path, tie_word_embeddings=tied)
     model = tuned_pat(path)
     pruned = model.base_model.petuning_prune_and_unload()
     out = tmp_path / "pruned"
@@ -131,7 +147,7 @@ def test_pruned_folder_loads_in_stock_transformers_without_petuning(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
     saved = json.loads((out / "config.json").read_text())
-    assert saved["hidden_size"] == WIDTH and saved["head_dim"] == 16 and saved["tie_word_embeddings"] is False
+    assert saved["hidden_size"] == WIDTH and saved["head_dim"] == 16 and saved["tie_word_embeddings"] is tied
 
 
 def test_kept_channels_are_the_top_of_the_mask_and_pruned_weights_fold_the_hsm(tmp_path):
@@ -173,7 +189,10 @@ def test_smollm2_pruned_by_a_quarter_matches_the_masked_model():
         logits = pruned(input_ids=ids).logits
     assert pruned.config.hidden_size == 432 and pruned.config.head_dim == 64
     torch.testing.assert_close(logits, masked, atol=2e-4, rtol=1e-4)
-    assert sum(p.numel() for p in pruned.parameters()) == expected_parameter_count(base.config, 432)
+    assert pruned.config.tie_word_embeddings, "SmolLM2 ties its head to the embedding, and so does the pruned model"
+    parameters = sum(p.numel() for p in pruned.parameters())
+    assert parameters == expected_parameter_count(base.config, 432, tied=True)
+    assert parameters <= 0.76 * sum(p.numel() for p in base.parameters()), "at least 24% fewer parameters"
 
 
 def test_export_prune_goes_through_the_tuner_and_refuses_a_soft_mask(tmp_path):

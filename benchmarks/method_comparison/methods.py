@@ -28,6 +28,7 @@ class Experiment:
     hooks: dict = field(default_factory=dict)  # extra TrainingHooks arguments
     param_lrs: dict = field(default_factory=dict)  # parameter-name substring -> its own peak lr (both tiers)
     tiers: tuple = ("toy", "real")  # the tiers whose default run includes it (ablations: the real tier only)
+    real_step_factor: float = 1.0  # real tier: steps = factor x --steps (PAT may take up to 3x LoRA's; reported)
 
 
 ALL = "all-linear"
@@ -37,6 +38,13 @@ EXPERIMENTS = {
     e.name: e
     for e in [
         Experiment("lora-r8", lambda steps: LoraConfig(r=8, lora_alpha=16, target_modules=ALL, task_type=CAUSAL), 3e-3),
+        Experiment(
+            "lora-r8-lr1e-3",  # the reference PAT is held to (the best LoRA of the real tier)
+            lambda steps: LoraConfig(r=8, lora_alpha=16, target_modules=ALL, task_type=CAUSAL),
+            3e-3,
+            real_lr=1e-3,
+            tiers=("real",),
+        ),
         Experiment(
             "pissa-r8",
             lambda steps: LoraConfig(r=8, lora_alpha=8, init_lora_weights="pissa", target_modules=ALL, task_type=CAUSAL),
@@ -105,21 +113,40 @@ EXPERIMENTS = {
             tiers=("real",),
         ),
         Experiment(
-            "pat-prune25-r8",  # 25% of the hidden channels pruned, HSM rank 8, LoRA r=8 as in the paper's recipe
+            "pat-prune25-r8",  # 25% of the hidden channels pruned, HSM rank 8, LoRA r=8; calibrated mask (defaults)
             lambda steps: petuning.PatConfig(
-                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, schedule_steps=steps,
-                task_type=CAUSAL,
+                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, task_type=CAUSAL
             ),
             3e-3,
         ),
         Experiment(
-            "pat-prune25-r8-mask-lr1e-2",  # the same, with the channel mask in its own parameter group at lr 1e-2
+            "pat-prune25-r8-lr1e-3",
             lambda steps: petuning.PatConfig(
-                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, schedule_steps=steps,
-                task_type=CAUSAL,
+                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, task_type=CAUSAL
             ),
             3e-3,
-            param_lrs={"pat_mask": 1e-2},
+            real_lr=1e-3,
+            tiers=("real",),
+        ),
+        Experiment(
+            "pat-prune25-r8-lr1e-3-3x",  # the same with 3x the steps (the schedule follows the run)
+            lambda steps: petuning.PatConfig(
+                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, task_type=CAUSAL
+            ),
+            3e-3,
+            real_lr=1e-3,
+            tiers=("real",),
+            real_step_factor=3.0,
+        ),
+        Experiment(
+            "pat-prune25-r8-zero-init-lr1e-3",  # ablation: the paper's m = 0 and no protected channels
+            lambda steps: petuning.PatConfig(
+                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, mask_init="zeros",
+                protect_ratio=None, task_type=CAUSAL,
+            ),
+            3e-3,
+            real_lr=1e-3,
+            tiers=("real",),
         ),
     ]
 }

@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tier", choices=sorted(TIERS), default="toy")
     parser.add_argument("--experiments", nargs="*", choices=sorted(EXPERIMENTS),
                         help="default: the tier's experiments (ablations run in the real tier only)")
-    parser.add_argument("--steps", type=int, help="adaptation steps per method (default: toy 1500, real 100)")
+    parser.add_argument("--steps", type=int, help="adaptation steps per method (default: toy 1500, real 100; an "
+                        "experiment's real_step_factor multiplies it in the real tier)")
     parser.add_argument("--batch-size", type=int, help="examples per step (default: toy 64, real 16)")
     parser.add_argument("--base-steps", type=int, default=2000, help="toy: full training steps of the task-A base")
     parser.add_argument("--n-eval", type=int, default=100, help="real: held-out questions scored (at most 200)")
@@ -88,6 +89,8 @@ def run_experiment(args: argparse.Namespace) -> dict:
 
     experiment = EXPERIMENTS[args.worker]
     lr = experiment.lr if args.tier == "toy" else experiment.real_lr
+    if args.tier == "real" and experiment.real_step_factor != 1:  # e.g. PAT, allowed more steps (reported)
+        args.steps = round(args.steps * experiment.real_step_factor)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     tier = TIERS[args.tier](args)

@@ -34,7 +34,12 @@ class PatConfig(PeftConfig):
     temperature τ_t rises and the offset b_t decays over ``schedule_steps`` optimizer steps T; m stops learning at
     0.8 T, and from step T on the gate is the hard 0/1 indicator of the ``target_width`` largest entries of m. A
     mask loss drives the number of kept channels to ``target_width``; an identity loss keeps each W0_k's rows
-    orthonormal. At initialization (W1 = 0, s = 1, m = 0, g_0 = 1) the model is exactly the base model.
+    orthonormal. At initialization (W1 = 0, s ⊙ g_0 = 1) the model is exactly the base model.
+
+    Defaults that differ from the paper, because the paper's choices break real models (docs/pat.md): m starts
+    calibrated from the residual stream's per-channel RMS (``mask_init``), massive-activation channels are never
+    pruned (``protect_ratio``), the schedule spans the run (``schedule_steps="auto"``), and on a tied model the
+    embedding HSM is scale-only, so the pruned model stays tied (``embedding_low_rank``).
 
     Optionally (the paper's recipe) a LoRA adapter is trained on the decoder's linear layers as well.
 
@@ -80,11 +85,43 @@ class PatConfig(PeftConfig):
             "more than d orthonormal rows). True: such a model raises instead."
         },
     )
-    schedule_steps: int = field(
-        default=10000,
+    schedule_steps: Union[int, str] = field(
+        default="auto",
         metadata={
-            "help": "Horizon T of the mask schedule in optimizer steps (the paper uses 10000). The mask stops "
-            "learning at 0.8 T and is hard from T on; training may continue past T."
+            "help": "Horizon T of the mask schedule in optimizer steps. 'auto': the run's max_steps, taken from the "
+            "Trainer or petuning.TrainingHooks(max_steps=...) at the first optimizer step (an error names the fix "
+            "when the driver does not know it). An integer fixes T (the paper uses 10000). The mask stops learning "
+            "at 0.8 T and is hard from T on; training may continue past T."
+        },
+    )
+    mask_init: str = field(
+        default="activation",
+        metadata={
+            "help": "How the channel mask m starts. 'activation' (default): calibrated from the model. The "
+            "per-channel RMS of the residual stream (after the embedding and after every o_proj/down_proj write) "
+            "is measured on the training micro-batches of the first optimizer step (all ranks together), or on "
+            "batches given to model.base_model.calibrate_pat_mask(); m starts at +0.5 on the d' channels with the "
+            "largest RMS and -0.5 elsewhere (the count and polarization losses are then 0), and each HSM scale s "
+            "starts at 1/g_0, so the model still starts exactly as the base model. 'zeros': the paper's m = 0 "
+            "(every channel tied at the decision point; on SmolLM2 this prunes a massive-activation channel)."
+        },
+    )
+    protect_ratio: Optional[float] = field(
+        default=100.0,
+        metadata={
+            "help": "With mask_init='activation': channels whose calibration RMS exceeds this multiple of the "
+            "median channel's are never pruned (massive activations, which act as biases the model relies on; on "
+            "SmolLM2 channel 507 alone costs +8.8 nats). At most d' channels are protected (the largest). None: "
+            "no protection."
+        },
+    )
+    embedding_low_rank: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Whether the embedding's HSM has the low-rank branch W1 W0. None: not when the LM head is tied "
+            "to the embedding (SmolLM2, Qwen2.5, Llama-3.2), so the pruned model stays tied (the scale-only HSM is "
+            "folded exactly into the embedding and the final norm); yes otherwise. True on a tied model: the "
+            "pruned model gets its own LM head (49152 x d' more parameters on SmolLM2)."
         },
     )
     frozen_gate: str = field(
@@ -139,7 +176,7 @@ class PatConfig(PeftConfig):
         default=True,
         metadata={
             "help": "True: start exactly at the base model. False: seeded random W1, s, m and LoRA B, so the "
-            "adapter is not an identity (for tests)."
+            "adapter is not an identity (for tests); m is then not calibrated."
         },
     )
 
@@ -165,8 +202,17 @@ class PatConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"PatConfig.{name} must be a positive integer, got {value!r}.")
-        if isinstance(self.schedule_steps, bool) or not isinstance(self.schedule_steps, int) or self.schedule_steps < 2:
-            raise ValueError(f"PatConfig.schedule_steps must be an integer >= 2, got {self.schedule_steps!r}.")
+        if self.schedule_steps != "auto" and (
+            isinstance(self.schedule_steps, bool) or not isinstance(self.schedule_steps, int) or self.schedule_steps < 2
+        ):
+            raise ValueError(f"PatConfig.schedule_steps must be 'auto' or an integer >= 2, got {self.schedule_steps!r}.")
+        if self.mask_init not in ("activation", "zeros"):
+            raise ValueError(f"PatConfig.mask_init must be 'activation' or 'zeros', got {self.mask_init!r}.")
+        if self.protect_ratio is not None and not self.protect_ratio > 1.0:
+            raise ValueError(
+                f"PatConfig.protect_ratio must be above 1 (a multiple of the median channel's RMS) or None, got "
+                f"{self.protect_ratio!r}."
+            )
         if self.frozen_gate not in ("hard", "soft"):
             raise ValueError(f"PatConfig.frozen_gate must be 'hard' or 'soft', got {self.frozen_gate!r}.")
         for name in ("mask_loss_weight", "count_loss_weight", "identity_loss_weight"):

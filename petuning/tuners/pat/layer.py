@@ -4,7 +4,9 @@ Shapes, for hidden size d, HSM rank r, and a linear layer with weight W (out, in
 
 - ``pat_hsm_down[name]``  W0 (r, d)   trainable, Kaiming-uniform (a = √5), like LoRA's A
 - ``pat_hsm_up[name]``    W1 (d, r)   trainable, zeros (so the HSM starts as the identity)
-- ``pat_hsm_scale[name]`` s  (d,)     trainable, ones
+- ``pat_hsm_scale[name]`` s  (d,)     trainable, ones (1/g_0 once a calibrated mask is set, see calibration.py)
+- the embedding of a model whose LM head is tied to it has a scale-only HSM (no W0, W1), so the pruned model can
+  stay tied
 - ``pat_lora_A[name]``    A  (r', in) trainable, Kaiming-uniform;  ``pat_lora_B[name]`` B (out, r') zeros
 - the mask m (d,) is NOT stored here: it lives once on the tuner, and every layer reads the gate g_t from the
   shared :class:`PatGate`.
@@ -23,6 +25,9 @@ Gate schedule (T = ``schedule_steps``, t = optimizer steps taken)::
     0.8 T <= t < T:   m no longer learns; g = the final hard gate (``frozen_gate="hard"``, default), or the
                       paper's g_t = σ̃(τ_{0.8T} m) (``frozen_gate="soft"``)
     t >= T:           g   = 1 on the d' largest entries of m, 0 elsewhere (the final, hard mask)
+
+Protected channels (massive activations, found by the calibration) are always among the kept d' and see
+max(m, 1/2) in the soft gate.
 
 where σ̃(x) = 1 / (1 + exp(min(-x, 10))) is the paper's sigmoid clipped below at σ(-10). At t = 0 with m = 0 the
 gate is exactly 1. The gate is a d-vector recomputed by each HSM (O(d) work, negligible next to the HSM's
@@ -47,11 +52,19 @@ FREEZE_FRACTION = 0.8
 """The mask stops learning at this fraction of the schedule (paper)."""
 GATE_LOGIT_CLAMP = 10.0
 """exp(-x) is evaluated at min(-x, 10), so the soft gate never drops below σ(-10) ≈ 4.5e-5 (paper)."""
+POLAR = 0.5
+"""The values ±1/2 the polarization loss pulls m to; a calibrated mask starts there, and a protected channel's gate
+is computed from max(m, 1/2)."""
 
 
 # ------------------------------------------------------------------------------------------------ schedule
-def schedule(step: int, total: int) -> tuple[float, float]:
-    """Temperature τ_t and offset b_t of the gate at optimizer step ``step`` of a schedule of ``total`` steps."""
+def schedule(step: int, total: Optional[int]) -> tuple[float, float]:
+    """Temperature τ_t and offset b_t of the gate at optimizer step ``step`` of a schedule of ``total`` steps.
+    ``total`` None (``schedule_steps="auto"`` before the run's length is known) is allowed at step 0 only, where
+    τ_0 = 1 and b_0 = 1/2 whatever T is."""
+    if total is None:
+        _check_unresolved(step)
+        return 1.0 / (1.0 + 1e-6), 0.5
     freeze = FREEZE_FRACTION * total
     t = min(float(step), freeze)
     tau = 1.0 / (1.0 - math.log(max(t, 1.0)) / math.log(total) + 1e-6)
@@ -59,22 +72,47 @@ def schedule(step: int, total: int) -> tuple[float, float]:
     return tau, offset
 
 
-def mask_phase(step: int, total: int) -> str:
-    """'learning' (t < 0.8 T), 'frozen' (0.8 T <= t < T) or 'final' (t >= T)."""
+def mask_phase(step: int, total: Optional[int]) -> str:
+    """'learning' (t < 0.8 T), 'frozen' (0.8 T <= t < T) or 'final' (t >= T); 'learning' at step 0 of an
+    unresolved (``None``) schedule."""
+    if total is None:
+        _check_unresolved(step)
+        return "learning"
     if step >= total:
         return "final"
     return "frozen" if step >= FREEZE_FRACTION * total else "learning"
 
 
-def kept_channels(mask: torch.Tensor, width: int) -> torch.Tensor:
-    """Indices (ascending) of the ``width`` largest entries of ``mask``; ties go to the lower index."""
-    order = torch.sort(mask.detach(), descending=True, stable=True).indices[:width]
+def _check_unresolved(step: int) -> None:
+    if step != 0:
+        raise RuntimeError(
+            f"PAT's schedule length is unknown at step {step}: schedule_steps='auto' is resolved at the first "
+            "optimizer step from the driver's max_steps. Train with petuning.PetuningCallback / petuning.TrainingHooks("
+            "max_steps=...), or give PatConfig(schedule_steps=<int>)."
+        )
+
+
+def kept_channels(mask: torch.Tensor, width: int, protected: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Indices (ascending) of the ``width`` channels the hard gate keeps: the ``protected`` ones (bool (d,), at most
+    ``width``) first, then the largest entries of ``mask``; ties go to the lower index."""
+    priority = mask.detach()
+    if protected is not None:
+        priority = torch.where(protected, torch.full_like(priority, math.inf), priority)
+    order = torch.sort(priority, descending=True, stable=True).indices[:width]
     return torch.sort(order).values
 
 
-def gate_values(mask: torch.Tensor, step: int, total: int, width: int, hard_when_frozen: bool = False) -> torch.Tensor:
+def gate_values(
+    mask: torch.Tensor,
+    step: int,
+    total: Optional[int],
+    width: int,
+    hard_when_frozen: bool = False,
+    protected: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The gate g_t (d,) for mask ``mask`` at step ``step`` (see the module docstring), in the mask's dtype;
-    ``hard_when_frozen`` makes the frozen phase use the final hard gate.
+    ``hard_when_frozen`` makes the frozen phase use the final hard gate. The ``protected`` channels (bool (d,)) are
+    kept by the hard gate and see max(m, 1/2) in the soft one.
 
     Once the mask stops learning, the gate still depends on ``mask`` through a zero-weighted term, so the mask
     receives an exact-zero gradient (not none): DDP's reducer then sees the same parameters every step.
@@ -82,22 +120,27 @@ def gate_values(mask: torch.Tensor, step: int, total: int, width: int, hard_when
     phase = mask_phase(step, total)
     if phase == "final" or (phase == "frozen" and hard_when_frozen):
         gate = torch.zeros_like(mask.detach())
-        gate[kept_channels(mask, width)] = 1.0
+        gate[kept_channels(mask, width, protected)] = 1.0
     else:
         tau, offset = schedule(step, total)
-        logits = tau * (mask if phase == "learning" else mask.detach())
+        effective = mask if protected is None else torch.where(protected, mask.clamp_min(POLAR), mask)
+        logits = tau * (effective if phase == "learning" else effective.detach())
         gate = 1.0 / (1.0 + torch.exp(torch.clamp(-logits, max=GATE_LOGIT_CLAMP))) + offset
     if phase != "learning" and mask.requires_grad and torch.is_grad_enabled():
         gate = gate + 0.0 * mask
     return gate
 
 
-def polarization_gap(mask: torch.Tensor, step: int, total: int, width: int) -> float:
+def polarization_gap(
+    mask: torch.Tensor, step: int, total: Optional[int], width: int, protected: Optional[torch.Tensor] = None
+) -> float:
     """mean_i |σ̃(τ_t m_i) - h_i|, with h the final hard gate: how far the soft gate (without offset) still is from
     the 0/1 gate the pruned model will use. Near 0 once the mask has polarized; about 0.5 while m stays near 0."""
     mask = mask.detach()
     hard = torch.zeros_like(mask)
-    hard[kept_channels(mask, width)] = 1.0
+    hard[kept_channels(mask, width, protected)] = 1.0
+    if protected is not None:
+        mask = torch.where(protected, mask.clamp_min(POLAR), mask)
     soft = 1.0 / (1.0 + torch.exp(torch.clamp(-schedule(step, total)[0] * mask, max=GATE_LOGIT_CLAMP)))
     return float((soft - hard).abs().mean())
 
@@ -105,31 +148,60 @@ def polarization_gap(mask: torch.Tensor, step: int, total: int, width: int) -> f
 class PatGate:
     """The tuner's shared mask state as the layers see it: for an adapter name, the current gate g_t (d,).
 
-    A plain object (not an ``nn.Module``), so holding it does not register the mask inside every layer: the mask
-    ``masks[name]`` (d,) and the step counter ``steps[name]`` live once, on the tuner. ``widths[name]`` is d' and
-    ``totals[name]`` the schedule length T.
+    A plain object (not an ``nn.Module``), so holding it does not register the mask inside every layer. What it
+    reads lives once, on the tuner, and is saved with the adapter: the mask ``masks[name]`` (d,), the step counter
+    ``steps[name]``, the schedule length ``totals[name]`` (T; 0 while ``schedule_steps="auto"`` is unresolved) and
+    the calibration statistic ``channel_rms[name]`` (d,; 0 before calibration), from which the protected channels
+    follow. ``widths[name]`` is d'; ``collectors[name]`` gathers the statistic while a calibration is pending.
     """
 
-    def __init__(self, masks: nn.ParameterDict, steps: BufferDict) -> None:
+    def __init__(self, masks: nn.ParameterDict, steps: BufferDict, totals: BufferDict, channel_rms: BufferDict) -> None:
         self.masks = masks
         self.steps = steps
+        self.totals = totals
+        self.channel_rms = channel_rms
         self.widths: dict[str, int] = {}
-        self.totals: dict[str, int] = {}
         self.hard_when_frozen: dict[str, bool] = {}
+        self.protect_ratios: dict[str, Optional[float]] = {}
+        self.collectors: dict[str, Any] = {}
+        self._protected_cache: dict[str, tuple[int, Optional[torch.Tensor]]] = {}
 
     def step(self, name: str) -> int:
         return int(self.steps[name])
 
+    def total(self, name: str) -> Optional[int]:
+        """T, or None while ``schedule_steps="auto"`` has not been resolved."""
+        return int(self.totals[name]) or None
+
     def phase(self, name: str) -> str:
-        return mask_phase(self.step(name), self.totals[name])
+        return mask_phase(self.step(name), self.total(name))
+
+    def protected(self, name: str) -> Optional[torch.Tensor]:
+        """Bool (d,) of the channels the hard gate always keeps, or None (no calibration or no protect_ratio)."""
+        from .calibration import protected_channels
+
+        rms = self.channel_rms[name]
+        cached = self._protected_cache.get(name)
+        if cached is None or cached[0] != rms._version:
+            protected = protected_channels(rms, self.protect_ratios[name], self.widths[name])
+            cached = (rms._version, None if protected is None else protected.to(self.masks[name].device))
+            self._protected_cache[name] = cached
+        return cached[1]
 
     def __call__(self, name: str) -> torch.Tensor:
         return gate_values(
-            self.masks[name], self.step(name), self.totals[name], self.widths[name], self.hard_when_frozen[name]
+            self.masks[name], self.step(name), self.total(name), self.widths[name], self.hard_when_frozen[name],
+            self.protected(name),
         )
 
     def kept(self, name: str) -> torch.Tensor:
-        return kept_channels(self.masks[name], self.widths[name])
+        return kept_channels(self.masks[name], self.widths[name], self.protected(name))
+
+    def observe(self, name: str, output: torch.Tensor, training: bool, first: bool) -> None:
+        """Pass an HSM output to a pending calibration (``first``: the embedding's, which opens a forward)."""
+        collector = self.collectors.get(name)
+        if collector is not None and collector.observes(training):
+            (collector.start if first else collector.add)(output)
 
 
 # ---------------------------------------------------------------------------------------------------- layers
@@ -179,21 +251,27 @@ class PatLayer(PetuningLayer):
             self.pat_lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         if hsm:
             d = self.out_features
+            scale = torch.ones(d, dtype=dtype)
+            if not init_weights:
+                scale = scale + 0.2 * torch.randn_like(scale)
+            self.pat_hsm_scale[adapter_name] = nn.Parameter(scale)
+        if hsm and hsm_rank > 0:  # rank 0: a scale-only HSM (the embedding of a tied model)
             down = torch.empty(hsm_rank, d, dtype=dtype)
             nn.init.kaiming_uniform_(down, a=math.sqrt(5))
             up = torch.zeros(d, hsm_rank, dtype=dtype)
-            scale = torch.ones(d, dtype=dtype)
             if not init_weights:
                 up = 0.3 * torch.randn_like(up) / math.sqrt(hsm_rank)
-                scale = scale + 0.2 * torch.randn_like(scale)
             self.pat_hsm_down[adapter_name] = nn.Parameter(down)
             self.pat_hsm_up[adapter_name] = nn.Parameter(up)
-            self.pat_hsm_scale[adapter_name] = nn.Parameter(scale)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     # ---------------------------------------------------------------------------------------- math
     def has_hsm(self, adapter_name: str) -> bool:
+        return adapter_name in self.pat_hsm_scale
+
+    def has_low_rank(self, adapter_name: str) -> bool:
+        """Whether the HSM has its low-rank branch W1 W0 (not so for a scale-only HSM)."""
         return adapter_name in self.pat_hsm_down
 
     def lora_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
@@ -203,17 +281,26 @@ class PatLayer(PetuningLayer):
         return F.linear(F.linear(x, a), self.pat_lora_B[adapter_name]) * self.pat_lora_scaling[adapter_name]
 
     def hsm(self, y: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``s ⊙ g_t ⊙ (y + W1 (W0 y))`` for ``y`` (..., d); computed in the adapter dtype, returned in y's dtype."""
-        down = self.pat_hsm_down[adapter_name]
-        y_adapter = self._cast_input_dtype(y, down.dtype)
-        z = y_adapter + F.linear(F.linear(y_adapter, down), self.pat_hsm_up[adapter_name])
-        return (z * (self.pat_hsm_scale[adapter_name] * self.pat_gate(adapter_name))).to(y.dtype)
+        """``s ⊙ g_t ⊙ (y + W1 (W0 y))`` for ``y`` (..., d) (``s ⊙ g_t ⊙ y`` for a scale-only HSM); computed in the
+        adapter dtype, returned in y's dtype. A pending calibration sees the output."""
+        scale = self.pat_hsm_scale[adapter_name]
+        z = self._cast_input_dtype(y, scale.dtype)
+        if self.has_low_rank(adapter_name):
+            z = z + F.linear(F.linear(z, self.pat_hsm_down[adapter_name]), self.pat_hsm_up[adapter_name])
+        out = (z * (scale * self.pat_gate(adapter_name))).to(y.dtype)
+        self.pat_gate.observe(adapter_name, out, self.training, first=isinstance(self, Embedding))
+        return out
 
-    def hsm_factors(self, adapter_name: str, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def hsm_factors(
+        self, adapter_name: str, dtype=torch.float64
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The HSM as a matrix ``M = diag(s ⊙ g)(I + W1 W0)`` in factored form, in ``dtype``: returns
-        ``(s ⊙ g (d,), W1 (d, r), W0 (r, d))``. Used by merge and prune, which never form the d x d matrix."""
+        ``(s ⊙ g (d,), W1 (d, r), W0 (r, d))``, with ``W1 = W0 = None`` for a scale-only HSM (M = diag(s ⊙ g)).
+        Used by merge and prune, which never form the d x d matrix."""
         with torch.no_grad():
             scale = (self.pat_hsm_scale[adapter_name] * self.pat_gate(adapter_name)).to(dtype)
+            if not self.has_low_rank(adapter_name):
+                return scale, None, None
             return scale, self.pat_hsm_up[adapter_name].to(dtype), self.pat_hsm_down[adapter_name].to(dtype)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
@@ -221,7 +308,7 @@ class PatLayer(PetuningLayer):
         return not self.has_hsm(adapter_name)
 
     def _active_here(self) -> list[str]:
-        return [n for n in self.active_adapters if n in self.pat_lora_A or n in self.pat_hsm_down]
+        return [n for n in self.active_adapters if n in self.pat_lora_A or n in self.pat_hsm_scale]
 
     def _forward_pat(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The ``forward`` of a PAT layer: the base output, passed through ``_apply_adapter`` for every active adapter
@@ -272,9 +359,11 @@ class Linear(nn.Module, PatLayer):
             bias = None if base.bias is None else base.bias.to(dtype)
             if self.has_hsm(adapter_name):
                 scale, up, down = self.hsm_factors(adapter_name, dtype=dtype)
-                weight = scale[:, None] * (weight + up @ (down @ weight))
-                if bias is not None:
-                    bias = scale * (bias + up @ (down @ bias))
+                if up is not None:
+                    weight = weight + up @ (down @ weight)
+                    bias = None if bias is None else bias + up @ (down @ bias)
+                weight = scale[:, None] * weight
+                bias = None if bias is None else scale * bias
         return weight, bias
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -331,7 +420,9 @@ class Embedding(nn.Module, PatLayer):
         with torch.no_grad():
             table = self.get_base_layer().weight.to(dtype)
             scale, up, down = self.hsm_factors(adapter_name, dtype=dtype)
-            return (table + (table @ down.T) @ up.T) * scale
+            if up is not None:
+                table = table + (table @ down.T) @ up.T
+            return table * scale
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the HSM into the embedding table. The folded table is a new parameter, so an output layer tied to

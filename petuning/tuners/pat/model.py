@@ -12,13 +12,15 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from petuning.training import StepContext, TrainingHooksMixin, refuse_gradient_edits_under_deepspeed
+from petuning.training import ForwardContext, StepContext, TrainingHooksMixin, refuse_gradient_edits_under_deepspeed
 from petuning.tuners.base import PetuningTuner
-from petuning.tuners.common import base_of, full_tensor
+from petuning.tuners.common import base_of, full_tensor, like_parameter
 
+from .calibration import ResidualStatistics, calibrated_mask
 from .config import PRODUCERS, PatConfig
 from .layer import (
-    Embedding, Linear, PatGate, PatLayer, identity_loss, mask_loss, mask_phase, polarization_gap, schedule,
+    Embedding, Linear, PatGate, PatLayer, gate_values, identity_loss, mask_loss, mask_phase, polarization_gap,
+    schedule,
 )
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -31,9 +33,15 @@ UNPOLARIZED_GAP = 0.2
 class PatModel(TrainingHooksMixin, PetuningTuner):
     """Adds PAT to a Llama-family causal LM. Created by ``peft.get_peft_model(model, PatConfig(...))``.
 
-    Layout: one HSM after the token embedding and after every ``o_proj`` and ``down_proj`` (1 + 2L HSMs), optional
-    LoRA on the decoder linears, and one mask ``pat_mask[adapter]`` (d,) plus a step counter ``pat_step[adapter]``
-    stored once, on this tuner (they are saved with the adapter). Several adapters may be loaded, one is active.
+    Layout: one HSM after the token embedding and after every ``o_proj`` and ``down_proj`` (1 + 2L HSMs; the
+    embedding's is scale-only on a tied model), optional LoRA on the decoder linears, and, stored once on this tuner
+    and saved with the adapter: the mask ``pat_mask[adapter]`` (d,), the step counter ``pat_step[adapter]``, the
+    schedule length ``pat_total[adapter]`` (0 until ``schedule_steps="auto"`` is resolved) and the calibration
+    statistic ``pat_channel_rms[adapter]`` (d,; 0 until calibrated). Several adapters may be loaded, one is active.
+
+    Calibration (``mask_init="activation"``): the training forwards before the first optimizer step (or
+    :meth:`calibrate_pat_mask`) measure the residual stream's per-channel RMS; right before that step the mask is set
+    to ±1/2 by it and every HSM scale to 1/g_0, so the model is unchanged, and the mask skips that one update.
 
     Training hooks (``petuning.PetuningCallback`` / ``petuning.TrainingHooks``): the mask loss and the identity loss
     (averaged over all HSMs) join the task loss; the schedule advances by one after every optimizer step; once the
@@ -59,8 +67,11 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         super()._pre_injection_hook(model, config, adapter_name)
         self.pat_mask = nn.ParameterDict({})
         self.pat_step = BufferDict({}, persistent=True)
-        self._pat_gate = PatGate(self.pat_mask, self.pat_step)
+        self.pat_total = BufferDict({}, persistent=True)
+        self.pat_channel_rms = BufferDict({}, persistent=True)
+        self._pat_gate = PatGate(self.pat_mask, self.pat_step, self.pat_total, self.pat_channel_rms)
         self._hsm_ranks: dict[str, int] = {}
+        self._embedding_low_rank: dict[str, bool] = {}
 
     def inject_adapter(
         self,
@@ -91,9 +102,16 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         with init_empty_weights() if low_cpu_mem_usage else nullcontext():
             self.pat_mask[adapter_name] = nn.Parameter(mask.to(weight.device), requires_grad=False)
         self.pat_step[adapter_name] = torch.zeros((), dtype=torch.long, device=weight.device)
+        total = 0 if config.schedule_steps == "auto" else config.schedule_steps
+        self.pat_total[adapter_name] = torch.tensor(total, dtype=torch.long, device=weight.device)
+        self.pat_channel_rms[adapter_name] = torch.zeros(hidden, dtype=dtype, device=weight.device)
         self._pat_gate.widths[adapter_name] = width
-        self._pat_gate.totals[adapter_name] = config.schedule_steps
         self._pat_gate.hard_when_frozen[adapter_name] = config.frozen_gate == "hard"
+        self._pat_gate.protect_ratios[adapter_name] = config.protect_ratio
+        if config.mask_init == "activation" and config.init_weights:
+            self._pat_gate.collectors[adapter_name] = ResidualStatistics()
+        low_rank = config.embedding_low_rank
+        self._embedding_low_rank[adapter_name] = not _ties_embedding(model) if low_rank is None else low_rank
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         except Exception:
@@ -123,9 +141,10 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         return []
 
     def _layer_kwargs(self, config: PatConfig, adapter_name: str, key: str, target_name: str, target: nn.Module) -> dict:
+        embedding = isinstance(base_of(target), nn.Embedding)
         return {
-            "hsm_rank": self._hsm_ranks[adapter_name],
-            "hsm": isinstance(base_of(target), nn.Embedding) or target_name in PRODUCERS,
+            "hsm_rank": self._hsm_ranks[adapter_name] if not embedding or self._embedding_low_rank[adapter_name] else 0,
+            "hsm": embedding or target_name in PRODUCERS,
             "lora_r": config.lora_r if target_name in config.lora_targets() else 0,
             "lora_alpha": config.lora_alpha,
             "lora_dropout": config.lora_dropout,
@@ -180,10 +199,14 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         for container in (
             self.pat_mask,
             self.pat_step,
+            self.pat_total,
+            self.pat_channel_rms,
             self._pat_gate.widths,
-            self._pat_gate.totals,
             self._pat_gate.hard_when_frozen,
+            self._pat_gate.protect_ratios,
+            self._pat_gate.collectors,
             self._hsm_ranks,
+            self._embedding_low_rank,
         ):
             if adapter_name in container:
                 del container[adapter_name]
@@ -222,11 +245,69 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         with torch.no_grad():
             return self._pat_gate(self._resolve(adapter_name))
 
+    def pat_protected_channels(self, adapter_name: Optional[str] = None) -> Optional[torch.Tensor]:
+        """Indices (ascending) of the channels that are never pruned, or None before calibration / without
+        ``protect_ratio``."""
+        protected = self._pat_gate.protected(self._resolve(adapter_name))
+        return None if protected is None else protected.nonzero().flatten().cpu()
+
     def finalize_pat_mask(self, adapter_name: Optional[str] = None) -> None:
         """End the schedule now: set the step to T, so the gate becomes the hard mask over the d' largest entries
         of m (what training for T steps ends with) and the model can be pruned."""
         name = self._resolve(adapter_name)
-        self.pat_step[name].fill_(max(self._pat_gate.step(name), self._pat_gate.totals[name]))
+        if self._calibration_pending(name):
+            raise ValueError(
+                f"PAT adapter {name!r} has mask_init='activation' but its mask was never calibrated, so every channel "
+                "is tied and the kept ones would be arbitrary. Train it, or call "
+                "model.base_model.calibrate_pat_mask(batches) first."
+            )
+        step = self._pat_gate.step(name)
+        if self._pat_gate.total(name) is None:
+            self.pat_total[name].fill_(max(step, 1))
+        self.pat_step[name].fill_(max(step, self._pat_gate.total(name)))
+
+    @torch.no_grad()
+    def calibrate_pat_mask(self, batches, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """Calibrate the channel mask now, from the model's forwards over ``batches`` (dicts of model inputs, e.g.
+        a few batches of the training data), instead of from the first training step; see ``PatConfig.mask_init``.
+        Every rank of an initialized process group must call it (the statistic is summed over ranks). Returns the
+        per-channel RMS (d,)."""
+        name = self._resolve(adapter_name)
+        if self._pat_gate.step(name) != 0:
+            raise ValueError(
+                f"PAT adapter {name!r} has already trained {self._pat_gate.step(name)} steps; the mask is calibrated "
+                "only before training."
+            )
+        collector = self._pat_gate.collectors[name] = ResidualStatistics(explicit=True)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in batches:
+                self.model(**batch)
+                collector.close(batch.get("attention_mask"))
+        finally:
+            self.model.train(was_training)
+        self._apply_calibration(name)
+        return self.pat_channel_rms[name].detach().cpu()
+
+    def _apply_calibration(self, name: str) -> None:
+        """Set m to ±1/2 by the collected statistic and rescale every HSM's s by g_0(old m) / g_0(new m), so s ⊙ g_0
+        and hence the model are unchanged (s = 1/g_0 after the first calibration); the collector is dropped."""
+        rms = self._pat_gate.collectors.pop(name).rms()
+        before = self._step0_gate(name)
+        self.pat_channel_rms[name].copy_(rms.to(self.pat_channel_rms[name]))
+        _assign(self.pat_mask[name], calibrated_mask(rms, self._pat_gate.widths[name]))
+        ratio = before / self._step0_gate(name)
+        for layer in self.hsm_layers(name):
+            scale = layer.pat_hsm_scale[name]
+            full = full_tensor(scale).detach()
+            _assign(scale, full * ratio.to(full))
+
+    def _step0_gate(self, name: str) -> torch.Tensor:
+        """g_0 (d,) of the current mask and protection, in float64 on the CPU."""
+        protected = self._pat_gate.protected(name)
+        mask = full_tensor(self.pat_mask[name]).detach().double().cpu()
+        return gate_values(mask, 0, None, self._pat_gate.widths[name], protected=None if protected is None else protected.cpu())
 
     def petuning_prune_and_unload(self, adapter_name: Optional[str] = None):
         """A new, smaller transformers model (hidden size d') that computes the logits of this model with its final
@@ -254,10 +335,11 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
     def _losses(self, name: str) -> dict[str, torch.Tensor]:
         config: PatConfig = self.peft_config[name]
         losses = {}
-        if config.mask_loss_weight > 0 and self._pat_gate.phase(name) == "learning":
+        calibrating = self._calibration_pending(name)  # the mask is about to be overwritten: no loss on it
+        if config.mask_loss_weight > 0 and self._pat_gate.phase(name) == "learning" and not calibrating:
             mask = full_tensor(self.pat_mask[name])
             losses["mask"] = config.mask_loss_weight * mask_loss(mask, self._pat_gate.widths[name], config.count_loss_weight)
-        downs = [full_tensor(layer.pat_hsm_down[name]) for layer in self.hsm_layers(name)]
+        downs = [full_tensor(layer.pat_hsm_down[name]) for layer in self.hsm_layers(name) if layer.has_low_rank(name)]
         if config.identity_loss_weight > 0 and any(d.requires_grad for d in downs):
             losses["identity"] = config.identity_loss_weight * identity_loss(downs)
         return losses
@@ -269,27 +351,61 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         losses = self._losses(name)
         return torch.stack(list(losses.values())).sum() if losses else None
 
+    def petuning_training_forward(self, ctx: ForwardContext) -> None:
+        for collector in self._pat_gate.collectors.values():
+            collector.close(ctx.kwargs.get("attention_mask"))
+
     def petuning_before_optimizer_step(self, ctx: StepContext) -> None:
-        if self._training_adapter() is not None:
+        name = self._training_adapter()
+        if name is not None:
             refuse_gradient_edits_under_deepspeed(
                 "PAT (which drops the channel mask's gradient once the mask stops learning)", "Train PAT with DDP or FSDP."
             )
+            self._start_schedule(name, ctx)
         for name, mask in self.pat_mask.items():
             if mask.grad is not None and self._pat_gate.phase(name) != "learning":
                 mask.grad = None  # the mask has stopped learning: no update, no momentum, no weight decay
+
+    def _start_schedule(self, name: str, ctx: StepContext) -> None:
+        """At the first optimizer step: resolve ``schedule_steps="auto"`` from the driver's max_steps, and calibrate
+        the mask from the forwards just seen (skipping the mask's update this step: its gradient is for the old m)."""
+        if self._pat_gate.total(name) is None:
+            if not ctx.max_steps or ctx.max_steps < 2:
+                raise ValueError(
+                    f"PatConfig(schedule_steps='auto') takes the run's length from the driver, which does not know it "
+                    f"(max_steps={ctx.max_steps!r}). Give petuning.TrainingHooks(model, optimizer, max_steps=N), set "
+                    "max_steps (or num_train_epochs with a sized dataset) in the Trainer, or set "
+                    "PatConfig(schedule_steps=N)."
+                )
+            self.pat_total[name].fill_(ctx.max_steps)
+        if self._calibration_pending(name):
+            self._apply_calibration(name)
+            self.pat_mask[name].grad = None
+
+    def _calibration_pending(self, name: str) -> bool:
+        """Whether the mask still waits for its calibration. A collector outlives it only in an adapter that was
+        loaded (calibrated, or past step 0): it is dropped here."""
+        if name not in self._pat_gate.collectors:
+            return False
+        if self._pat_gate.step(name) == 0 and not bool((self.pat_channel_rms[name] > 0).any()):
+            return True
+        del self._pat_gate.collectors[name]
+        return False
 
     def petuning_after_optimizer_step(self, ctx: StepContext) -> None:
         name = self._training_adapter()
         if name is None:
             return
         self.pat_step[name].add_(1)
-        step, total = self._pat_gate.step(name), self._pat_gate.totals[name]
+        step, total = self._pat_gate.step(name), self._pat_gate.total(name)
         if mask_phase(step, total) == "frozen" and mask_phase(step - 1, total) == "learning":
             self._warn_if_unpolarized(name, step, total)
 
     def _warn_if_unpolarized(self, name: str, step: int, total: int) -> None:
         """The mask has just stopped learning: warn if its soft gate is still far from the hard gate."""
-        gap = polarization_gap(full_tensor(self.pat_mask[name]), step, total, self._pat_gate.widths[name])
+        gap = polarization_gap(
+            full_tensor(self.pat_mask[name]), step, total, self._pat_gate.widths[name], self._pat_gate.protected(name)
+        )
         if gap <= UNPOLARIZED_GAP:
             return
         soft = self.peft_config[name].frozen_gate == "soft"
@@ -310,17 +426,32 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         name = self._active_pat_adapter()
         if name is None:
             return {}
-        step, total = self._pat_gate.step(name), self._pat_gate.totals[name]
+        step, total = self._pat_gate.step(name), self._pat_gate.total(name)
         mask = full_tensor(self.pat_mask[name]).detach()
         metrics = {
             "pat_step": float(step),
-            "pat_gate_gap": polarization_gap(mask, step, total, self._pat_gate.widths[name]),
+            "pat_gate_gap": polarization_gap(mask, step, total, self._pat_gate.widths[name], self._pat_gate.protected(name)),
             "pat_tau": schedule(step, total)[0],
             "pat_kept": float((mask >= 0).sum()),
             "pat_final": float(self._pat_gate.phase(name) == "final"),
         }
         metrics.update({f"pat_{key}_loss": float(value) for key, value in self._losses(name).items()})
         return metrics
+
+
+def _assign(parameter: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the full ``value`` into ``parameter`` (this rank's shard of it under FSDP2)."""
+    with torch.no_grad():
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        parameter.copy_(like_parameter(value.to(dtype=parameter.dtype, device=local.device), parameter))
+
+
+def _ties_embedding(model: nn.Module) -> bool:
+    """Whether the model's LM head shares its weight with the token embedding."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings()
+    embedding = embedding.get_base_layer() if isinstance(embedding, BaseTunerLayer) else embedding
+    return head is not None and getattr(head, "weight", None) is embedding.weight
 
 
 def _embedding_key(model: nn.Module) -> str:

@@ -9,8 +9,14 @@ channels of the residual stream are exactly 0 in every layer. Removing them chan
 - consumers lose the pruned input columns: ``W' = (W + ΔW)[:, keep]`` for q/k/v/gate/up and ``lm_head``;
 - RMSNorm sees d' instead of d channels: mean(x²) over d' is d/d' times the mean over d (the extra channels are
   zeros), so ``w' = w[keep] * sqrt(d/d')`` and ``eps' = eps * d/d'`` give exactly the same output;
-- the config says ``hidden_size = d'``, keeps the attention width through an explicit ``head_dim``, and unties the
-  LM head (the embedding absorbed the first HSM, the head did not).
+- the config says ``hidden_size = d'`` and keeps the attention width through an explicit ``head_dim``.
+
+Tied embeddings. When the base model's LM head is the embedding and the embedding's HSM is scale-only
+(``M_0 = diag(c)``, ``c = s_0 ⊙ g``; the default on tied models), the pruned model stays tied:
+``E' = (E diag(c))[:, keep]`` is both the embedding and the head, and the final norm absorbs ``1/c``:
+``w_final' = w_final[keep] * sqrt(d/d') / c[keep]``. The logits are unchanged, because the head computes
+``E' (w_final' ⊙ x̂) = E[:, keep] (w_final[keep] sqrt(d/d') ⊙ x̂)``. Otherwise (an HSM with a low-rank branch on a
+tied embedding, or an untied base) the pruned model has its own head ``H[:, keep]``.
 
 Everything is computed in float64 and rounded once to the model's dtype. The official code's merge leaves out the
 per-HSM scale s_k; here it is folded in, which is what makes the export exact.
@@ -33,12 +39,12 @@ from .layer import Embedding, Linear, PatLayer
 def prune_and_unload(tuner, adapter_name: str) -> PreTrainedModel:
     """Build the pruned model of ``tuner``'s adapter ``adapter_name`` (a :class:`~petuning.tuners.pat.PatModel`).
 
-    Returns a new model of the base model's class, in eval mode and in the base model's dtype, with hidden size d'
-    and untied embeddings; ``save_pretrained`` writes a checkpoint that ``AutoModelForCausalLM.from_pretrained``
+    Returns a new model of the base model's class, in eval mode and in the base model's dtype, with hidden size d',
+    tied like the base where the embedding's HSM allows it (see the module docstring); ``save_pretrained`` writes a checkpoint that ``AutoModelForCausalLM.from_pretrained``
     loads without petuning. The tuned model is left unchanged.
     """
     gate = tuner._pat_gate
-    total, step = gate.totals[adapter_name], gate.step(adapter_name)
+    total, step = gate.total(adapter_name), gate.step(adapter_name)
     if gate.phase(adapter_name) != "final":
         raise ValueError(
             f"The PAT mask of adapter {adapter_name!r} is not final yet (schedule step {step} of {total}): its gate "
@@ -62,22 +68,49 @@ def prune_and_unload(tuner, adapter_name: str) -> PreTrainedModel:
     new_config.head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     new_config.hidden_size = width
     new_config.rms_norm_eps = config.rms_norm_eps * hidden / width
-    new_config.tie_word_embeddings = False
+    embedding = _active_module(model.get_input_embeddings(), adapter_name)
+    tied = _tied_head(model) and not embedding.has_low_rank(adapter_name)
+    new_config.tie_word_embeddings = tied
+    # c = s_0 ⊙ g on the kept channels: what a tied final norm divides by
+    absorbed = embedding.hsm_factors(adapter_name)[0][keep.to(embedding.weight.device)] if tied else None
+    if absorbed is not None and bool((absorbed.abs() < 1e-12).any()):
+        raise ValueError(
+            "The embedding HSM's scale s is 0 on a kept channel, so a tied pruned model cannot absorb it into the "
+            "final norm; train further or re-create the adapter with embedding_low_rank=True (untied export)."
+        )
 
     dtype = model.get_input_embeddings().weight.dtype
     with init_empty_weights():
         pruned = type(model)(new_config)
     output_key = _module_key(model, model.get_output_embeddings())
+    final_norm_key = _module_key(model, model.get_decoder().norm)
     state = {}
     for key, target in pruned.state_dict().items():
         path, _, leaf = key.rpartition(".")
+        if tied and path == output_key:
+            continue  # the head is the pruned embedding (tie_weights below)
         tensor = _pruned_tensor(model, path, leaf, keep, adapter_name, hidden / width, path == output_key)
+        if tied and path == final_norm_key:
+            tensor = tensor / absorbed
         if tensor.shape != target.shape:
             raise ValueError(f"PAT pruning produced {tuple(tensor.shape)} for {key}, expected {tuple(target.shape)}.")
         state[key] = tensor.to(dtype).contiguous()
-    pruned.load_state_dict(state, strict=True, assign=True)
+    result = pruned.load_state_dict(state, strict=False, assign=True)
+    missing = set(result.missing_keys) - ({f"{output_key}.weight"} if tied else set())
+    if missing or result.unexpected_keys:
+        raise ValueError(f"PAT pruning left {sorted(missing)} unset and produced {result.unexpected_keys}.")
+    if tied:
+        pruned.tie_weights()
+        if pruned.get_output_embeddings().weight is not pruned.get_input_embeddings().weight:
+            raise ValueError(f"{type(pruned).__name__} did not tie its LM head to the pruned embedding.")
     pruned.generation_config = copy.deepcopy(model.generation_config)
     return pruned.eval()
+
+
+def _tied_head(model: nn.Module) -> bool:
+    embedding = model.get_input_embeddings()
+    base = embedding.get_base_layer() if hasattr(embedding, "get_base_layer") else embedding
+    return model.get_output_embeddings().weight is base.weight
 
 
 def _pruned_tensor(
