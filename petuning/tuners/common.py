@@ -6,6 +6,7 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch.distributed.tensor import DTensor, distribute_tensor
 from peft.utils import resolve_quantization_backend
@@ -36,6 +37,11 @@ def check_mergeable(layer: BaseTunerLayer, method: str) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+def several_ranks() -> bool:
+    """Whether an initialized process group has more than one rank (DDP, FSDP2): collectives are then needed."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from petuning.training import (
     refuse_gradient_edits_under_deepspeed,
 )
 from petuning.tuners.base import PetuningTuner
-from petuning.tuners.common import base_of, full_tensor
+from petuning.tuners.common import base_of, full_tensor, several_ranks
 
 from .config import MaskTuningConfig
 from .layer import Linear, MaskTuningLayer, largest_magnitude
@@ -398,7 +398,7 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
                 newly += advance_budget(layer.mask_tuning_off[name], scores, target, config.budget_swap_share, eligible)
                 checks.append(layer.mask_tuning_off[name])
             self._newly_masked[name] = newly
-        if checks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if checks and several_ranks():
             _check_identical_on_every_rank(checks)
 
     def petuning_after_optimizer_step(self, ctx: StepContext) -> None:
@@ -443,7 +443,7 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
             return
         weight, self._kl_weight, self._kl_forwards = self._kl_weight, 0.0, 0
         kl_grads = [layer.mask_tuning_kl_grad.pop(name) / max(weight, 1e-12) for layer, name, _ in pending]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if several_ranks():
             flat = torch.cat([g.reshape(-1) for g in kl_grads])  # every rank must make the same choices
             dist.all_reduce(flat, op=dist.ReduceOp.AVG)
             kl_grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in kl_grads]), kl_grads)]

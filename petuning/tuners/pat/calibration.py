@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from petuning.tuners.common import several_ranks
+
 from .layer import POLAR, kept_channels
 
 
@@ -71,27 +73,9 @@ class ResidualStatistics:
                 "model.base_model.calibrate_pat_mask(batches) before training, or use PatConfig(mask_init='zeros')."
             )
         totals = torch.cat([self.sum_sq, torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum_sq.device)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            totals = totals.to(_collective_device())
+        if several_ranks():  # on the activations' device, which the process group serves
             dist.all_reduce(totals)
         return (totals[:-1] / totals[-1]).sqrt().cpu()
-
-
-def _collective_device() -> torch.device:
-    backend = dist.get_backend()
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-
-def protected_channels(rms: torch.Tensor, ratio: Optional[float], width: int) -> Optional[torch.Tensor]:
-    """Bool (d,): the channels whose RMS exceeds ``ratio`` × the median channel's, at most the ``width`` largest;
-    None without a ratio or before calibration (``rms`` all zero)."""
-    if ratio is None or not bool((rms > 0).any()):
-        return None
-    candidates = rms > ratio * rms.median()
-    if int(candidates.sum()) > width:
-        candidates = torch.zeros_like(candidates)
-        candidates[kept_channels(rms, width)] = True
-    return candidates
 
 
 def calibrated_mask(rms: torch.Tensor, width: int) -> torch.Tensor:

@@ -102,6 +102,18 @@ def kept_channels(mask: torch.Tensor, width: int, protected: Optional[torch.Tens
     return torch.sort(order).values
 
 
+def protected_channels(rms: torch.Tensor, ratio: Optional[float], width: int) -> Optional[torch.Tensor]:
+    """Bool (d,): the channels whose calibration RMS exceeds ``ratio`` × the median channel's, at most the ``width``
+    largest; None without a ratio or before calibration (``rms`` all zero)."""
+    if ratio is None or not bool((rms > 0).any()):
+        return None
+    candidates = rms > ratio * rms.median()
+    if int(candidates.sum()) > width:
+        candidates = torch.zeros_like(candidates)
+        candidates[kept_channels(rms, width)] = True
+    return candidates
+
+
 def gate_values(
     mask: torch.Tensor,
     step: int,
@@ -178,8 +190,6 @@ class PatGate:
 
     def protected(self, name: str) -> Optional[torch.Tensor]:
         """Bool (d,) of the channels the hard gate always keeps, or None (no calibration or no protect_ratio)."""
-        from .calibration import protected_channels
-
         rms = self.channel_rms[name]
         cached = self._protected_cache.get(name)
         if cached is None or cached[0] != rms._version:

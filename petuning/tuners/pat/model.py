@@ -18,6 +18,7 @@ from petuning.tuners.common import base_of, full_tensor, like_parameter
 
 from .calibration import ResidualStatistics, calibrated_mask
 from .config import PRODUCERS, PatConfig
+from .prune import prune_and_unload, ties_embedding
 from .layer import (
     Embedding, Linear, PatGate, PatLayer, gate_values, identity_loss, mask_loss, mask_phase, polarization_gap,
     schedule,
@@ -111,7 +112,7 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         if config.mask_init == "activation" and config.init_weights:
             self._pat_gate.collectors[adapter_name] = ResidualStatistics()
         low_rank = config.embedding_low_rank
-        self._embedding_low_rank[adapter_name] = not _ties_embedding(model) if low_rank is None else low_rank
+        self._embedding_low_rank[adapter_name] = not ties_embedding(model) if low_rank is None else low_rank
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         except Exception:
@@ -312,8 +313,6 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
     def petuning_prune_and_unload(self, adapter_name: Optional[str] = None):
         """A new, smaller transformers model (hidden size d') that computes the logits of this model with its final
         mask; see :func:`petuning.tuners.pat.prune.prune_and_unload`. This model is left unchanged."""
-        from .prune import prune_and_unload
-
         return prune_and_unload(self, self._resolve(adapter_name))
 
     def _resolve(self, adapter_name: Optional[str]) -> str:
@@ -444,14 +443,6 @@ def _assign(parameter: torch.Tensor, value: torch.Tensor) -> None:
     with torch.no_grad():
         local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
         parameter.copy_(like_parameter(value.to(dtype=parameter.dtype, device=local.device), parameter))
-
-
-def _ties_embedding(model: nn.Module) -> bool:
-    """Whether the model's LM head shares its weight with the token embedding."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embedding = model.get_input_embeddings()
-    embedding = embedding.get_base_layer() if isinstance(embedding, BaseTunerLayer) else embedding
-    return head is not None and getattr(head, "weight", None) is embedding.weight
 
 
 def _embedding_key(model: nn.Module) -> str:

@@ -69,7 +69,7 @@ def prune_and_unload(tuner, adapter_name: str) -> PreTrainedModel:
     new_config.hidden_size = width
     new_config.rms_norm_eps = config.rms_norm_eps * hidden / width
     embedding = _active_module(model.get_input_embeddings(), adapter_name)
-    tied = _tied_head(model) and not embedding.has_low_rank(adapter_name)
+    tied = ties_embedding(model) and not embedding.has_low_rank(adapter_name)
     new_config.tie_word_embeddings = tied
     # c = s_0 ⊙ g on the kept channels: what a tied final norm divides by
     absorbed = embedding.hsm_factors(adapter_name)[0][keep.to(embedding.weight.device)] if tied else None
@@ -107,10 +107,12 @@ def prune_and_unload(tuner, adapter_name: str) -> PreTrainedModel:
     return pruned.eval()
 
 
-def _tied_head(model: nn.Module) -> bool:
+def ties_embedding(model: nn.Module) -> bool:
+    """Whether the model's LM head shares its weight with the (base) token embedding."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embedding = model.get_input_embeddings()
     base = embedding.get_base_layer() if hasattr(embedding, "get_base_layer") else embedding
-    return model.get_output_embeddings().weight is base.weight
+    return head is not None and getattr(head, "weight", None) is base.weight
 
 
 def _pruned_tensor(

@@ -12,7 +12,7 @@ from torch import nn
 
 from petuning.training import StepContext, TrainingHooksMixin, unwrap_model
 from petuning.tuners.base import PetuningTuner
-from petuning.tuners.common import base_of, linear_fan_in_fan_out
+from petuning.tuners.common import base_of, linear_fan_in_fan_out, several_ranks
 
 from .config import SparseLowRankConfig
 from .layer import Linear, SparseLowRankLayer
@@ -186,7 +186,7 @@ def _batch_loss(model: nn.Module, batch) -> torch.Tensor:
 
 def _choose_supports(layers: list[SparseLowRankLayer], name: str) -> None:
     """Sum each layer's scores over ranks (same module order everywhere) and fix its support."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several_ranks():
         for layer in layers:
             scores = layer.sparse_low_rank_scores.get(name)
             if scores is None:  # keep every rank's collective calls aligned
