@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 def top_singular_triplets(
     weight: torch.Tensor,
     rank: int,
-    method: str = "full",
-    niter: int = 4,
-    oversampling: int = 8,
+    method: str = "randomized",
+    niter: int = 12,
+    oversampling: int = 32,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of a 2-D ``weight`` (m, n), computed in float32 (float64 for a float64
@@ -66,9 +66,9 @@ def _randomized_svd(w: torch.Tensor, k: int, niter: int, seed: int):
 def cached_top_singular_triplets(
     weight: torch.Tensor,
     rank: int,
-    method: str = "full",
-    niter: int = 4,
-    oversampling: int = 8,
+    method: str = "randomized",
+    niter: int = 12,
+    oversampling: int = 32,
     cache_dir: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`top_singular_triplets`, memoized on disk under ``cache_dir`` (no caching when it is None).

@@ -88,15 +88,21 @@ class SorsaConfig(PeftConfig):
         },
     )
     svd_method: Literal["full", "randomized"] = field(
-        default="full",
+        default="randomized",
         metadata={
-            "help": "'full': torch.linalg.svd (exact, as the paper). 'randomized': seeded randomized SVD with "
-            "`svd_niter` power iterations, much faster on large layers; the init stays exact either way because "
-            "the frozen copy equals the trainable start."
+            "help": "'randomized' (default): seeded randomized SVD (range finder with `svd_oversampling` extra "
+            "directions and `svd_niter` power iterations), on the weight's device. At the defaults its top-r part "
+            "reconstructs every SmolLM2 layer within 1e-4 (relative) of the exact optimum, with orthonormal "
+            "factors, in about half the time of a full SVD there and far less on wide layers (7B: minutes instead "
+            "of hours; benchmarks/sorsa_init.py). 'full': torch.linalg.svd, exact as in the paper. The init is an "
+            "exact reparametrization either way, because the frozen copy equals the trainable start."
         },
     )
-    svd_niter: int = field(default=4, metadata={"help": "Power iterations of the randomized SVD."})
-    svd_oversampling: int = field(default=8, metadata={"help": "Extra random directions of the randomized SVD."})
+    svd_niter: int = field(
+        default=12,
+        metadata={"help": "Power iterations of the randomized SVD (LLM weights have flat spectra: 4 is not enough)."},
+    )
+    svd_oversampling: int = field(default=32, metadata={"help": "Extra random directions of the randomized SVD."})
     svd_cache_dir: Optional[str] = field(
         default=None,
         metadata={
