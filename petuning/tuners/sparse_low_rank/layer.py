@@ -17,8 +17,6 @@ with Sᵀ (a second CSR structure over the same values), and the values' gradien
 from __future__ import annotations
 
 import math
-import threading
-import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -42,128 +40,34 @@ from .support import (
 )
 
 
-TOKEN_BLOCK = 128
-"""Tokens per block of the token-minor operands on CPU. A transposing copy of a whole (N, features) activation
-outgrows the L2 cache at SmolLM2's MLP width and costs more than the sparse product itself; per block of 128
-tokens it stays cache-resident (``benchmarks/method_speed.py``). Fewer tokens make one block; accelerators
-take all tokens as one block."""
-
-
-def _block_size(x: torch.Tensor) -> int:
-    tokens = max(x.shape[0], 1)
-    return min(TOKEN_BLOCK, tokens) if x.device.type == "cpu" else tokens
-
-
-class _TokenMinor(torch.autograd.Function):
-    """``x`` (N, in) -> token-minor blocks ``x_t`` (n_blocks, in, block) in ``dtype``: ``x_t[b] = x[b·block :
-    (b+1)·block]ᵀ``, the last block zero-padded. Backward transposes the blocks' gradient back into x's layout
-    and dtype."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        n, features = x.shape
-        block = _block_size(x)
-        ctx.n, ctx.dtype = n, x.dtype
-        full, rest = divmod(n, block)
-        x_t = torch.empty(full + (rest > 0), features, block, dtype=dtype, device=x.device)
-        if full:
-            x_t[:full].copy_(x[: full * block].view(full, block, features).transpose(1, 2))
-        if rest:
-            x_t[full, :, :rest].copy_(x[full * block :].T)
-            x_t[full, :, rest:].zero_()
-        return x_t
-
-    @staticmethod
-    def backward(ctx, grad_t: torch.Tensor):
-        blocks, features, block = grad_t.shape
-        full, rest = divmod(ctx.n, block)
-        grad = torch.empty(ctx.n, features, dtype=ctx.dtype, device=grad_t.device)
-        if full:
-            grad[: full * block].view(full, block, features).copy_(grad_t[:full].transpose(1, 2))
-        if rest:
-            grad[full * block :].copy_(grad_t[full, :, :rest].T)
-        return grad, None
-
-
-class _TokenMinorCache(threading.local):
-    """The last :func:`token_minor` result of this thread, reused while the same input tensor (same object, not
-    written to since) is asked for again in the same dtype and grad mode: q/k/v, and gate/up, read one input, so
-    one set of transposed blocks serves them all in the forward, and their input gradients are summed in the
-    token-minor layout and transposed back once in the backward."""
-
-    def __init__(self) -> None:
-        self.source: Optional[weakref.ref] = None
-        self.key: tuple = ()
-        self.result: Optional[torch.Tensor] = None
-
-
-_token_minor_cache = _TokenMinorCache()
-
-
-def token_minor(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Token-minor blocks (n_blocks, in, block) of ``x`` (..., in) flattened to N tokens, in ``dtype``,
-    differentiable (:class:`_TokenMinor`), shared by sibling layers (:class:`_TokenMinorCache`). The input is
-    held weakly, so a freed input never matches a new one; a write through ``.data``, which bumps no version
-    counter, between two calls on one tensor is not seen."""
-    cache = _token_minor_cache
-    key = (x._version, dtype, torch.is_grad_enabled(), x.requires_grad)
-    if cache.source is not None and cache.source() is x and cache.key == key:
-        return cache.result
-    result = _TokenMinor.apply(x.reshape(-1, x.shape[-1]), dtype)
-    cache.source, cache.key, cache.result = weakref.ref(x), key, result
-    return result
-
-
 class SparseLinear(torch.autograd.Function):
-    """``y = x Sᵀ`` (N, out) for ``x`` (N, in), its token-minor blocks ``x_t`` (n_blocks, in, block)
-    (:func:`token_minor`) and the sparse S (out, in) given by ``values`` on ``structure``.
+    """``y = x Sᵀ`` for x (N, in) and the sparse S (out, in) given by ``values`` on ``structure``; y (N, out).
 
-    torch's CSR kernels run on token-minor operands (features x tokens), so every product runs per block of
-    tokens, where the transposing copies stay cache-resident: ``y[block] = (S x_t[b])ᵀ``. Saved for backward:
-    ``x`` itself (the tensor the low-rank part saves too, so the sparse part adds no activation memory) and
-    ``values``. Backward per block, with ``dy_t = dy[block]ᵀ`` and ``x_tb = x[block]ᵀ`` transposed into reused
-    buffers: ``dx_t[b] = Sᵀ dy_t`` through the CSR of Sᵀ (summed over sibling layers in x_t's gradient), and
-    ``dvalues += (dy_t x_tbᵀ)[support]`` by ``sampled_addmm``, which reads ``x_tbᵀ`` as a column-major view.
-    Nothing of size out x in is formed.
+    Saves only ``x`` and ``values`` (x is the same tensor the low-rank part saves). Backward:
+    ``dx = dy S`` through the CSR of Sᵀ, ``dvalues = (dyᵀ x)[support]`` through the sampled product.
+
+    The CSR kernels work on token-minor operands (features x tokens), so x and dy are transposed into contiguous
+    copies once per call (dy once for both products) and results are transposed back into contiguous row-major
+    tensors: elementwise ops on strided views cost several times a transposing copy.
     """
 
     @staticmethod
-    def forward(ctx, x_t: torch.Tensor, x: torch.Tensor, values: torch.Tensor, structure: SparseStructure):
-        n, block = x.shape[0], x_t.shape[2]
-        ctx.structure, ctx.block = structure, block
+    def forward(ctx, x: torch.Tensor, values: torch.Tensor, structure: SparseStructure) -> torch.Tensor:
+        ctx.structure = structure
         ctx.save_for_backward(x, values)
-        matrix = structure.matrix(values)
-        y = torch.empty(n, structure.shape[0], dtype=x_t.dtype, device=x_t.device)
-        part = torch.empty(structure.shape[0], block, dtype=x_t.dtype, device=x_t.device)
-        for b, start in enumerate(range(0, n, block)):
-            rows = min(block, n - start)
-            torch.mm(matrix, x_t[b], out=part)
-            y[start : start + rows].copy_(part[:, :rows].T)
-        return y
+        return (structure.matrix(values) @ x.T.contiguous()).T.contiguous()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, values = ctx.saved_tensors
         structure: SparseStructure = ctx.structure
-        n, (out_features, in_features), block = x.shape[0], structure.shape, ctx.block
-        want_x, want_values = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        dtype, device = values.dtype, values.device
-        grad_x_t = torch.empty(-(-n // block), in_features, block, dtype=dtype, device=device) if want_x else None
-        grad_values = torch.zeros_like(values) if want_values else None
-        transposed = structure.transposed(values) if want_x else None
-        pattern = structure.matrix(torch.zeros_like(values)) if want_values else None
-        grad_t = torch.empty(out_features, block, dtype=dtype, device=device)
-        x_block = torch.empty(in_features, block, dtype=dtype, device=device) if want_values else None
-        for b, start in enumerate(range(0, n, block)):
-            rows = min(block, n - start)
-            grad_t[:, :rows].copy_(grad_out[start : start + rows].T)
-            grad_t[:, rows:].zero_()  # the last block's padding: no gradient there, nothing sampled from it
-            if want_x:
-                torch.mm(transposed, grad_t, out=grad_x_t[b])
-            if want_values:
-                x_block[:, :rows].copy_(x[start : start + rows].T)
-                grad_values += torch.sparse.sampled_addmm(pattern, grad_t, x_block.T, beta=0.0).values()
-        return grad_x_t, None, grad_values, None
+        grad_out_t = grad_out.T.contiguous()  # (out, N)
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (structure.transposed(values) @ grad_out_t).T.contiguous()
+        if ctx.needs_input_grad[1]:
+            grad_values = structure.sampled_product(grad_out_t, x)
+        return grad_x, grad_values, None
 
 
 class _GradientProbe(torch.autograd.Function):
@@ -367,9 +271,7 @@ class SparseLowRankLayer(AdditiveLayerMixin, PetuningLayer):
         sparse part is left out while its support is pending. Returns (..., out)."""
         values = self.sparse_low_rank_values[adapter_name]
         dtype = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
-        dropout = self.sparse_low_rank_dropout[adapter_name]
-        shared = x if isinstance(dropout, nn.Identity) else None  # the input itself: sibling layers share its copy
-        x = dropout(x.to(dtype))
+        x = self.sparse_low_rank_dropout[adapter_name](x.to(dtype))
         out: Optional[torch.Tensor] = None
         if self.sparse_low_rank_r[adapter_name]:
             a, b = self.sparse_low_rank_A[adapter_name], self.sparse_low_rank_B[adapter_name]
@@ -377,10 +279,8 @@ class SparseLowRankLayer(AdditiveLayerMixin, PetuningLayer):
         structure = self.sparse_structure(adapter_name)
         if structure is not None:
             with torch.autocast(device_type=x.device.type, enabled=False):  # the sparse kernels run in fp32/fp64
-                flat_x = x.reshape(-1, self.in_features)
-                x_t = token_minor(x if shared is None else shared, dtype)
-                flat = SparseLinear.apply(x_t, flat_x.detach(), values.to(dtype), structure)
-                sparse = flat.reshape(*x.shape[:-1], self.out_features)
+                flat = x.reshape(-1, self.in_features)
+                sparse = SparseLinear.apply(flat, values.to(dtype), structure).reshape(*x.shape[:-1], self.out_features)
             out = sparse if out is None else out + sparse
         if out is None:
             out = x.new_zeros(*x.shape[:-1], self.out_features)

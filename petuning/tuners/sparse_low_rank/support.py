@@ -19,6 +19,11 @@ PENDING = -1
 MAX_NUMEL = 2**31 - 1
 """Flat indices are stored as int32, so a weight may have at most this many entries."""
 
+TOKEN_CHUNK = 8192
+"""Tokens per sampled-product call in the backward pass; bounds the transposed copies of the token-by-feature
+matrices that the sparse kernel makes, independently of the batch size."""
+
+
 def support_size(density: float, out_features: int, in_features: int, where: str = "", strict: bool = True) -> int:
     """``round(density * out * in)``, refusing weights too large for int32 indices; a density that rounds to 0 is
     refused (``strict``) or gives one entry."""
@@ -89,6 +94,25 @@ class SparseStructure:
 
     def transposed(self, values: torch.Tensor) -> torch.Tensor:
         return _csr(self.crow_t, self.col_t, values[self.perm_t], self.shape[::-1])
+
+    def sampled_product(self, grad_out_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``g[k] = Σ_t grad_out[t, i_k] · x[t, j_k]`` for every support entry k = (i_k, j_k): the gradient of the
+        sparse values, i.e. (grad_outᵀ x) read at the support only, without forming the (out, in) product.
+
+        ``grad_out_t`` (out, N) is grad_out transposed (contiguous is fastest), ``x`` (N, in); returns (nnz,).
+        torch's sampled dense-dense matmul (``torch.sparse.sampled_addmm``) computes one dot product over the
+        tokens per support entry; the tokens are processed in chunks of :data:`TOKEN_CHUNK`, so the kernel's
+        working copies stay bounded whatever the batch size.
+        """
+        pattern = self.matrix(torch.zeros(self.nnz, dtype=x.dtype, device=x.device))
+        total: Optional[torch.Tensor] = None
+        for start in range(0, x.shape[0], TOKEN_CHUNK):
+            g, xs = grad_out_t[:, start : start + TOKEN_CHUNK], x[start : start + TOKEN_CHUNK]
+            part = torch.sparse.sampled_addmm(pattern, g, xs, beta=0.0).values()
+            total = part if total is None else total + part
+        if total is None:
+            return torch.zeros(self.nnz, dtype=x.dtype, device=x.device)
+        return total
 
 
 def check_support(flat: torch.Tensor, nnz: int, numel: int, where: str = "") -> bool:
