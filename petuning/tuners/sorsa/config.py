@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from petuning.registry import add_peft_type
+from petuning.linalg import SVD_METHOD, SVD_NITER, SVD_OVERSAMPLING
 
 SORSA = add_peft_type("SORSA")
 
@@ -88,7 +89,7 @@ class SorsaConfig(PeftConfig):
         },
     )
     svd_method: Literal["full", "randomized"] = field(
-        default="randomized",
+        default=SVD_METHOD,
         metadata={
             "help": "'randomized' (default): seeded randomized SVD (range finder with `svd_oversampling` extra "
             "directions and `svd_niter` power iterations), on the weight's device. At the defaults its top-r part "
@@ -99,10 +100,10 @@ class SorsaConfig(PeftConfig):
         },
     )
     svd_niter: int = field(
-        default=12,
+        default=SVD_NITER,
         metadata={"help": "Power iterations of the randomized SVD (LLM weights have flat spectra: 4 is not enough)."},
     )
-    svd_oversampling: int = field(default=32, metadata={"help": "Extra random directions of the randomized SVD."})
+    svd_oversampling: int = field(default=SVD_OVERSAMPLING, metadata={"help": "Extra random directions of the randomized SVD."})
     svd_cache_dir: Optional[str] = field(
         default=None,
         metadata={

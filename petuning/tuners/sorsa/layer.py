@@ -27,7 +27,7 @@ from peft.utils import quantization_extra_repr
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
-from petuning.linalg import cached_top_singular_triplets
+from petuning.linalg import SVD_METHOD, SVD_NITER, SVD_OVERSAMPLING, cached_top_singular_triplets
 from petuning.tuners.base import PetuningLayer
 from petuning.tuners.common import AdditiveLayerMixin
 
@@ -60,9 +60,9 @@ class SorsaLayer(AdditiveLayerMixin, PetuningLayer):
         scale: float,
         dropout: float,
         init_weights: bool,
-        svd_method: str = "randomized",
-        svd_niter: int = 12,
-        svd_oversampling: int = 32,
+        svd_method: str = SVD_METHOD,
+        svd_niter: int = SVD_NITER,
+        svd_oversampling: int = SVD_OVERSAMPLING,
         svd_cache_dir: Optional[str] = None,
         module_name: str = "",
         inference_mode: bool = False,
