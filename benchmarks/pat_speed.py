@@ -23,6 +23,10 @@ are in one process; two workloads, each timed with ``time.perf_counter`` under `
 * ``decode``: greedy ``generate`` of 32 new tokens for one 16-token prompt with the KV cache (tokens/s = 32 / time;
   ``min_new_tokens`` = ``max_new_tokens``, so both models produce exactly 32 tokens).
 
+``prefill_breakdown`` then profiles prefill in both models: the time of the matrix products, of the attention kernel
+(unchanged by the pruning: heads and head_dim are kept) and of the rest, and the speed-up the measured matmuls alone
+would give.
+
 The two models alternate, original first in even repeats and pruned first in odd ones, after one untimed warm-up
 each. For reference the JSON also holds ``linear_weight_ratio``: the weights of all ``nn.Linear`` layers (LM head
 included) of the original over the pruned model, i.e. the speed-up if a token's time were its matrix products. Reported: median and minimum time per model and the speed-up (original time / pruned time) of the medians,
@@ -128,7 +132,39 @@ def inference_benchmark(repeats: int) -> dict:
                     times[name].append(time_call(lambda: run(models[name])))
             results[workload] = summarize(times, tokens, reference="original", other="pruned")
             print_row(workload, results[workload])
+        results["prefill_breakdown"] = prefill_breakdown(models, workloads["prefill"][0])
     return results
+
+
+OP_GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "attention": ("scaled_dot_product",)}
+
+
+def prefill_breakdown(models: dict, run) -> dict:
+    """Where prefill's time goes, from torch's profiler (self CPU time of 3 passes per model): the matrix products,
+    which shrink with the hidden size, the attention kernel, which does not (heads and head_dim are kept), and the
+    rest. ``ceiling`` is the speed-up if the pruned model's non-matmul time equalled the original's and only the
+    matmuls shrank, as measured: what the workload allows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, model in models.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                run(model)
+        groups = dict.fromkeys((*OP_GROUPS, "other"), 0.0)
+        for event in prof.key_averages():
+            group = next((g for g, keys in OP_GROUPS.items() if any(k in event.key for k in keys)), "other")
+            groups[group] += event.self_cpu_time_total / 3e6
+        out[name] = {group: round(seconds, 4) for group, seconds in groups.items()}
+    original, pruned = out["original"], out["pruned"]
+    out["matmul_speedup"] = original["matmul"] / pruned["matmul"]
+    out["attention_share_original"] = original["attention"] / sum(original.values())
+    out["ceiling"] = sum(original.values()) / (sum(original.values()) - original["matmul"] + pruned["matmul"])
+    print(
+        f"prefill breakdown: matmuls x{out['matmul_speedup']:.3f}, attention {out['attention_share_original']:.1%} "
+        f"of the original's time; speed-up if only the matmuls shrink: x{out['ceiling']:.3f}"
+    )
+    return out
 
 
 def summarize(times: dict[str, list[float]], tokens: int, reference: str, other: str) -> dict:

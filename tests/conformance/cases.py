@@ -27,10 +27,12 @@ class MethodCase:
     training_buffers: tuple = ()
     """Adapter buffers that training updates (masked tuning's budget-mode masked sets, PAT's step counter); every
     other buffer must stay as it was."""
+    variant: str = ""
+    """Names a second case of the same method and model (a setting with code paths of its own)."""
 
     @property
     def id(self) -> str:
-        return f"{self.method}-{self.model}"
+        return "-".join(filter(None, (self.method, self.variant, self.model)))
 
 
 def _sorsa(targets, task_type=None, **extra):
@@ -131,4 +133,11 @@ def _pat(**extra):
 
 
 # PAT keeps its shared mask on the tuner, so it cannot live in a model without one.
-CASES += [MethodCase("pat", "llama", _pat(), "pat_", supports_injection=False, training_buffers=("pat_step",))]
+CASES += [
+    MethodCase("pat", "llama", _pat(), "pat_", supports_injection=False, training_buffers=("pat_step",)),
+    # the self-distillation term runs a second (teacher) forward inside the training forward
+    MethodCase(
+        "pat", "llama", _pat(distill_weight=1.0), "pat_", supports_injection=False, training_buffers=("pat_step",),
+        variant="distill",
+    ),
+]

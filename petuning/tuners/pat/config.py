@@ -150,6 +150,17 @@ class PatConfig(PeftConfig):
             "(the official code counts only the embedding's and the last layer's). 0 turns it off."
         },
     )
+    distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a self-distillation term (not in the paper): KL(teacher || model) of the next-token "
+            "distributions, averaged over the positions the attention mask keeps and the task loss does not score "
+            "(the prompt). The teacher is the same model with the PAT adapter bypassed, i.e. the unpruned original, "
+            "so it needs no second copy; it costs one extra no-grad forward per training forward. It pulls the pruned "
+            "model back towards the original's language modelling, which the task loss alone does not restore. "
+            "0 turns it off."
+        },
+    )
     lora_r: int = field(
         default=20, metadata={"help": "Rank of the LoRA adapter on the decoder linears (paper: 20); 0: no LoRA."}
     )
@@ -215,7 +226,7 @@ class PatConfig(PeftConfig):
             )
         if self.frozen_gate not in ("hard", "soft"):
             raise ValueError(f"PatConfig.frozen_gate must be 'hard' or 'soft', got {self.frozen_gate!r}.")
-        for name in ("mask_loss_weight", "count_loss_weight", "identity_loss_weight"):
+        for name in ("mask_loss_weight", "count_loss_weight", "identity_loss_weight", "distill_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PatConfig.{name} must be >= 0, got {getattr(self, name)}.")
         if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 0:

@@ -12,7 +12,9 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from petuning.training import ForwardContext, StepContext, TrainingHooksMixin, refuse_gradient_edits_under_deepspeed
+from petuning.training import (
+    ForwardContext, StepContext, TrainingHooksMixin, predicted_labels, refuse_gradient_edits_under_deepspeed
+)
 from petuning.tuners.base import PetuningTuner
 from petuning.tuners.common import base_of, full_tensor, like_parameter
 
@@ -48,7 +50,8 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
     (averaged over all HSMs) join the task loss; the schedule advances by one after every optimizer step; once the
     mask has stopped learning (0.8 T) its gradient is dropped before the optimizer step, so neither momentum nor
     weight decay moves it. Logged: ``pat_step``, ``pat_tau``, ``pat_kept`` (channels with m >= 0), ``pat_final``,
-    ``pat_mask_loss``, ``pat_identity_loss``.
+    ``pat_mask_loss``, ``pat_identity_loss`` (and ``pat_distill_loss`` with ``distill_weight > 0``: see
+    :meth:`_distillation`).
 
     Once the mask is final (step >= T, or :meth:`finalize_pat_mask`), :meth:`petuning_prune_and_unload` builds the
     smaller model. ``merge_and_unload()`` folds everything into the unpruned model (same shapes, exact).
@@ -73,6 +76,8 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         self._pat_gate = PatGate(self.pat_mask, self.pat_step, self.pat_total, self.pat_channel_rms)
         self._hsm_ranks: dict[str, int] = {}
         self._embedding_low_rank: dict[str, bool] = {}
+        self._distill_term: Optional[torch.Tensor] = None  # this training forward's, until the loss takes it
+        self._distill_value: Optional[torch.Tensor] = None  # the last one's value (no graph), for the logs
 
     def inject_adapter(
         self,
@@ -347,12 +352,50 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         name = self._training_adapter()
         if name is None:
             return None
-        losses = self._losses(name)
-        return torch.stack(list(losses.values())).sum() if losses else None
+        losses = list(self._losses(name).values())
+        term, self._distill_term = self._distill_term, None  # taken once: the tuner keeps no graph (deepcopy-safe)
+        if term is not None:
+            losses.append(self.peft_config[name].distill_weight * term)
+        return torch.stack(losses).sum() if losses else None
 
     def petuning_training_forward(self, ctx: ForwardContext) -> None:
         for collector in self._pat_gate.collectors.values():
             collector.close(ctx.kwargs.get("attention_mask"))
+        name = self._training_adapter()
+        distill = name is not None and self.peft_config[name].distill_weight > 0
+        self._distill_term = self._distillation(ctx) if distill else None
+        self._distill_value = None if self._distill_term is None else self._distill_term.detach()
+
+    def _distillation(self, ctx: ForwardContext) -> Optional[torch.Tensor]:
+        """``mean_p KL(teacher_p || model_p)`` over the positions p the attention mask keeps and the task loss does
+        not score, where teacher_p is the next-token distribution of the same forward with every PAT layer bypassed
+        (the unpruned original, run without gradients). None if the output has no logits or no such position."""
+        logits = getattr(ctx.output, "logits", None)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            return None
+        positions = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        attention_mask = ctx.kwargs.get("attention_mask")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == positions.shape:
+            positions &= attention_mask.to(positions.device).bool()
+        scored = predicted_labels(ctx.model, ctx.kwargs)
+        if scored is not None and scored.shape == positions.shape:
+            positions &= ~scored.to(positions.device)
+        if not bool(positions.any()):
+            return None
+        teacher_kwargs = {k: v for k, v in ctx.kwargs.items() if k not in ("labels", "shift_labels", "num_items_in_batch")}
+        layers = {m: m._disable_adapters for m in self.model.modules() if isinstance(m, PatLayer)}
+        with torch.no_grad():
+            for layer in layers:
+                layer._disable_adapters = True  # the flag alone: enable_adapters() would also flip requires_grad
+            try:
+                teacher = ctx.model(*ctx.args, **teacher_kwargs).logits
+            finally:
+                for layer, disabled in layers.items():
+                    layer._disable_adapters = disabled
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            target = teacher[positions].to(dtype).log_softmax(-1)
+        student = logits[positions].to(dtype).log_softmax(-1)
+        return torch.nn.functional.kl_div(student, target, log_target=True, reduction="batchmean")
 
     def petuning_before_optimizer_step(self, ctx: StepContext) -> None:
         name = self._training_adapter()
@@ -435,6 +478,8 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
             "pat_final": float(self._pat_gate.phase(name) == "final"),
         }
         metrics.update({f"pat_{key}_loss": float(value) for key, value in self._losses(name).items()})
+        if self._distill_value is not None:
+            metrics["pat_distill_loss"] = self.peft_config[name].distill_weight * float(self._distill_value)
         return metrics
 
 
