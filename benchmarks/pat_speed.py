@@ -62,6 +62,7 @@ from _common import (  # benchmarks/_common.py; also makes petuning importable f
     LM_TARGETS, RESULTS_DIR, interleaved_blocks, lora_config, rotated, utc_now, write_json
 )
 from peft import get_peft_model
+from torch.profiler import ProfilerActivity, profile
 
 import petuning
 from petuning.models import load_smollm2
@@ -144,8 +145,6 @@ def prefill_breakdown(models: dict, run) -> dict:
     which shrink with the hidden size, the attention kernel, which does not (heads and head_dim are kept), and the
     rest. ``ceiling`` is the speed-up if the pruned model's non-matmul time equalled the original's and only the
     matmuls shrank, as measured: what the workload allows."""
-    from torch.profiler import ProfilerActivity, profile
-
     out = {}
     for name, model in models.items():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
