@@ -86,6 +86,53 @@ def test_calibration_statistic_matches_a_direct_computation_and_keeps_the_model_
         model.base_model.calibrate_pat_mask(padded_batches())
 
 
+def direct_norm_output_score(base, batches) -> torch.Tensor:
+    """Mean square of every RMSNorm's output (2L + 1 norms), read from the norms themselves (no PAT involved)."""
+    outputs = []
+    norms = [n for layer in base.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    hooks = [n.register_forward_hook(lambda _m, _a, out: outputs.append(out.detach())) for n in (*norms, base.model.norm)]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            outputs.clear()
+            base(**batch)
+            stacked = torch.stack(outputs)[:, batch["attention_mask"].bool()]
+            total = total + stacked.double().square().sum(dim=(0, 1))
+            count += stacked.shape[0] * stacked.shape[1]
+    for hook in hooks:
+        hook.remove()
+    return total / count
+
+
+def test_norm_output_ranking_matches_a_direct_computation_and_still_protects_massive_channels():
+    base = massive_base()
+    with torch.no_grad():  # every norm reads the massive channel with a tiny weight: it ranks last by what is read
+        for layer in base.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
+            layer.input_layernorm.weight[MASSIVE] = 1e-6
+            layer.post_attention_layernorm.weight[MASSIVE] = 1e-6
+        base.model.norm.weight[MASSIVE] = 1e-6
+    expected_score, expected_rms = direct_norm_output_score(base, padded_batches()), direct_rms(base, padded_batches())
+    ids = padded_batches(seed=5)[0]
+    with torch.no_grad():
+        reference = base(**ids).logits
+    model = pat(base, mask_init="norm_output")
+    rms = model.base_model.calibrate_pat_mask(padded_batches())
+    torch.testing.assert_close(rms, expected_rms, rtol=1e-10, atol=0)  # protection still follows the RMS
+    assert model.base_model.pat_protected_channels().tolist() == [MASSIVE]
+    assert int(expected_score.argsort()[0]) == MASSIVE
+    mask = model.base_model.pat_mask["default"].detach()
+    others = [i for i in torch.topk(expected_score, 64).indices.tolist() if i != MASSIVE][: WIDTH - 1]
+    assert int((mask > 0).sum()) == WIDTH and mask[MASSIVE] == 0.5, "the protected channel starts kept"
+    assert bool((mask[others] == 0.5).all()), "then the largest norm-output scores"
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ids).logits, reference, rtol=1e-10, atol=1e-10)
+    trained = pat(massive_base(torch.float32), mask_init="norm_output")
+    _train(trained, 4)  # calibrated from the first training step's forwards
+    assert trained.base_model.pat_protected_channels().tolist() == [MASSIVE]
+
+
 def test_massive_channels_are_protected_and_never_pruned():
     model = pat(massive_base(torch.float32))
     model.base_model.calibrate_pat_mask(padded_batches())

@@ -139,6 +139,16 @@ EXPERIMENTS = {
             real_step_factor=3.0,
         ),
         Experiment(
+            "pat-prune25-r8-lr1e-3-norm-output",  # channels ranked by the RMSNorms' outputs instead of the RMS
+            lambda steps: petuning.PatConfig(
+                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, mask_init="norm_output",
+                task_type=CAUSAL,
+            ),
+            3e-3,
+            real_lr=1e-3,
+            tiers=("real",),
+        ),
+        Experiment(
             "pat-prune25-r8-lr1e-3-distill",  # + self-distillation from the unpruned original on the prompt positions
             lambda steps: petuning.PatConfig(
                 pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, distill_weight=1.0,

@@ -102,14 +102,17 @@ class PatConfig(PeftConfig):
             "is measured on the training micro-batches of the first optimizer step (all ranks together), or on "
             "batches given to model.base_model.calibrate_pat_mask(); m starts at +0.5 on the d' channels with the "
             "largest RMS and -0.5 elsewhere (the count and polarization losses are then 0), and each HSM scale s "
-            "starts at 1/g_0, so the model still starts exactly as the base model. 'zeros': the paper's m = 0 "
-            "(every channel tied at the decision point; on SmolLM2 this prunes a massive-activation channel)."
+            "starts at 1/g_0, so the model still starts exactly as the base model. 'norm_output': the same "
+            "calibration, but the channels are ranked by what the decoder reads, the mean square of every RMSNorm's "
+            "output γ ⊙ h / rms(h) over the 2L + 1 residual states (protection still follows the RMS). 'zeros': "
+            "the paper's m = 0 (every channel tied at the decision point; on SmolLM2 this prunes a "
+            "massive-activation channel)."
         },
     )
     protect_ratio: Optional[float] = field(
         default=100.0,
         metadata={
-            "help": "With mask_init='activation': channels whose calibration RMS exceeds this multiple of the "
+            "help": "With a calibrated mask_init: channels whose calibration RMS exceeds this multiple of the "
             "median channel's are never pruned (massive activations, which act as biases the model relies on; on "
             "SmolLM2 channel 507 alone costs +8.8 nats). At most d' channels are protected (the largest). None: "
             "no protection."
@@ -217,8 +220,10 @@ class PatConfig(PeftConfig):
             isinstance(self.schedule_steps, bool) or not isinstance(self.schedule_steps, int) or self.schedule_steps < 2
         ):
             raise ValueError(f"PatConfig.schedule_steps must be 'auto' or an integer >= 2, got {self.schedule_steps!r}.")
-        if self.mask_init not in ("activation", "zeros"):
-            raise ValueError(f"PatConfig.mask_init must be 'activation' or 'zeros', got {self.mask_init!r}.")
+        if self.mask_init not in ("activation", "norm_output", "zeros"):
+            raise ValueError(
+                f"PatConfig.mask_init must be 'activation', 'norm_output' or 'zeros', got {self.mask_init!r}."
+            )
         if self.protect_ratio is not None and not self.protect_ratio > 1.0:
             raise ValueError(
                 f"PatConfig.protect_ratio must be above 1 (a multiple of the median channel's RMS) or None, got "

@@ -23,7 +23,7 @@ from .config import PRODUCERS, PatConfig
 from .prune import prune_and_unload, ties_embedding
 from .layer import (
     Embedding, Linear, PatGate, PatLayer, gate_values, identity_loss, mask_loss, mask_phase, polarization_gap,
-    schedule,
+    protected_channels, schedule,
 )
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -114,8 +114,8 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         self._pat_gate.widths[adapter_name] = width
         self._pat_gate.hard_when_frozen[adapter_name] = config.frozen_gate == "hard"
         self._pat_gate.protect_ratios[adapter_name] = config.protect_ratio
-        if config.mask_init == "activation" and config.init_weights:
-            self._pat_gate.collectors[adapter_name] = ResidualStatistics()
+        if config.mask_init != "zeros" and config.init_weights:
+            self._pat_gate.collectors[adapter_name] = self._collector(config)
         low_rank = config.embedding_low_rank
         self._embedding_low_rank[adapter_name] = not ties_embedding(model) if low_rank is None else low_rank
         try:
@@ -284,7 +284,7 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
                 f"PAT adapter {name!r} has already trained {self._pat_gate.step(name)} steps; the mask is calibrated "
                 "only before training."
             )
-        collector = self._pat_gate.collectors[name] = ResidualStatistics(explicit=True)
+        collector = self._pat_gate.collectors[name] = self._collector(self.peft_config[name], explicit=True)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -296,13 +296,28 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         self._apply_calibration(name)
         return self.pat_channel_rms[name].detach().cpu()
 
+    def _collector(self, config: PatConfig, explicit: bool = False) -> ResidualStatistics:
+        """A calibration collector for ``config.mask_init``; with "norm_output" it reads the decoder's RMSNorms."""
+        return ResidualStatistics(explicit=explicit, norms=self._norm_readers if config.mask_init == "norm_output" else None)
+
+    def _norm_readers(self) -> list[tuple[torch.Tensor, float]]:
+        """(γ, eps) of the RMSNorm that reads each residual state h_0..h_2L, in order: each layer's input_layernorm
+        and post_attention_layernorm, then the final norm (full weights under FSDP2)."""
+        decoder = self.model.get_decoder()
+        norms = [n for layer in decoder.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        return [(full_tensor(n.weight).detach(), n.variance_epsilon) for n in (*norms, decoder.norm)]
+
     def _apply_calibration(self, name: str) -> None:
         """Set m to ±1/2 by the collected statistic and rescale every HSM's s by g_0(old m) / g_0(new m), so s ⊙ g_0
         and hence the model are unchanged (s = 1/g_0 after the first calibration); the collector is dropped."""
-        rms = self._pat_gate.collectors.pop(name).rms()
+        collector = self._pat_gate.collectors.pop(name)
+        rms = collector.rms()
+        score = rms if collector.norms is None else collector.norm_output_score()
         before = self._step0_gate(name)
         self.pat_channel_rms[name].copy_(rms.to(self.pat_channel_rms[name]))
-        _assign(self.pat_mask[name], calibrated_mask(rms, self._pat_gate.widths[name]))
+        width = self._pat_gate.widths[name]
+        protected = protected_channels(rms, self._pat_gate.protect_ratios[name], width)
+        _assign(self.pat_mask[name], calibrated_mask(score, width, protected))
         ratio = before / self._step0_gate(name)
         for layer in self.hsm_layers(name):
             scale = layer.pat_hsm_scale[name]
