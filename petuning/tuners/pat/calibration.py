@@ -105,9 +105,10 @@ class ResidualStatistics:
     def _check_observed(self) -> None:
         if self.sum_sq is None:
             raise RuntimeError(
-                "PAT's calibrated mask_init ('activation', 'norm_output') calibrates the channel mask on the training forwards of the first "
-                "optimizer step, but none reached the model's embedding (inputs_embeds instead of input_ids?). Call "
-                "model.base_model.calibrate_pat_mask(batches) before training, or use PatConfig(mask_init='zeros')."
+                "PAT's calibrated mask_init ('activation', 'norm_output') calibrates the channel mask on the "
+                "training forwards of the first optimizer step, but none reached the model's embedding (inputs_embeds "
+                "instead of input_ids?). Call model.base_model.calibrate_pat_mask(batches) before training, or use "
+                "PatConfig(mask_init='zeros')."
             )
 
     def norm_output_score(self) -> torch.Tensor:

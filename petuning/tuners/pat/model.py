@@ -298,7 +298,8 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
 
     def _collector(self, config: PatConfig, explicit: bool = False) -> ResidualStatistics:
         """A calibration collector for ``config.mask_init``; with "norm_output" it reads the decoder's RMSNorms."""
-        return ResidualStatistics(explicit=explicit, norms=self._norm_readers if config.mask_init == "norm_output" else None)
+        norms = self._norm_readers if config.mask_init == "norm_output" else None
+        return ResidualStatistics(explicit=explicit, norms=norms)
 
     def _norm_readers(self) -> list[tuple[torch.Tensor, float]]:
         """(γ, eps) of the RMSNorm that reads each residual state h_0..h_2L, in order: each layer's input_layernorm
@@ -397,7 +398,8 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
             positions &= ~scored.to(positions.device)
         if not bool(positions.any()):
             return None
-        teacher_kwargs = {k: v for k, v in ctx.kwargs.items() if k not in ("labels", "shift_labels", "num_items_in_batch")}
+        unused = ("labels", "shift_labels", "num_items_in_batch")  # the teacher computes no loss
+        teacher_kwargs = {k: v for k, v in ctx.kwargs.items() if k not in unused}
         layers = {m: m._disable_adapters for m in self.model.modules() if isinstance(m, PatLayer)}
         with torch.no_grad():
             for layer in layers:
