@@ -24,7 +24,6 @@ the embedded task's *training* split (never the paragraphs), padding excluded:
 
 from __future__ import annotations
 
-import json
 import random
 import time
 
@@ -34,18 +33,10 @@ from _common import RESULTS_DIR, machine_info, write_json  # also makes petuning
 from petuning.data import SFTCollator, load_embedded_task, tokenize_for_sft
 from petuning.models import load_smollm2
 
-from method_comparison.real import GENERAL_TEXT
+from method_comparison.real import general_text_loss
 
 KEEP, CALIBRATION_PROMPTS = 432, 64
 RESULTS = RESULTS_DIR / "pat_channel_selection.json"
-
-
-def general_text_loss(model, tokenizer) -> float:
-    texts = [json.loads(line)["text"] for line in GENERAL_TEXT.read_text().splitlines() if line.strip()]
-    encoded = tokenizer(texts, return_tensors="pt", padding=True)
-    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
-    with torch.no_grad():
-        return float(model(**encoded, labels=labels).loss)
 
 
 def channel_scores(model, batch) -> dict[str, torch.Tensor]:

@@ -124,7 +124,7 @@ def test_gradient_dropout_off_leaves_gradients_alone_and_runs_no_reference(llama
         _base(llama_path), _paper(target_modules=TARGETS, init_weights=False, l2_weight=0.0, task_type="CAUSAL_LM")
     )
     calls = []
-    monkeypatch.setattr(mask_tuning_model, "_eval_logits", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(mask_tuning_model, "eval_logits", lambda *a, **k: calls.append(1))
     g_task, _ = _reference_gradients(model, _batch(), 0.0)
     optimizer = torch.optim.SGD(_scores(model), lr=0.0)
     petuning.TrainingHooks(model, optimizer)

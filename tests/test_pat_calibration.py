@@ -42,27 +42,35 @@ def padded_batches(seed=1):
     return out
 
 
-def direct_rms(base, batches) -> torch.Tensor:
-    """Per-channel RMS over the 2L + 1 residual states, read where the decoder consumes them: the inputs of every
-    input_layernorm and post_attention_layernorm and of the final norm (no PAT involved)."""
-    states = []
-    hooks = [
-        module.register_forward_pre_hook(lambda _m, args: states.append(args[0].detach()))
-        for layer in base.model.layers
-        for module in (layer.input_layernorm, layer.post_attention_layernorm)
-    ] + [base.model.norm.register_forward_pre_hook(lambda _m, args: states.append(args[0].detach()))]
-    total, count = 0.0, 0
+def direct_norm_statistics(base, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read where the decoder consumes the 2L + 1 residual states, at every input_layernorm and
+    post_attention_layernorm and the final norm (no PAT involved): the per-channel RMS of the norms' inputs (the
+    states) and the mean square of their outputs, over the positions the attention mask keeps."""
+    inputs, outputs = [], []
+
+    def record(_module, args, output):
+        inputs.append(args[0].detach())
+        outputs.append(output.detach())
+
+    norms = [n for layer in base.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    hooks = [n.register_forward_hook(record) for n in (*norms, base.model.norm)]
+    totals, count = [0.0, 0.0], 0
     with torch.no_grad():
         for batch in batches:
-            states.clear()
+            inputs.clear(), outputs.clear()
             base(**batch)
             keep = batch["attention_mask"].bool()
-            stacked = torch.stack(states)[:, keep]  # (2L + 1, positions, d)
-            total = total + stacked.double().square().sum(dim=(0, 1))
+            for index, values in enumerate((inputs, outputs)):
+                stacked = torch.stack(values)[:, keep]  # (2L + 1, positions, d)
+                totals[index] = totals[index] + stacked.double().square().sum(dim=(0, 1))
             count += stacked.shape[0] * stacked.shape[1]
     for hook in hooks:
         hook.remove()
-    return (total / count).sqrt()
+    return (totals[0] / count).sqrt(), totals[1] / count
+
+
+def direct_rms(base, batches) -> torch.Tensor:
+    return direct_norm_statistics(base, batches)[0]
 
 
 def test_calibration_statistic_matches_a_direct_computation_and_keeps_the_model_unchanged():
@@ -86,24 +94,6 @@ def test_calibration_statistic_matches_a_direct_computation_and_keeps_the_model_
         model.base_model.calibrate_pat_mask(padded_batches())
 
 
-def direct_norm_output_score(base, batches) -> torch.Tensor:
-    """Mean square of every RMSNorm's output (2L + 1 norms), read from the norms themselves (no PAT involved)."""
-    outputs = []
-    norms = [n for layer in base.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-    hooks = [n.register_forward_hook(lambda _m, _a, out: outputs.append(out.detach())) for n in (*norms, base.model.norm)]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            outputs.clear()
-            base(**batch)
-            stacked = torch.stack(outputs)[:, batch["attention_mask"].bool()]
-            total = total + stacked.double().square().sum(dim=(0, 1))
-            count += stacked.shape[0] * stacked.shape[1]
-    for hook in hooks:
-        hook.remove()
-    return total / count
-
-
 def test_norm_output_ranking_matches_a_direct_computation_and_still_protects_massive_channels():
     base = massive_base()
     with torch.no_grad():  # every norm reads the massive channel with a tiny weight: it ranks last by what is read
@@ -112,7 +102,7 @@ def test_norm_output_ranking_matches_a_direct_computation_and_still_protects_mas
             layer.input_layernorm.weight[MASSIVE] = 1e-6
             layer.post_attention_layernorm.weight[MASSIVE] = 1e-6
         base.model.norm.weight[MASSIVE] = 1e-6
-    expected_score, expected_rms = direct_norm_output_score(base, padded_batches()), direct_rms(base, padded_batches())
+    expected_rms, expected_score = direct_norm_statistics(base, padded_batches())
     ids = padded_batches(seed=5)[0]
     with torch.no_grad():
         reference = base(**ids).logits

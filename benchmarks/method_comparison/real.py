@@ -18,6 +18,16 @@ from petuning.data import SFTCollator, exact_match_accuracy, load_embedded_task,
 GENERAL_TEXT = Path(__file__).resolve().parent / "general_text.jsonl"
 
 
+@torch.no_grad()
+def general_text_loss(model, tokenizer) -> float:
+    """Mean per-token cross-entropy of ``model`` (put in eval mode) on ``general_text.jsonl``."""
+    model.eval()
+    texts = [json.loads(line)["text"] for line in GENERAL_TEXT.read_text().splitlines() if line.strip()]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    return float(model(**encoded, labels=labels).loss)
+
+
 class RealTier:
     name = "real"
     default_steps, default_batch_size = 100, 16
@@ -51,14 +61,9 @@ class RealTier:
         model.eval()
         return {"accuracy": accuracy, "loss": float(model(**batch).loss)}
 
-    @torch.no_grad()
     def retention(self, model) -> dict[str, float]:
         """Mean per-token cross-entropy on the general-text paragraphs (no accuracy: there is no answer)."""
-        model.eval()
-        texts = [json.loads(line)["text"] for line in GENERAL_TEXT.read_text().splitlines() if line.strip()]
-        encoded = self.tokenizer(texts, return_tensors="pt", padding=True)
-        labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
-        return {"loss": float(model(**encoded, labels=labels).loss), "accuracy": None}
+        return {"loss": general_text_loss(model, self.tokenizer), "accuracy": None}
 
     def probe(self) -> torch.Tensor:
         return self.tokenizer(["What is 47 + 385?"], return_tensors="pt")["input_ids"]

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch.distributed.tensor import DTensor, distribute_tensor
 from peft.utils import resolve_quantization_backend
@@ -169,3 +170,37 @@ class AdditiveLayerMixin:
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """An additive update converts to a LoRA adapter (exactly at its rank, see ``petuning export --format lora``)."""
         return True
+
+
+def eval_logits(model: nn.Module, args: tuple, kwargs: dict, disabled: Optional[list] = None) -> torch.Tensor:
+    """Logits of ``model`` on the given inputs in eval mode (no dropout, and petuning's training hooks stay quiet),
+    without the loss (labels and the loss' own arguments are dropped). With ``disabled`` layers: those adapters
+    bypassed (their ``_disable_adapters`` flag alone: ``enable_adapters`` would also flip ``requires_grad``), without
+    gradients, i.e. a reference forward of the base model; else with gradients. Modes and flags are restored."""
+    switched = [(layer, layer._disable_adapters) for layer in set(disabled or ())]
+    modes = [(m, m.training) for m in model.modules()]
+    unused = ("labels", "shift_labels", "num_items_in_batch")
+    try:
+        for layer, _ in switched:
+            layer._disable_adapters = True
+        model.eval()
+        with torch.set_grad_enabled(disabled is None):
+            return model(*args, **{k: v for k, v in kwargs.items() if k not in unused}).logits
+    finally:
+        for layer, flag in switched:
+            layer._disable_adapters = flag
+        for module, training in modes:
+            module.training = training
+
+
+def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """``KL(softmax(reference) || softmax(logits))`` over the last axis, averaged over the ``positions`` (boolean,
+    of the positions' shape; every position when None), computed in float32 or better."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if positions is not None:
+        keep = positions.reshape(-1)
+        logits, reference = logits.reshape(-1, logits.shape[-1])[keep], reference.reshape(-1, reference.shape[-1])[keep]
+    log_p = F.log_softmax(logits.to(dtype), dim=-1)
+    log_q = F.log_softmax(reference.to(dtype), dim=-1)
+    per_position = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return per_position.sum() / max(per_position.numel(), 1)

@@ -10,7 +10,6 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -25,7 +24,7 @@ from petuning.training import (
     refuse_gradient_edits_under_deepspeed,
 )
 from petuning.tuners.base import PetuningTuner
-from petuning.tuners.common import base_of, full_tensor, several_ranks
+from petuning.tuners.common import base_of, eval_logits, full_tensor, kl_to_reference, several_ranks
 
 from .config import MaskTuningConfig
 from .layer import Linear, MaskTuningLayer, largest_magnitude
@@ -53,19 +52,6 @@ def gradient_dropout(
     keep_prob = torch.where(total > 0, g_task.abs() / total.clamp_min(torch.finfo(total.dtype).tiny), 1.0)
     kept = agree | (uniform < keep_prob)
     return torch.where(kept, g_task, g_task * (1.0 - strength)), kept
-
-
-def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
-    """``KL(softmax(reference) || softmax(logits))`` over the last axis, averaged over the ``positions`` (boolean,
-    of the positions' shape; every position when None), computed in float32 or better."""
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if positions is not None:
-        keep = positions.reshape(-1)
-        logits, reference = logits.reshape(-1, logits.shape[-1])[keep], reference.reshape(-1, reference.shape[-1])[keep]
-    log_p = F.log_softmax(logits.to(dtype), dim=-1)
-    log_q = F.log_softmax(reference.to(dtype), dim=-1)
-    per_position = (log_q.exp() * (log_q - log_p)).sum(-1)
-    return per_position.sum() / max(per_position.numel(), 1)
 
 
 def label_positions(ctx: ForwardContext, logits: torch.Tensor) -> Optional[torch.Tensor]:
@@ -311,13 +297,13 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
         n = math.ceil(min(config.gradient_dropout_batch_share for _, config, _ in adapters) * rows)
         share = float(ctx.share)
         if n >= rows:  # the whole micro-batch: differentiate this forward's own logits
-            reference = _eval_logits(ctx.model, ctx.args, ctx.kwargs, disabled=layers)
+            reference = eval_logits(ctx.model, ctx.args, ctx.kwargs, disabled=layers)
             kl = kl_to_reference(logits, reference, label_positions(ctx, logits))
             grads = torch.autograd.grad(kl * share, params, retain_graph=True, allow_unused=True)
         else:  # its first n rows, forwarded again with and without the masks
             sub = ForwardContext(ctx.model, *_leading_rows(ctx.args, ctx.kwargs, n, rows), None, ctx.share)
-            reference = _eval_logits(ctx.model, sub.args, sub.kwargs, disabled=layers)
-            tuned = _eval_logits(ctx.model, sub.args, sub.kwargs)
+            reference = eval_logits(ctx.model, sub.args, sub.kwargs, disabled=layers)
+            tuned = eval_logits(ctx.model, sub.args, sub.kwargs)
             kl = kl_to_reference(tuned, reference, label_positions(sub, tuned))
             grads = torch.autograd.grad(kl * share, params, allow_unused=True)
         if all(g is None for g in grads):
@@ -526,25 +512,6 @@ def _check_identical_on_every_rank(offs: list[torch.Tensor]) -> None:
             "Masked tuning's budget chose different masks on different ranks, so the replicas have diverged: every "
             "rank must hold the same scores (train under DDP or FSDP2 with the same seed on every rank)."
         )
-
-
-def _eval_logits(model: nn.Module, args: tuple, kwargs: dict, disabled: Optional[list] = None) -> torch.Tensor:
-    """Logits of ``model`` on the given inputs in eval mode (no dropout, and petuning's training hooks stay quiet),
-    without the loss. With ``disabled`` layers: those adapters switched off, without gradients (the reference);
-    else with gradients."""
-    switched = [(layer, layer._disable_adapters) for layer in set(disabled or ())]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        for layer, _ in switched:
-            layer._disable_adapters = True
-        model.eval()
-        with torch.set_grad_enabled(disabled is None):
-            return model(*args, **{k: v for k, v in kwargs.items() if k != "labels"}).logits
-    finally:
-        for layer, flag in switched:
-            layer._disable_adapters = flag
-        for module, training in modes:
-            module.training = training
 
 
 def _leading_rows(args: tuple, kwargs: dict, n: int, rows: int) -> tuple[tuple, dict]:

@@ -16,7 +16,7 @@ from petuning.training import (
     ForwardContext, StepContext, TrainingHooksMixin, predicted_labels, refuse_gradient_edits_under_deepspeed
 )
 from petuning.tuners.base import PetuningTuner
-from petuning.tuners.common import base_of, full_tensor, like_parameter
+from petuning.tuners.common import base_of, eval_logits, full_tensor, kl_to_reference, like_parameter
 
 from .calibration import ResidualStatistics, calibrated_mask
 from .config import PRODUCERS, PatConfig
@@ -385,7 +385,7 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
     def _distillation(self, ctx: ForwardContext) -> Optional[torch.Tensor]:
         """``mean_p KL(teacher_p || model_p)`` over the positions p the attention mask keeps and the task loss does
         not score, where teacher_p is the next-token distribution of the same forward with every PAT layer bypassed
-        (the unpruned original, run without gradients). None if the output has no logits or no such position."""
+        (the unpruned original, in eval mode, without gradients). None if the output has no logits or no such position."""
         logits = getattr(ctx.output, "logits", None)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
             return None
@@ -398,21 +398,9 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
             positions &= ~scored.to(positions.device)
         if not bool(positions.any()):
             return None
-        unused = ("labels", "shift_labels", "num_items_in_batch")  # the teacher computes no loss
-        teacher_kwargs = {k: v for k, v in ctx.kwargs.items() if k not in unused}
-        layers = {m: m._disable_adapters for m in self.model.modules() if isinstance(m, PatLayer)}
-        with torch.no_grad():
-            for layer in layers:
-                layer._disable_adapters = True  # the flag alone: enable_adapters() would also flip requires_grad
-            try:
-                teacher = ctx.model(*ctx.args, **teacher_kwargs).logits
-            finally:
-                for layer, disabled in layers.items():
-                    layer._disable_adapters = disabled
-            dtype = torch.promote_types(logits.dtype, torch.float32)
-            target = teacher[positions].to(dtype).log_softmax(-1)
-        student = logits[positions].to(dtype).log_softmax(-1)
-        return torch.nn.functional.kl_div(student, target, log_target=True, reduction="batchmean")
+        layers = [m for m in self.model.modules() if isinstance(m, PatLayer)]
+        teacher = eval_logits(ctx.model, ctx.args, ctx.kwargs, disabled=layers)  # no gradients
+        return kl_to_reference(logits, teacher, positions)
 
     def petuning_before_optimizer_step(self, ctx: StepContext) -> None:
         name = self._training_adapter()
