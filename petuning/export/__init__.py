@@ -1,7 +1,7 @@
 """Export a petuning adapter as a plain transformers checkpoint, a standard peft LoRA adapter or a native adapter,
 with a model card petuning writes itself, and push it to the Hugging Face Hub.
 
-Three formats (``export_adapter(..., format=...)``, CLI ``petuning export --format``):
+Four formats (``export_adapter(..., format=...)``, CLI ``petuning export --format``):
 
 * ``"merged"`` (default): the base named in the adapter config (or ``base=``) is loaded unquantized, in the dtype
   its checkpoint stores; the adapter is applied and merged through PEFT's generic ``merge_and_unload`` (each tuner
@@ -13,6 +13,8 @@ Three formats (``export_adapter(..., format=...)``, CLI ``petuning export --form
   SVD into a standard peft LoRA adapter. Exact when ``rank(ΔW) <= rank``; otherwise the truncation's relative
   Frobenius error is reported per layer and overall (:class:`LoraConversion`). Loads with peft alone.
 * ``"adapter"``: the native adapter files with a card (loading them needs ``import petuning``).
+* ``"gguf"``: the merged (or, with ``prune=True``, pruned) model as one GGUF file for llama.cpp, written by
+  llama.cpp's own converter (:mod:`petuning.export.llama_cpp` says why), in f16, bf16 or q8_0. Llama-family models.
 
 Rules kept everywhere: the output folder is written to a temporary sibling and renamed into place, so it appears
 complete or not at all, and an existing folder is replaced only with ``overwrite=True``; only safetensors files are
@@ -41,10 +43,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
 import petuning.tuners  # noqa: F401  (registers every petuning method with PEFT)
+from petuning.export.llama_cpp import GGUF_TYPES, check_convertible, convert_to_gguf, find_converter
+from petuning.models import SMOLLM2_HUB_ID, SMOLLM2_NAME
 
 PathLike = Union[str, os.PathLike]
 
-FORMATS = ("merged", "lora", "adapter")
+FORMATS = ("merged", "lora", "adapter", "gguf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -485,13 +489,16 @@ def _first_json(folders: tuple[Path, ...], name: str) -> dict:
 
 def hub_base_id(base_ref: Optional[str], base_model_id: Optional[str]) -> Optional[str]:
     """The base model's Hub id for the card: ``base_model_id`` if given, else ``base_ref`` when it is a Hub id and
-    not a local path. A local path is not a valid ``base_model`` (the Hub rejects the card), so it gives None."""
+    not a local path, else the Hub original of the embedded SmolLM2 when ``base_ref`` is its local copy. Any other
+    local path is not a valid ``base_model`` (the Hub rejects the card), so it gives None."""
     if base_model_id:
         if not _HUB_ID.match(base_model_id) or Path(base_model_id).is_absolute():
             raise ValueError(f"base_model_id {base_model_id!r} is not a Hub model id like 'org/name'.")
         return base_model_id
     if base_ref and _HUB_ID.match(base_ref) and not Path(base_ref).exists():
         return base_ref
+    if base_ref and Path(base_ref).name == SMOLLM2_NAME and Path(base_ref).is_dir():
+        return SMOLLM2_HUB_ID  # the embedded demo model: petuning's local conversion of the Hub original
     return None
 
 
@@ -503,12 +510,14 @@ def write_model_card(
     base_model: Optional[str],
     summary: dict,
     conversion: Optional[LoraConversion] = None,
+    gguf_file: Optional[str] = None,
 ) -> None:
     """Write ``README.md`` with Hub metadata and a description of the method, its config and the training run.
 
-    ``kind`` is "merged", "pruned", "lora" or "adapter". Metadata: ``library_name`` (transformers for merged/pruned,
-    peft for adapters), ``base_model`` (a Hub id, or left out), ``base_model_relation`` (finetune / adapter), tags
-    ``petuning`` and the method, and ``pipeline_tag`` from the task type.
+    ``kind`` is "merged", "pruned", "lora", "adapter", "gguf" or "pruned-gguf" (``gguf_file`` names the file).
+    Metadata: ``library_name`` (transformers for merged/pruned, peft for adapters, none for GGUF, which the Hub
+    recognizes by its files), ``base_model`` (a Hub id, or left out), ``base_model_relation`` (finetune / adapter),
+    tags ``petuning`` and the method (GGUF: also ``gguf`` and ``llama.cpp``), and ``pipeline_tag`` from the task type.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -516,11 +525,15 @@ def write_model_card(
 
     method = method_name(config)
     is_adapter = kind in ("lora", "adapter")
-    tags = ["petuning", method] + {"lora": ["lora"], "pruned": ["pruned"]}.get(kind, [])
+    is_gguf = kind in ("gguf", "pruned-gguf")
+    gguf_tags = ["gguf", "llama.cpp"]
+    tags = ["petuning", method] + {
+        "lora": ["lora"], "pruned": ["pruned"], "gguf": gguf_tags, "pruned-gguf": ["pruned"] + gguf_tags
+    }.get(kind, [])
     if is_adapter and base_model:
         tags.append(f"base_model:adapter:{base_model}")
     data = ModelCardData(
-        library_name="peft" if is_adapter else "transformers",
+        library_name=None if is_gguf else "peft" if is_adapter else "transformers",
         base_model=base_model,
         tags=tags,
         pipeline_tag=_PIPELINE_TAGS.get(_task_type(config)),
@@ -533,8 +546,14 @@ def write_model_card(
         "pruned": f"{method.upper()} fine-tune, pruned and merged",
         "lora": f"{method.upper()} fine-tune, converted to a LoRA adapter",
         "adapter": f"{method.upper()} adapter",
+        "gguf": f"{method.upper()} fine-tune, merged, in GGUF for llama.cpp",
+        "pruned-gguf": f"{method.upper()} fine-tune, pruned and merged, in GGUF for llama.cpp",
     }[kind]
     base_line = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "(not recorded as a Hub id)"
+    gguf_how = (
+        f"This is a GGUF file for llama.cpp, ollama and LM Studio: `llama-cli -m {gguf_file}`, or in transformers "
+        f"`AutoModelForCausalLM.from_pretrained(repo, gguf_file=\"{gguf_file}\")`; petuning is not needed."
+    )
     how = {
         "merged": "This is a plain transformers checkpoint: load it with `AutoModelForCausalLM.from_pretrained`; "
         "petuning is not needed.",
@@ -544,6 +563,8 @@ def write_model_card(
         "petuning is not needed.",
         "adapter": "This is a petuning adapter: `import petuning` before `PeftModel.from_pretrained(base, repo)` "
         "(without it peft fails with `KeyError: '" + str(getattr(config.peft_type, "value", config.peft_type)) + "'`).",
+        "gguf": gguf_how,
+        "pruned-gguf": gguf_how + " Its hidden size is smaller than the base's (the file's metadata says so).",
     }[kind]
     body = [f"# {title}", "", f"Base model: {base_line}. Method: {method} (petuning {petuning.__version__}).", "", how]
     if conversion is not None:
@@ -630,6 +651,8 @@ def export_adapter(
     max_shard_size: Union[int, str] = "5GB",
     prune: bool = False,
     lora_rank: Optional[int] = None,
+    gguf_type: str = "f16",
+    llama_cpp: Optional[PathLike] = None,
     summary: Optional[dict] = None,
     overwrite: bool = False,
     push_to_hub: Optional[str] = None,
@@ -640,16 +663,23 @@ def export_adapter(
 
     ``base``: base model folder or Hub id (default: the one in ``adapter_config.json``); ``base_model_id``: the Hub id
     written to the card when the base is a local folder; ``dtype``: "auto" (the base checkpoint's), "float32",
-    "bfloat16", "float16" or a torch dtype; ``max_shard_size``: per safetensors shard (merged); ``summary``: training
-    summary for the card (default: :func:`training_summary`); ``push_to_hub``: a repo id to upload the folder
-    to (see :func:`push_folder`).
+    "bfloat16", "float16" or a torch dtype; ``max_shard_size``: per safetensors shard (merged); ``gguf_type``: "f16",
+    "bf16" or "q8_0" (gguf); ``llama_cpp``: a llama.cpp checkout to take the converter from (gguf; default: the copy
+    ``python -m petuning.export.llama_cpp`` fetches); ``summary``: training summary for the card (default:
+    :func:`training_summary`); ``push_to_hub``: a repo id to upload the folder to (see :func:`push_folder`).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}.")
-    if prune and format != "merged":
+    if prune and format not in ("merged", "gguf"):
         raise ValueError("--prune produces a merged model; it cannot be combined with --format lora/adapter.")
     if lora_rank is not None and format != "lora":
         raise ValueError("--lora-rank only applies to --format lora.")
+    if format == "gguf" and dtype != "auto":
+        raise ValueError("--dtype does not apply to --format gguf; choose the file's precision with --gguf-type.")
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"--gguf-type must be one of {GGUF_TYPES}, got {gguf_type!r}.")
+    if format == "gguf":
+        find_converter(llama_cpp)  # fail before any work when the converter is missing
     if isinstance(dtype, str) and dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}.")
     if push_to_hub:
@@ -671,8 +701,18 @@ def export_adapter(
     if summary is None:
         summary = training_summary(adapter_dir)
     conversion = None
+    gguf_file = None
+    if format == "gguf":
+        check_convertible(peft_model.get_base_model().config.to_dict())
     with atomic_folder(out, overwrite) as tmp:
-        if format == "merged":
+        if format == "gguf":
+            gguf_file = f"{out.name}-{gguf_type}.gguf"
+            with tempfile.TemporaryDirectory(prefix=f".{out.name}.hf-", dir=out.parent) as hf_dir:
+                merge(peft_model, prune=prune).save_pretrained(hf_dir)
+                tokenizer_source = _save_tokenizer(Path(hf_dir), [str(adapter_dir), base_ref])
+                convert_to_gguf(hf_dir, tmp / gguf_file, gguf_type, llama_cpp)
+            kind = "pruned-gguf" if prune else "gguf"
+        elif format == "merged":
             model = merge(peft_model, prune=prune)
             if isinstance(dtype, torch.dtype) or dtype != "auto":
                 model = model.to(DTYPES.get(dtype, dtype))
@@ -693,8 +733,12 @@ def export_adapter(
                 adapter_config["base_model_name_or_path"] = base_id
             (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
             kind = "adapter"
-        tokenizer_source = _save_tokenizer(tmp, [str(adapter_dir), base_ref])
-        write_model_card(tmp, config=config, kind=kind, base_model=base_id, summary=summary, conversion=conversion)
+        if format != "gguf":  # a GGUF file carries its tokenizer; the other formats get its files next to the weights
+            tokenizer_source = _save_tokenizer(tmp, [str(adapter_dir), base_ref])
+        write_model_card(
+            tmp, config=config, kind=kind, base_model=base_id, summary=summary, conversion=conversion,
+            gguf_file=gguf_file,
+        )
     result = ExportResult(out, format, sorted(p.name for p in out.iterdir()), conversion, tokenizer_source)
     if push_to_hub:
         result.url = push_folder(out, push_to_hub, private=private, token=token)
