@@ -12,10 +12,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile scripts/setup_venv.sh
 	scripts/setup_venv.sh $(VENV) constraints.txt
 	touch $(STAMP)
 
-# The SFT recipe on its embedded defaults: SORSA r=16 on SmolLM2-135M-Instruct, arithmetic task, before/after
+# The SFT recipe (TRL's SFTTrainer) on its embedded defaults: SORSA r=16 on SmolLM2-135M-Instruct, arithmetic task, before/after
 # exact match, then the adapter reloaded in a fresh process must give the same answers. Always a fresh run.
 demo: $(STAMP)
-	$(PY) recipes/sft.py recipes/configs/sorsa_smollm2.yaml train.resume_from_checkpoint=false
+	$(VENV)/bin/petuning train recipes/configs/sorsa_smollm2.yaml --resume_from_checkpoint false
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

@@ -1,6 +1,6 @@
 """llama.cpp itself against transformers: greedy answers of an exported GGUF file on the embedded task.
 
-    python recipes/sft.py recipes/configs/sorsa_smollm2.yaml train.output_dir=out/sorsa_smollm2
+    petuning train recipes/configs/sorsa_smollm2.yaml --output_dir out/sorsa_smollm2
     python benchmarks/gguf_llama_cpp.py out/sorsa_smollm2/adapter [--llama-python PYTHON] [--questions 20]
 
 The adapter is exported with ``petuning export --format gguf`` (f16), the merged model is built in transformers

@@ -36,12 +36,12 @@ run_part() {  # name, timeout in seconds, command...
 run_part gpu_tests 180 $PY -m pytest -q -m gpu tests
 run_part sorsa_init 120 $PY benchmarks/sorsa_init.py --device cuda --full --out "$OUT/sorsa_init_cuda.json"
 if $PY -c "import flash_attn" 2>/dev/null; then
-  attn="model.attn_implementation=flash_attention_2 data.packing=true"
+  attn="--attn_implementation flash_attention_2 --packing true"
 else
-  attn="model.attn_implementation=sdpa"
+  attn="--attn_implementation sdpa"
 fi
-run_part recipe 180 $PY recipes/sft.py recipes/configs/sparse_low_rank_smollm2.yaml train.max_steps=5 \
-  train.save_steps=5 eval.max_samples=20 eval.reload_check=false train.output_dir="$OUT/recipe" $attn
+run_part recipe 180 $PY recipes/sft.py recipes/configs/sparse_low_rank_smollm2.yaml --max_steps 5 \
+  --save_steps 5 --eval_max_samples 20 --reload_check false --output_dir "$OUT/recipe" $attn
 
 $PY - "$OUT" "${parts[@]}" <<'PYEOF'
 import json, sys, torch

@@ -1,5 +1,6 @@
 """The ``petuning`` console script.
 
+    petuning train CONFIG.yaml [--flag value ...]     the SFT recipe on TRL (petuning train --help)
     petuning export ADAPTER_DIR --out DIR [--format merged|lora|adapter|gguf] [--prune] [--base PATH_OR_ID]
                     [--base-model-id ORG/NAME] [--dtype auto|float32|bfloat16|float16] [--max-shard-size 5GB]
                     [--lora-rank R] [--gguf-type f16|bf16|q8_0] [--llama-cpp DIR] [--training-summary FILE.json]
@@ -23,6 +24,7 @@ from typing import Optional, Sequence
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="petuning", description="petuning command-line tools.")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("train", help="fine-tune with a petuning method on TRL's SFTTrainer (petuning train --help)")
 
     export = commands.add_parser(
         "export",
@@ -132,6 +134,11 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # its own parser (TRL's), which reads the recipe's YAML and flags
+        from petuning.recipe import train_main
+
+        return train_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         {"export": _export, "push": _push, "analyze": _analyze}[args.command](args)

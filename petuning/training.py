@@ -137,7 +137,9 @@ def _add_auxiliary_loss(module: nn.Module, args: tuple, kwargs: dict, output: An
     Normalization follows the task loss: when the driver passes ``num_items_in_batch`` (``transformers.Trainer`` with
     gradient accumulation normalizes the loss over the whole accumulated batch and does not divide by the number of
     micro-batches), the term of a micro-batch is weighted by its share of the label tokens, so each optimizer step
-    sees it exactly once, whatever the accumulation and world size."""
+    sees it exactly once, whatever the accumulation and world size. Under TRL's SFTTrainer, whose fused LM head
+    returns per-token log-probabilities and whose loss is computed from them, the term goes into those
+    log-probabilities with the same share."""
     if not module.training or not torch.is_grad_enabled():
         return None
     share = _micro_batch_share(module, kwargs)
@@ -149,6 +151,12 @@ def _add_auxiliary_loss(module: nn.Module, args: tuple, kwargs: dict, output: An
     if extra is None:
         return None
     output.loss = loss + share * extra.to(loss.dtype)
+    log_probs, scored = getattr(output, "log_probs", None), getattr(output, "label_mask", None)
+    if isinstance(log_probs, torch.Tensor) and isinstance(scored, torch.Tensor):
+        # TRL's fused LM head: SFTTrainer takes the loss as -sum(log_probs) / N (N: the step's label tokens), not
+        # output.loss. Lowering each of this micro-batch's n scored log-probabilities by the term adds
+        # n / N * term, the same share as above.
+        output.log_probs = log_probs - extra.to(log_probs.dtype) * scored.to(log_probs.dtype)
     return output
 
 

@@ -1,4 +1,4 @@
-"""Recipe configuration: YAML + overrides, method lookup, hardware choices, and the clear errors of issue 7."""
+"""Recipe arguments: TRL's parser over the YAML file and flags, method lookup, hardware choices, clear errors."""
 
 from __future__ import annotations
 
@@ -13,42 +13,40 @@ from accelerate.commands.config.config_args import load_config_from_file
 from peft import LoraConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
 
-from petuning.recipe import available_methods, build_peft_config, load_config
+from trl import ModelConfig
+
+from petuning.recipe import available_methods, build_peft_config, parse_recipe_args
 from petuning.recipe.run import resolve_resume
-from petuning.recipe.config import REMOVE, ModelArgs, parse_overrides
-from petuning.recipe.setup import load_tokenizer, resolve_attention, resolve_bf16, resolve_packing
+from petuning.recipe.setup import load_tokenizer, resolve_attention, resolve_packing
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
-def test_overrides_in_every_form():
-    pairs = parse_overrides(
-        ["train.learning_rate=1e-4", "--peft.r", "8", "--peft.target_modules=[q_proj, v_proj]", "--eval.before_training",
-         "~peft.gamma", "method=lora", "--train.max-steps", "3"]
-    )
-    assert pairs == [
-        ("train.learning_rate", 1e-4),
-        ("peft.r", 8),
-        ("peft.target_modules", ["q_proj", "v_proj"]),
-        ("eval.before_training", True),
-        ("peft.gamma", REMOVE),
-        ("method", "lora"),
-        ("train.max_steps", 3),
-    ]
-    # YAML 1.2 scalars: "no" stays a string (train.save_strategy=no), only true/false are booleans
-    assert parse_overrides(["train.save_strategy=no", "a.b=off", "a.c=False"]) == [
-        ("train.save_strategy", "no"), ("a.b", "off"), ("a.c", False)]
-
-
-def test_yaml_file_then_overrides(tmp_path):
+def test_the_file_then_command_line_flags(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("method: sorsa\npeft: {r: 4, gamma: 1e-3}\ntrain: {learning_rate: 2e-4, output_dir: x}\n")
-    cfg = load_config(path, ["peft.r=2", "~peft.gamma", "train.seed=3"])
-    assert cfg.method == "sorsa" and cfg.peft == {"r": 2}
-    assert cfg.train == {"learning_rate": 2e-4, "output_dir": "x", "seed": 3}  # "2e-4" read as a float, not a string
-    config = build_peft_config(cfg.method, cfg.peft)
-    assert config.r == 2 and config.task_type == "CAUSAL_LM"
+    path.write_text("method: sorsa\nmethod_options: {r: 4, gamma: 1.0e-3}\ndataset_name: embedded\n"
+                    "learning_rate: 2.0e-4\noutput_dir: x\nmax_steps: 5\n")
+    args = parse_recipe_args([str(path), "--max_steps", "7", "--method_options", '{"r": 2}', "--seed", "3"])
+    assert args.petuning.method == "sorsa" and args.petuning.method_options == {"r": 2, "gamma": 1e-3}
+    assert (args.training.learning_rate, args.training.max_steps, args.training.seed) == (2e-4, 7, 3)
+    assert args.training.output_dir == "x" and args.script.dataset_name == "embedded"
+    config = build_peft_config(args.petuning.method, args.petuning.method_options)
+    assert (config.r, config.gamma, config.task_type) == (2, 1e-3, "CAUSAL_LM")
+    same = parse_recipe_args(["--config", str(path)])  # TRL's own spelling
+    assert same.petuning.method_options == {"r": 4, "gamma": 1e-3} and same.training.max_steps == 5
+    with pytest.raises(ValueError, match="--method_options must be a JSON object"):
+        parse_recipe_args([str(path), "--method_options", "r=2"])
+
+
+def test_bf16_and_dtype_follow_the_hardware_unless_set(tmp_path):
+    base = ["--dataset_name", "embedded", "--output_dir", str(tmp_path)]
+    args = parse_recipe_args(base)
+    assert args.training.bf16 is False and args.model.dtype == "float32"  # TRL's default is bf16=True
+    args = parse_recipe_args([*base, "--bf16", "true", "--use_cpu", "true"])
+    assert args.training.bf16 is True and args.model.dtype == "bfloat16"
+    args = parse_recipe_args([*base, "--bf16", "true", "--use_cpu", "true", "--dtype", "float32"])
+    assert args.model.dtype == "float32"
 
 
 def test_every_method_name_is_its_peft_type():
@@ -59,29 +57,36 @@ def test_every_method_name_is_its_peft_type():
         assert PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] == name + "_"
 
 
+def parse(*argv):
+    return parse_recipe_args(["--dataset_name", "embedded", "--output_dir", "x", *argv])
+
+
 def test_unknown_method():
-    with pytest.raises(ValueError, match=r"unknown method 'sorsaa' \(did you mean 'sorsa'\?\); available methods: .*lora"):
-        load_config(None, ["method=sorsaa"])
+    with pytest.raises(ValueError, match=r"unknown method 'sorsaa' \(did you mean 'sorsa'\?\); available methods: "):
+        parse("--method", "sorsaa")
 
 
 def test_option_that_does_not_apply_to_the_method():
-    with pytest.raises(ValueError, match=r"peft.gamma does not apply to method 'lora' .*option of: sorsa"):
-        load_config(None, ["method=lora", "peft.gamma=4e-4"])
-    with pytest.raises(ValueError, match=r"peft.lora_alpha does not apply to method 'sorsa' .*option of: lora"):
-        load_config(None, ["method=sorsa", "peft.lora_alpha=16"])
-    with pytest.raises(ValueError, match=r"peft.task_type .*the recipe sets it itself"):
-        load_config(None, ["method=lora", "peft.task_type=SEQ_CLS"])
+    with pytest.raises(ValueError, match=r"method_options.gamma does not apply to method 'lora' .*option of: sorsa"):
+        parse("--method", "lora", "--method_options", '{"gamma": 4e-4}')
+    with pytest.raises(ValueError, match=r"method_options.lora_alpha does not apply to method 'sorsa' .*of: lora"):
+        parse("--method", "sorsa", "--method_options", '{"lora_alpha": 16}')
+    with pytest.raises(ValueError, match=r"method_options.task_type .*the recipe sets it itself"):
+        parse("--method", "lora", "--method_options", '{"task_type": "SEQ_CLS"}')
 
 
-def test_misspelt_and_unqualified_keys():
-    with pytest.raises(ValueError, match=r"unknown key 'learnig_rate' in section 'train'.*did you mean 'learning_rate'"):
-        load_config(None, ["train.learnig_rate=1"])
-    with pytest.raises(ValueError, match=r"did you mean train.learning_rate"):
-        load_config(None, ["learning_rate=1"])
-    with pytest.raises(ValueError, match=r"unknown key 'modle'.*did you mean 'model'"):
-        load_config(None, ["modle.name_or_path=x"])
+def test_misspelt_keys_missing_file_and_missing_dataset(tmp_path):
+    (tmp_path / "c.yaml").write_text("method: lora\nlearnig_rate: 1.0\n")
+    with pytest.raises(ValueError, match=r"unknown key 'learnig_rate' in .*c.yaml; did you mean 'learning_rate'"):
+        parse_recipe_args([str(tmp_path / "c.yaml")])
     with pytest.raises(FileNotFoundError, match="recipe config"):
-        load_config("no/such/config.yaml")
+        parse_recipe_args(["no/such/config.yaml"])
+    with pytest.raises(ValueError, match="dataset_name is missing"):
+        parse_recipe_args(["--output_dir", "x"])
+    with pytest.raises(ValueError, match="reload_check compares generated answers, so it needs eval_metric"):
+        parse("--reload_check", "true")
+    with pytest.raises(ValueError, match="eval_metric='bleu' is not one of"):
+        parse("--eval_metric", "bleu")
 
 
 def test_attention_backend_is_explicit_and_logged(caplog):
@@ -98,32 +103,25 @@ def test_attention_backend_is_explicit_and_logged(caplog):
     assert resolve_packing(True, "flash_attention_2") is True
 
 
-def test_bf16_auto_is_off_on_cpu():
-    assert resolve_bf16("auto", CPU) is False
-    assert resolve_bf16(True, CPU) is True  # CPU autocast exists; only the user asks for it
-    with pytest.raises(ValueError, match="true, false or 'auto'"):
-        resolve_bf16("yes", CPU)
-
-
 def test_resume_resolution(tmp_path):
-    assert resolve_resume("auto", tmp_path / "absent") is None
+    assert resolve_resume(None, tmp_path / "absent") is None
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
-        resolve_resume(True, tmp_path)
+        resolve_resume("true", tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         resolve_resume(str(tmp_path / "checkpoint-9"), tmp_path)
     for step in (2, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
-    assert resolve_resume("auto", tmp_path) == str(tmp_path / "checkpoint-10")  # by step number, not by name
-    assert resolve_resume(True, tmp_path) == str(tmp_path / "checkpoint-10")
-    assert resolve_resume(False, tmp_path) is None
+    assert resolve_resume(None, tmp_path) == str(tmp_path / "checkpoint-10")  # by step number, not by name
+    assert resolve_resume("true", tmp_path) == str(tmp_path / "checkpoint-10")
+    assert resolve_resume("false", tmp_path) is None and resolve_resume(False, tmp_path) is None
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipe_configs_are_valid(path):
     """Every shipped config names a known method and only options that method has (7B ones cannot run here)."""
-    cfg = load_config(path)
-    assert build_peft_config(cfg.method, cfg.peft).task_type == "CAUSAL_LM"
-    assert path.stem.startswith(cfg.method + "_")
+    args = parse_recipe_args([str(path)])
+    assert build_peft_config(args.petuning.method, args.petuning.method_options).task_type == "CAUSAL_LM"
+    assert path.stem.startswith(args.petuning.method + "_")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
@@ -131,10 +129,10 @@ def test_accelerate_configs_load(path):
     config = load_config_from_file(str(path))  # accelerate's own parser: unknown keys are errors
     ds_file = (config.deepspeed_config or {}).get("deepspeed_config_file")
     raw = yaml.safe_load(path.read_text())
-    if ds_file:  # precision comes from the JSON's "auto" (train.bf16); accelerate refuses its own next to a JSON
+    if ds_file:  # precision comes from the JSON's "auto" (bf16); accelerate refuses its own next to a JSON
         assert "mixed_precision" not in raw
     else:
-        assert config.mixed_precision == "no"  # the recipe decides precision (train.bf16)
+        assert config.mixed_precision == "no"  # the recipe decides precision (bf16)
     if ds_file:
         ds = json.loads((ROOT / ds_file).read_text())
         assert ds["bf16"]["enabled"] == "auto" and ds["train_micro_batch_size_per_gpu"] == "auto"
@@ -161,14 +159,12 @@ def test_chat_template_and_pad_token(tmp_path):
     template = tmp_path / "turns.jinja"
     template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"
                         "{% if add_generation_prompt %}[assistant] {% endif %}")
-    tokenizer = load_tokenizer(ModelArgs(name_or_path=str(path), chat_template=str(template)))
+    tokenizer = load_tokenizer(ModelConfig(model_name_or_path=str(path)), str(template))
     assert tokenizer.pad_token == "</s>"  # no pad token: the EOS pads
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert rendered == "[user] hi</s>[assistant] "
-    with pytest.raises(FileNotFoundError, match=r"no template file '.*absent.jinja' \(or use 'chatml'\)"):
-        load_tokenizer(ModelArgs(name_or_path=str(path), chat_template=str(tmp_path / "absent.jinja")))
-    with pytest.raises(ValueError, match=r"chat_template=chatml needs the tokens \['<\|im_start\|>', '<\|im_end\|>'\]"):
-        load_tokenizer(ModelArgs(name_or_path=str(path), chat_template="chatml"))
+    with pytest.raises(FileNotFoundError, match=r"chat_template_path: no template file '.*absent.jinja'"):
+        load_tokenizer(ModelConfig(model_name_or_path=str(path)), str(tmp_path / "absent.jinja"))
 
 
 def test_trainable_summary_groups_by_tensor_kind():

@@ -1,5 +1,6 @@
-"""The SFT recipe end to end on a tiny Llama (CPU): two-process DDP through torchrun, a SIGKILLed run resumed from
-its checkpoint, and the QLoRA path on a bitsandbytes 4-bit base."""
+"""The SFT recipe on TRL's SFTTrainer end to end on a tiny Llama (CPU): two-process DDP through torchrun, a SIGKILLed
+run resumed from its checkpoint (and the uninterrupted run through `petuning train`), and the QLoRA path on a
+bitsandbytes 4-bit base."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from petuning import data, models
-from petuning.recipe import check_reload, load_config, run_sft
+from petuning.recipe import check_reload, parse_recipe_args, run_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -28,17 +29,27 @@ def setup(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("recipe")
     models.build_tiny_model("llama", root / "tiny", seed=0)
     models.build_tiny_tokenizer().save_pretrained(root / "tiny")
+    (root / "data").mkdir()
     for name, (n, seed) in {"train": (64, 0), "test": (8, 1)}.items():
         lines = "".join(json.dumps(ex) + "\n" for ex in data.make_arithmetic_split(n, seed))
-        (root / f"{name}.jsonl").write_text(lines)
+        (root / "data" / f"{name}.jsonl").write_text(lines)
     (root / "sorsa.yaml").write_text(textwrap.dedent(f"""\
         method: sorsa
-        model: {{name_or_path: {root / 'tiny'}}}
-        peft: {{r: 4, target_modules: all-linear, gamma: 1.0e-3}}
-        data: {{dataset: {root / 'train.jsonl'}, eval_dataset: {root / 'test.jsonl'}, max_length: 128}}
-        train: {{max_steps: 6, per_device_train_batch_size: 4, learning_rate: 1.0e-2, logging_steps: 1,
-                 save_steps: 2, seed: 0, disable_tqdm: true}}
-        eval: {{metric: exact_match, max_new_tokens: 4, batch_size: 4}}
+        model_name_or_path: {root / 'tiny'}
+        method_options: {{r: 4, target_modules: all-linear, gamma: 1.0e-3}}
+        dataset_name: {root / 'data'}
+        max_length: 128
+        gradient_checkpointing: false
+        max_steps: 6
+        per_device_train_batch_size: 4
+        learning_rate: 1.0e-2
+        logging_steps: 1
+        save_steps: 2
+        seed: 0
+        disable_tqdm: true
+        eval_metric: exact_match
+        eval_max_new_tokens: 4
+        eval_batch_size: 4
         """))
     return root
 
@@ -53,8 +64,8 @@ def _adapter(output_dir: Path) -> dict[str, torch.Tensor]:
 
 WORKER = """
 import sys, torch, torch.distributed as dist
-from petuning.recipe import load_config, run_sft
-result = run_sft(load_config(sys.argv[1], sys.argv[2:]))
+from petuning.recipe import parse_recipe_args, run_sft
+result = run_sft(parse_recipe_args(sys.argv[1:]))
 rank, world = dist.get_rank(), dist.get_world_size()
 params = {n: p.detach().clone() for n, p in result.model.named_parameters() if p.requires_grad}
 torch.save({"world": world, "params": params, "metrics": result.metrics}, f"{result.trainer.args.output_dir}/rank{rank}.pt")
@@ -65,8 +76,8 @@ def test_two_process_ddp(setup, tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(tmp_path / "worker.py"), str(setup / "sorsa.yaml"), f"train.output_dir={out}", "train.max_steps=8",
-               "train.gradient_checkpointing=true"]
+               str(tmp_path / "worker.py"), str(setup / "sorsa.yaml"), "--output_dir", str(out), "--max_steps", "8",
+               "--gradient_checkpointing", "true"]
     run = subprocess.run(command, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
@@ -84,14 +95,14 @@ def test_two_process_ddp(setup, tmp_path):
 KILLER = """
 import os, signal, sys
 from transformers import TrainerCallback
-from petuning.recipe import load_config, run_sft
+from petuning.recipe import parse_recipe_args, run_sft
 
 class KillAtStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 5:  # after checkpoint-4, before checkpoint-6
             os.kill(os.getpid(), signal.SIGKILL)
 
-run_sft(load_config(sys.argv[1], sys.argv[2:]), callbacks=(KillAtStep(),))
+run_sft(parse_recipe_args(sys.argv[1:]), callbacks=(KillAtStep(),))
 """
 
 
@@ -99,7 +110,7 @@ def test_killed_run_resumes_to_the_same_adapter(setup, tmp_path, monkeypatch):
     (tmp_path / "killer.py").write_text(KILLER)
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     run = subprocess.run([sys.executable, str(tmp_path / "killer.py"), str(setup / "sorsa.yaml"),
-                          f"train.output_dir={killed}"], env=_env(), capture_output=True, text=True, timeout=600)
+                          "--output_dir", str(killed)], env=_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == -9, run.stderr[-3000:]
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not (killed / "adapter").exists()
@@ -109,13 +120,13 @@ def test_killed_run_resumes_to_the_same_adapter(setup, tmp_path, monkeypatch):
 
     svds = []
     monkeypatch.setattr(petuning.linalg, "top_singular_triplets", lambda *a, **k: svds.append(a) or 1 / 0)
-    resumed = run_sft(load_config(setup / "sorsa.yaml", [f"train.output_dir={killed}"]))  # resume: auto
+    resumed = run_sft(parse_recipe_args([str(setup / "sorsa.yaml"), "--output_dir", str(killed)]))  # resumes
     assert svds == []  # the restart read its SVD init from the cache
     assert resumed.metrics["resumed_from"] == str(killed / "checkpoint-4") and resumed.metrics["global_step"] == 6
 
-    # The uninterrupted run goes through the script itself, with the reload check in a fresh process.
-    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "sft.py"), str(setup / "sorsa.yaml"),
-                          f"train.output_dir={straight}", "eval.reload_check=true"],
+    # The uninterrupted run goes through the console command, with the reload check in a fresh process.
+    run = subprocess.run([sys.executable, "-m", "petuning.cli", "train", str(setup / "sorsa.yaml"),
+                          "--output_dir", str(straight), "--reload_check", "true"],
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "OK: the adapter reloaded in a fresh process gives the same 8 answers" in run.stdout
@@ -125,13 +136,13 @@ def test_killed_run_resumes_to_the_same_adapter(setup, tmp_path, monkeypatch):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("method, options", [("lora", ["peft.r=4", "peft.target_modules=all-linear"]),
-                                             ("sorsa", ["peft.r=4", "peft.target_modules=all-linear"])])
-def test_qlora_on_a_4bit_base(setup, tmp_path, method, options):
+@pytest.mark.parametrize("method", ["lora", "sorsa"])
+def test_qlora_on_a_4bit_base(setup, tmp_path, method):
     bnb = pytest.importorskip("bitsandbytes")
-    cfg = load_config(setup / "sorsa.yaml", [f"method={method}", "~peft.gamma", *options, "model.load_in_4bit=true",
-                                             f"train.output_dir={tmp_path}", "train.gradient_checkpointing=true"])
-    result = run_sft(cfg)
+    yaml_text = (setup / "sorsa.yaml").read_text().replace(", gamma: 1.0e-3", "")
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    result = run_sft(parse_recipe_args([str(tmp_path / "c.yaml"), "--method", method, "--load_in_4bit", "true",
+                                        "--output_dir", str(tmp_path / "out"), "--gradient_checkpointing", "true"]))
     base = result.model.get_base_model()
     q_proj = base.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.weight.dtype == torch.uint8
@@ -140,4 +151,4 @@ def test_qlora_on_a_4bit_base(setup, tmp_path, method, options):
     assert result.model.peft_config["default"].peft_type == method.upper()
     losses = result.metrics["loss_history"]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
-    assert check_reload(tmp_path) == 0  # a fresh 4-bit base + the saved adapter gives the same answers
+    assert check_reload(tmp_path / "out") == 0  # a fresh 4-bit base + the saved adapter gives the same answers

@@ -1,10 +1,12 @@
-"""Supervised fine-tuning of a causal LM with any petuning method (or peft LoRA), on ``transformers.Trainer``.
+"""Supervised fine-tuning of a causal LM with any petuning method (or peft LoRA), on TRL's ``SFTTrainer``.
 
-``run_sft(config)`` does what ``recipes/sft.py`` does: load the data and the base model, optionally score the
-base model, attach the method's adapter, train with :class:`petuning.PetuningCallback` (the training-hook
-protocol), save the adapter, evaluate, and write ``results.json``. It runs unchanged under one process,
-``torchrun`` / ``accelerate launch`` DDP, FSDP and DeepSpeed: distributed state comes from the launcher through
-``TrainingArguments``.
+``run_sft(args)`` does what ``petuning train`` / ``recipes/sft.py`` does: load the data and the base model, optionally
+score the base model, hand both to ``SFTTrainer`` with the method's ``peft_config`` and
+:class:`petuning.PetuningCallback` (the training-hook protocol, attached ahead of the reporting callbacks), save the
+adapter, evaluate, and write ``results.json``. TRL does the data formats, chat templates, completion-only loss,
+packing and padding; this module keeps what TRL lacks: method lookup, the SVD-init cache, the attention-backend
+choice, the exact-match evaluation and the reload check. It runs unchanged under one process, ``torchrun`` /
+``accelerate launch`` DDP, FSDP and DeepSpeed: distributed state comes from the launcher through ``SFTConfig``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import os
-import random
 import subprocess
 import sys
 import time
@@ -27,13 +26,15 @@ import torch
 import yaml
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments, set_seed
+from peft import PeftModel, prepare_model_for_kbit_training
+from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, SFTTrainer
 
-from petuning.data import SFTCollator, SFTFormat, generate_from_ids, load_records, prompt_and_reference, tokenize_record
-from petuning.recipe.config import RecipeConfig, build_peft_config, config_from_dict
-from petuning.recipe.setup import load_model, load_tokenizer, resolve_bf16, resolve_packing
+from petuning.data import generate_from_ids
+from petuning.recipe.args import RecipeArguments, build_peft_config
+from petuning.recipe.data import check_layout, load_splits, prompts_and_references, split
+from petuning.recipe.setup import load_model, load_tokenizer
 from petuning.training import attach_to_trainer
 
 logger = logging.getLogger("petuning.recipe")
@@ -42,7 +43,6 @@ ADAPTER_DIR = "adapter"
 RESULTS_FILE = "results.json"
 ANSWERS_FILE = "answers.json"
 CONFIG_FILE = "recipe.yaml"
-METRICS = ("exact_match",)
 
 
 @dataclass
@@ -51,104 +51,45 @@ class SFTResult:
     written to ``results.json``."""
 
     model: PeftModel
-    trainer: Trainer
+    trainer: SFTTrainer
     metrics: dict[str, Any]
 
 
 @dataclass
-class Splits:
-    """Tokenized training and held-out examples, and the held-out prompts/references for the task metric."""
+class HeldOut:
+    """The held-out split (for ``eval_loss``) and its prompts and references (for the task metric)."""
 
-    train: list[dict]
-    eval: list[dict]
+    dataset: Any
     prompts: list[list[int]]
     references: list[str]
 
 
-# --------------------------------------------------------------------------- data
-
-
-def _records(cfg: RecipeConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    data = cfg.data
-    train = load_records(data.dataset, data.train_split, data.subset)
-    if data.eval_dataset is not None:
-        held_out = load_records(data.eval_dataset, data.eval_split, data.subset)
-    elif data.eval_split is not None:
-        held_out = load_records(data.dataset, data.eval_split, data.subset)
-    elif data.eval_size:
-        n = int(data.eval_size) if data.eval_size >= 1 else math.ceil(data.eval_size * len(train))
-        if not 0 < n < len(train):
-            raise ValueError(f"data.eval_size={data.eval_size} leaves no training or no held-out records ({len(train)} in all)")
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        held_out = [train[i] for i in sorted(order[:n])]
-        train = [train[i] for i in sorted(order[n:])]
-    else:
-        held_out = []
-    if data.max_train_samples is not None:
-        train = train[: data.max_train_samples]
-    if cfg.eval.max_samples is not None:
-        held_out = held_out[: cfg.eval.max_samples]
-    return train, held_out
-
-
-def _tokenize(records: list[dict], tokenizer, fmt: SFTFormat, cfg: RecipeConfig, name: str) -> list[dict]:
-    completion_only = cfg.data.completion_only_loss
-    if completion_only is None:
-        completion_only = fmt.kind != "text"
-    elif completion_only and fmt.kind == "text":
-        raise ValueError("data.completion_only_loss=true does not apply to 'text' data, which has no completion")
-    features = []
-    for index, record in enumerate(records):
-        try:
-            features.append(tokenize_record(record, tokenizer, fmt, cfg.data.max_length, completion_only))
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{name} record {index}: {error}") from error
-    kept = [f for f in features if any(label != -100 for label in f["labels"][1:])]
-    if len(kept) < len(features):
-        logger.warning("%s: %d of %d examples have no completion token within data.max_length=%d and are skipped",
-                       name, len(features) - len(kept), len(features), cfg.data.max_length)
-    if records and not kept:
-        raise ValueError(f"{name}: no example keeps a completion token within data.max_length={cfg.data.max_length}")
-    return kept
-
-
-def prepare_splits(cfg: RecipeConfig, tokenizer, seed: int) -> Splits:
-    """Load, check and tokenize the training and held-out records."""
-    train, held_out = _records(cfg, seed)
-    base_format = SFTFormat(
-        kind=cfg.data.format,
-        messages_field=cfg.data.messages_field,
-        prompt_field=cfg.data.prompt_field,
-        completion_field=cfg.data.completion_field,
-        text_field=cfg.data.text_field,
-        prompt_template=cfg.data.prompt_template,
-    )
-    train_name = f"{cfg.data.dataset!r}"
-    fmt = base_format.resolve(train, train_name)
-    train_features = _tokenize(train, tokenizer, fmt, cfg, f"training data {train_name}")
-    eval_features, prompts, references = [], [], []
-    if held_out:
-        eval_name = f"{(cfg.data.eval_dataset or cfg.data.dataset)!r} (held out)"
-        eval_format = base_format.resolve(held_out, eval_name)
-        eval_features = _tokenize(held_out, tokenizer, eval_format, cfg, f"eval data {eval_name}")
-        if cfg.eval.metric is not None:
-            pairs = [prompt_and_reference(r, tokenizer, eval_format) for r in held_out]
-            prompts, references = [p for p, _ in pairs], [r.strip() for _, r in pairs]
-    if cfg.eval.metric is not None:
-        if cfg.eval.metric not in METRICS:
-            raise ValueError(f"eval.metric={cfg.eval.metric!r} is not one of {METRICS} (or null)")
-        if not prompts:
-            raise ValueError("eval.metric needs held-out records: set data.eval_split, data.eval_dataset or data.eval_size")
-    if cfg.eval.reload_check and cfg.eval.metric is None:
-        raise ValueError("eval.reload_check compares generated answers, so it needs eval.metric")
-    return Splits(train_features, eval_features, prompts, references)
+def held_out_split(args: RecipeArguments, splits, tokenizer) -> Optional[HeldOut]:
+    """``dataset_test_split`` of the dataset, cut to ``eval_max_samples``; None when there is none and nothing
+    needs one."""
+    script, options = args.script, args.petuning
+    if script.dataset_test_split not in splits:
+        if options.eval_metric or args.training.eval_strategy != "no":
+            raise ValueError(
+                f"the evaluation needs a held-out split, and dataset {script.dataset_name!r} has only "
+                f"{sorted(splits)}; set dataset_test_split to one of them"
+            )
+        return None
+    dataset = splits[script.dataset_test_split]
+    if options.eval_max_samples is not None:
+        dataset = dataset.select(range(min(options.eval_max_samples, len(dataset))))
+    name = f"{script.dataset_name!r} ({script.dataset_test_split})"
+    layout = check_layout(dataset, name, args.training.dataset_text_field)
+    prompts, references = [], []
+    if options.eval_metric:
+        prompts, references = prompts_and_references(dataset, layout, tokenizer)
+    return HeldOut(dataset, prompts, references)
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def generate_sharded(model, tokenizer, prompts: list[list[int]], cfg: RecipeConfig) -> list[str]:
+def generate_sharded(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy answers to ``prompts``, split evenly across processes and gathered on every process.
 
     Every process runs the same number of ``generate`` calls with ``synced_gpus`` when there are several,
@@ -160,7 +101,7 @@ def generate_sharded(model, tokenizer, prompts: list[list[int]], cfg: RecipeConf
         extra["synced_gpus"] = True
     with state.split_between_processes(list(range(len(prompts))), apply_padding=True) as indices:
         answers = generate_from_ids(
-            model, tokenizer, [prompts[i] for i in indices], cfg.eval.max_new_tokens, cfg.eval.batch_size, **extra
+            model, tokenizer, [prompts[i] for i in indices], max_new_tokens, batch_size, **extra
         )
     by_index = dict(gather_object(list(zip(indices, answers))))
     return [by_index[i] for i in range(len(prompts))]
@@ -170,11 +111,15 @@ def exact_match(answers: list[str], references: list[str]) -> float:
     return sum(a == r for a, r in zip(answers, references)) / max(len(references), 1)
 
 
-def _report(title: str, score: float, answers: list[str], splits: Splits, tokenizer, n: int = 3) -> None:
+def _score(title: str, model, tokenizer, held_out: HeldOut, args: RecipeArguments) -> tuple[float, list[str]]:
+    options = args.petuning
+    answers = generate_sharded(model, tokenizer, held_out.prompts, options.eval_max_new_tokens, options.eval_batch_size)
+    score = exact_match(answers, held_out.references)
     logger.info("%s: exact match %.1f%% on %d held-out examples", title, 100 * score, len(answers))
-    for prompt, answer, reference in list(zip(splits.prompts, answers, splits.references))[:n]:
+    for prompt, answer, reference in list(zip(held_out.prompts, answers, held_out.references))[:3]:
         tail = " ".join(tokenizer.decode(prompt, skip_special_tokens=True).split())[-48:]
         logger.info("    ...%s  ->  %r  (expected %r)", tail, answer, reference)
+    return score, answers
 
 
 # --------------------------------------------------------------------------- model
@@ -196,127 +141,99 @@ def trainable_summary(model: torch.nn.Module) -> str:
     return "\n".join(lines)
 
 
-def build_model(cfg: RecipeConfig, args: TrainingArguments, bf16: bool):
-    """The base model (possibly 4-bit) and its attention implementation, before the adapter is attached."""
+def build_model(args: RecipeArguments):
+    """The base model (possibly 4-bit, then prepared by peft's ``prepare_model_for_kbit_training``, which TRL no
+    longer calls) and its attention implementation, before the adapter is attached."""
+    training = args.training
+    if training.gradient_checkpointing and training.gradient_checkpointing_kwargs is None:
+        training.gradient_checkpointing_kwargs = {"use_reentrant": False}  # what DDP and the tuners' hooks need
     state = PartialState()
-    model, attention = load_model(cfg.model, bf16, args.device, state.local_process_index)
-    checkpointing = getattr(args, "activation_checkpointing", args.gradient_checkpointing)
-    kwargs = getattr(args, "activation_checkpointing_kwargs", args.gradient_checkpointing_kwargs)
-    if cfg.model.load_in_4bit:
+    model, attention = load_model(args.model, training.bf16, training.device, state.local_process_index)
+    if args.model.load_in_4bit:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=kwargs
+            model, use_gradient_checkpointing=training.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training.gradient_checkpointing_kwargs,
         )
-    elif checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.enable_input_require_grads()
     return model, attention
 
 
-def attach_adapter(model, cfg: RecipeConfig, output_dir: Path) -> PeftModel:
-    """Wrap ``model`` with the method's adapter. Methods with an SVD cache (``svd_cache_dir``) cache under
-    ``output_dir/svd_cache`` unless the config says otherwise, so a resumed run does not redo the SVD."""
-    config = build_peft_config(cfg.method, cfg.peft)
+def peft_config_for(args: RecipeArguments, output_dir: Path):
+    """The method's config. Methods with an SVD cache (``svd_cache_dir``) cache under ``output_dir/svd_cache``
+    unless the options say otherwise, so a resumed run does not redo the SVD."""
+    config = build_peft_config(args.petuning.method, args.petuning.method_options)
     if hasattr(config, "svd_cache_dir") and config.svd_cache_dir is None:
         config.svd_cache_dir = str(output_dir / "svd_cache")
-    return get_peft_model(model, config)
+    return config
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
 def resolve_resume(value, output_dir: Path) -> Optional[str]:
-    """``train.resume_from_checkpoint``: ``"auto"`` (default) resumes from the latest checkpoint in the output
-    directory if there is one; ``true`` requires one; a path names one; ``false`` starts fresh."""
+    """``resume_from_checkpoint``: unset (default) resumes from the latest checkpoint in the output directory if
+    there is one; ``true`` requires one; a path names one; ``false`` starts fresh."""
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if value in (None, False):
+    text = str(value).lower() if value is not None else None
+    if text in ("false", "no"):
         if last:
-            logger.warning("starting fresh although %s holds checkpoints (train.resume_from_checkpoint=false)", output_dir)
+            logger.warning("starting fresh although %s holds checkpoints (resume_from_checkpoint=false)", output_dir)
         return None
-    if value == "auto":
+    if text is None:
         return last
-    if value is True or value == "latest":
+    if text in ("true", "latest"):
         if last is None:
-            raise FileNotFoundError(f"train.resume_from_checkpoint=true but {output_dir} holds no checkpoint-* directory")
+            raise FileNotFoundError(f"resume_from_checkpoint=true but {output_dir} holds no checkpoint-* directory")
         return last
-    path = Path(str(value))
-    if not path.is_dir():
-        raise FileNotFoundError(f"train.resume_from_checkpoint: no checkpoint directory {str(path)!r}")
-    return str(path)
+    if not Path(str(value)).is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint directory {str(value)!r}")
+    return str(value)
 
 
 # --------------------------------------------------------------------------- the run
 
 
-_TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
-_RENAMED_TRAIN_KEYS = {"gradient_checkpointing": "activation_checkpointing",
-                       "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
-
-
-def training_arguments(cfg: RecipeConfig) -> tuple[TrainingArguments, bool, Any]:
-    """``TrainingArguments`` from the ``train`` section (with the recipe's defaults), the resolved bf16 flag
-    and the raw ``resume_from_checkpoint`` value."""
-    kwargs = dict(cfg.train)
-    bf16 = kwargs.pop("bf16", "auto")
-    resume = kwargs.pop("resume_from_checkpoint", "auto")
-    kwargs.setdefault("report_to", "none")
-    kwargs.setdefault("remove_unused_columns", False)
-    kwargs.setdefault("label_names", ["labels"])
-    kwargs.setdefault("dataloader_pin_memory", torch.cuda.is_available())
-    for old, new in _RENAMED_TRAIN_KEYS.items():  # transformers 5 renamed these; accept the names users know
-        if old in kwargs and new in _TRAINING_ARGUMENT_FIELDS:
-            kwargs.setdefault(new, kwargs.pop(old))
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in _TRAINING_ARGUMENT_FIELDS else "gradient_checkpointing"
-    if kwargs.get(checkpointing):
-        kwargs.setdefault(f"{checkpointing}_kwargs", {"use_reentrant": False})
-    use_cpu = (bool(kwargs.get("use_cpu")) or not torch.cuda.is_available()
-               or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
-    device = torch.device("cpu" if use_cpu else "cuda")
-    kwargs["bf16"] = resolve_bf16(bf16, device)
-    return TrainingArguments(**kwargs), kwargs["bf16"], resume
-
-
-def run_sft(cfg: RecipeConfig, callbacks: tuple[TrainerCallback, ...] = ()) -> SFTResult:
-    """Fine-tune as ``cfg`` says; see the module docstring. ``callbacks`` are added to the trainer."""
-    args, bf16, resume = training_arguments(cfg)  # sets up the distributed state first (DeepSpeed needs that)
-    state = PartialState()
+def run_sft(args: RecipeArguments, callbacks: tuple[TrainerCallback, ...] = ()) -> SFTResult:
+    """Fine-tune as ``args`` says; see the module docstring. ``callbacks`` are added to the trainer."""
+    training, options, script = args.training, args.petuning, args.script
+    state = PartialState()  # SFTConfig set up the distributed state already (DeepSpeed needs that first)
     logger.setLevel(logging.INFO if state.is_main_process else logging.WARNING)
-    output_dir = Path(args.output_dir)
-    checkpoint = resolve_resume(resume, output_dir)
-    logger.info("method %s on %s; %d process(es), device %s, bf16 %s", cfg.method, cfg.model.name_or_path,
-                state.num_processes, args.device, bf16)
+    output_dir = Path(training.output_dir)
+    checkpoint = resolve_resume(training.resume_from_checkpoint, output_dir)
+    logger.info("method %s on %s; %d process(es), device %s, bf16 %s", options.method, args.model.model_name_or_path,
+                state.num_processes, training.device, training.bf16)
 
-    set_seed(args.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    splits = prepare_splits(cfg, tokenizer, args.seed)
-    logger.info("%d training and %d held-out examples", len(splits.train), len(splits.eval))
+    set_seed(training.seed)
+    tokenizer = load_tokenizer(args.model, training.chat_template_path)
+    splits = load_splits(script.dataset_name, script.dataset_config)
+    train = split(splits, "dataset_train_split", script.dataset_train_split, script.dataset_name)
+    if options.max_train_samples is not None:
+        train = train.select(range(min(options.max_train_samples, len(train))))
+    check_layout(train, f"{script.dataset_name!r} ({script.dataset_train_split})", training.dataset_text_field)
+    held_out = held_out_split(args, splits, tokenizer)
+    logger.info("%d training and %d held-out examples", len(train), len(held_out.dataset) if held_out else 0)
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(args.to_dict(), sort_keys=False))
 
-    model, attention = build_model(cfg, args, bf16)
-    packing = resolve_packing(cfg.data.packing, attention)
-    metrics: dict[str, Any] = {"method": cfg.method, "model": cfg.model.name_or_path, "world_size": state.num_processes,
-                               "attention": attention, "bf16": bf16, "packing": packing}
-    if cfg.eval.metric and cfg.eval.before_training:
-        answers = generate_sharded(model, tokenizer, splits.prompts, cfg)
-        metrics["exact_match_before"] = exact_match(answers, splits.references)
-        _report("base model", metrics["exact_match_before"], answers, splits, tokenizer)
+    model, attention = build_model(args)
+    if (training.packing or training.padding_free) and attention != "flash_attention_2":
+        logger.warning("packing and padding-free turned off: they need flash_attention_2 and the model uses %s "
+                       "(sdpa and eager would let packed examples attend to each other)", attention)
+        training.packing = training.padding_free = False
+    metrics: dict[str, Any] = {"method": options.method, "model": args.model.model_name_or_path,
+                               "world_size": state.num_processes, "attention": attention, "bf16": training.bf16,
+                               "packing": training.packing}
+    if options.eval_metric and options.eval_before_training:
+        metrics["exact_match_before"], _ = _score("base model", model, tokenizer, held_out, args)
 
-    set_seed(args.seed)  # the adapter's initialization does not depend on what ran before
-    model = attach_adapter(model, cfg, output_dir)
-    trainable, total = model.get_nb_trainable_parameters()
-    metrics.update(trainable_parameters=trainable, total_parameters=total)
-    logger.info("%s", trainable_summary(model))
-
-    collator = (DataCollatorWithFlattening(return_position_ids=True, separator_id=-100) if packing
-                else SFTCollator(tokenizer.pad_token_id))
-    trainer = Trainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval or None,
-                      data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks))
+    set_seed(training.seed)  # the adapter's initialization does not depend on what ran before
+    trainer = SFTTrainer(model=model, args=training, train_dataset=train,
+                         eval_dataset=held_out.dataset if held_out else None, processing_class=tokenizer,
+                         peft_config=peft_config_for(args, output_dir), callbacks=list(callbacks))
     attach_to_trainer(trainer)  # ahead of report_to integrations, so they log the methods' metrics too
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    metrics.update(trainable_parameters=trainable, total_parameters=total)
+    logger.info("%s", trainable_summary(trainer.model))
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     start = time.perf_counter()
@@ -329,15 +246,15 @@ def run_sft(cfg: RecipeConfig, callbacks: tuple[TrainerCallback, ...] = ()) -> S
     logger.info("adapter saved to %s", adapter_dir)
 
     model = trainer.model
-    if splits.eval:
+    if held_out:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    if cfg.eval.metric:
-        answers = generate_sharded(model, tokenizer, splits.prompts, cfg)
-        metrics["exact_match"] = exact_match(answers, splits.references)
-        _report(f"after {cfg.method}", metrics["exact_match"], answers, splits, tokenizer)
+    if options.eval_metric:
+        metrics["exact_match"], answers = _score(f"after {options.method}", model, tokenizer, held_out, args)
         if state.is_main_process:
-            record = {"batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens,
-                      "bf16": bf16, "prompts": splits.prompts, "answers": answers}
+            record = {"batch_size": options.eval_batch_size, "max_new_tokens": options.eval_max_new_tokens,
+                      "bf16": training.bf16, "model": dataclasses.asdict(args.model),
+                      "chat_template_path": training.chat_template_path, "prompts": held_out.prompts,
+                      "answers": answers}
             (output_dir / ANSWERS_FILE).write_text(json.dumps(record))
     if state.is_main_process:
         (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=1))
@@ -352,11 +269,11 @@ def check_reload(output_dir: str | Path) -> int:
     """Reload the saved adapter on a freshly loaded base (this process) and compare its greedy answers with the
     ones the trained model gave. Returns the number of differing answers (0 = pass) after printing them."""
     output_dir = Path(output_dir)
-    cfg = config_from_dict(yaml.safe_load((output_dir / CONFIG_FILE).read_text()), str(output_dir / CONFIG_FILE))
     record = json.loads((output_dir / ANSWERS_FILE).read_text())
+    model_args = ModelConfig(**record["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base, _ = load_model(cfg.model, record["bf16"], device)
-    tokenizer = load_tokenizer(cfg.model)
+    base, _ = load_model(model_args, record["bf16"], device)
+    tokenizer = load_tokenizer(model_args, record["chat_template_path"])
     model = PeftModel.from_pretrained(base, output_dir / ADAPTER_DIR).to(device)
     answers = generate_from_ids(model, tokenizer, record["prompts"], record["max_new_tokens"], record["batch_size"],
                                 use_cache=True)

@@ -179,7 +179,7 @@ def eval_logits(model: nn.Module, args: tuple, kwargs: dict, disabled: Optional[
     gradients, i.e. a reference forward of the base model; else with gradients. Modes and flags are restored."""
     switched = [(layer, layer._disable_adapters) for layer in set(disabled or ())]
     modes = [(m, m.training) for m in model.modules()]
-    unused = ("labels", "shift_labels", "num_items_in_batch")
+    unused = ("labels", "shift_labels", "num_items_in_batch", "fused_lm_head")
     try:
         for layer, _ in switched:
             layer._disable_adapters = True
@@ -191,6 +191,20 @@ def eval_logits(model: nn.Module, args: tuple, kwargs: dict, disabled: Optional[
             layer._disable_adapters = flag
         for module, training in modes:
             module.training = training
+
+
+def forward_logits(ctx, feature: str, fix: str) -> torch.Tensor:
+    """The logits (batch, seq, vocab) of the training forward ``ctx`` (a :class:`petuning.training.ForwardContext`),
+    for a term that compares them with a reference forward's. Raises ``TypeError`` naming ``feature`` and ``fix``
+    when the output has none that carry gradients, e.g. under TRL's SFTTrainer, whose loss goes through a fused LM
+    head that returns per-token log-probabilities instead of logits."""
+    logits = getattr(ctx.output, "logits", None)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.requires_grad:
+        return logits
+    why = (" (TRL's SFTTrainer computes its loss with a fused LM head, which returns per-token log-probabilities, "
+           "not logits)" if "fused_lm_head" in ctx.kwargs else "")
+    raise TypeError(f"{feature} compares the model's logits with a reference forward's, but the output of "
+                    f"{type(ctx.model).__name__} has no `logits` that depend on the adapter{why}. {fix}")
 
 
 def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:

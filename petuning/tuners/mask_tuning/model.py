@@ -24,7 +24,7 @@ from petuning.training import (
     refuse_gradient_edits_under_deepspeed,
 )
 from petuning.tuners.base import PetuningTuner
-from petuning.tuners.common import base_of, eval_logits, full_tensor, kl_to_reference, several_ranks
+from petuning.tuners.common import base_of, eval_logits, forward_logits, full_tensor, kl_to_reference, several_ranks
 
 from .config import MaskTuningConfig
 from .layer import Linear, MaskTuningLayer, largest_magnitude
@@ -283,13 +283,8 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
         refuse_gradient_edits_under_deepspeed(
             "Masked tuning's gradient dropout", "Set gradient_dropout=False under DeepSpeed, or train with DDP."
         )
-        logits = getattr(ctx.output, "logits", None)
-        if logits is None or not logits.requires_grad:
-            raise TypeError(
-                "Masked tuning's gradient dropout compares the model's logits with those of the base model, but the "
-                f"output of {type(ctx.model).__name__} has no `logits` that depend on the masks. Use a model with a "
-                "logits output, or set gradient_dropout=False."
-            )
+        logits = forward_logits(ctx, "Masked tuning's gradient dropout", "Set gradient_dropout=False, or train with "
+                                "transformers' Trainer or petuning.TrainingHooks and a model whose output has logits.")
         layers = [layer for _, _, ls in adapters for layer in ls]
         params = [layer.mask_tuning_scores[name] for name, _, ls in adapters for layer in ls]
         keys = [(layer, name) for name, _, ls in adapters for layer in ls]

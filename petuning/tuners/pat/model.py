@@ -16,7 +16,7 @@ from petuning.training import (
     ForwardContext, StepContext, TrainingHooksMixin, predicted_labels, refuse_gradient_edits_under_deepspeed
 )
 from petuning.tuners.base import PetuningTuner
-from petuning.tuners.common import base_of, eval_logits, full_tensor, kl_to_reference, like_parameter
+from petuning.tuners.common import base_of, eval_logits, forward_logits, full_tensor, kl_to_reference, like_parameter
 
 from .calibration import ResidualStatistics, calibrated_mask
 from .config import PRODUCERS, PatConfig
@@ -385,10 +385,10 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
     def _distillation(self, ctx: ForwardContext) -> Optional[torch.Tensor]:
         """``mean_p KL(teacher_p || model_p)`` over the positions p the attention mask keeps and the task loss does
         not score, where teacher_p is the next-token distribution of the same forward with every PAT layer bypassed
-        (the unpruned original, in eval mode, without gradients). None if the output has no logits or no such position."""
-        logits = getattr(ctx.output, "logits", None)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-            return None
+        (the unpruned original, in eval mode, without gradients). None if there is no such position; an error if the
+        output has no logits."""
+        logits = forward_logits(ctx, "PAT's self-distillation (distill_weight > 0)", "Set distill_weight=0, or train "
+                                "with transformers' Trainer or petuning.TrainingHooks.")
         positions = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
         attention_mask = ctx.kwargs.get("attention_mask")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == positions.shape:

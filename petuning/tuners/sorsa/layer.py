@@ -131,11 +131,17 @@ class SorsaLayer(AdditiveLayerMixin, PetuningLayer):
 
     # ---------------------------------------------------------------------------------------- math
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``s * (B (S ⊙ A x) - B0 (S0 ⊙ A0 x))`` for input ``x`` (..., in); returns (..., out)."""
+        """``s * (B (S ⊙ A x) - B0 (S0 ⊙ A0 x))`` for input ``x`` (..., in); returns (..., out).
+
+        Computed in the trainable factors' dtype; the frozen ones follow it (TRL casts trainable parameters of a
+        quantized base to bfloat16, which leaves the buffers A0, S0, B0 in float32).
+        """
         a = self.sorsa_A[adapter_name]
         x = self.sorsa_dropout[adapter_name](self._cast_input_dtype(x, a.dtype))
         tuned = F.linear(F.linear(x, a) * self.sorsa_S[adapter_name], self.sorsa_B[adapter_name])
-        start = F.linear(F.linear(x, self.sorsa_A0[adapter_name]) * self.sorsa_S0[adapter_name], self.sorsa_B0[adapter_name])
+        a0, s0, b0 = (t.to(a.dtype) for t in (self.sorsa_A0[adapter_name], self.sorsa_S0[adapter_name],
+                                               self.sorsa_B0[adapter_name]))
+        start = F.linear(F.linear(x, a0) * s0, b0)
         delta = tuned - start
         scale = self.sorsa_scaling[adapter_name]
         return delta if scale == 1.0 else delta * scale
