@@ -2,9 +2,10 @@
 
     petuning train recipes/configs/sorsa_smollm2.yaml --output_dir out/sorsa_smollm2
     python benchmarks/gguf_llama_cpp.py out/sorsa_smollm2/adapter [--llama-python PYTHON] [--questions 20]
+    python benchmarks/gguf_llama_cpp.py out/pat_smollm2/adapter --prune --out benchmarks/results/gguf_llama_cpp_pat.json
 
-The adapter is exported with ``petuning export --format gguf`` (f16), the merged model is built in transformers
-from the same adapter, and both answer the first ``--questions`` test questions of the embedded task greedily from
+The adapter is exported with ``petuning export --format gguf`` (f16; ``--prune``: PAT's pruned model), the merged
+(or pruned) model is built in transformers from the same adapter, and both answer the first ``--questions`` test questions of the embedded task greedily from
 the same prompt token ids (one prompt at a time, no padding). llama.cpp runs through ``llama-cpp-python`` in
 ``--llama-python``, an interpreter that has it (default: this one); build it from source with
 ``pip install llama-cpp-python==0.3.36`` (cmake, g++ and ninja). Writes ``results/gguf_llama_cpp.json``: both
@@ -47,17 +48,18 @@ def main() -> None:
     parser.add_argument("--llama-python", default=sys.executable, help="a Python interpreter with llama_cpp")
     parser.add_argument("--questions", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--prune", action="store_true", help="PAT: export and compare the pruned, narrower model")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     import torch
 
     from petuning.data import generate_from_ids, load_embedded_task
-    from petuning.export import export_adapter, load_adapter_model
+    from petuning.export import export_adapter, load_adapter_model, merge
 
     examples = load_embedded_task("test")[: args.questions]
     references = [ex["messages"][-1]["content"].strip() for ex in examples]
-    merged = load_adapter_model(args.adapter, None, "float32").merge_and_unload().eval()
+    merged = merge(load_adapter_model(args.adapter, None, "float32"), prune=args.prune).eval()
     tokenizer = load_tokenizer_for(args.adapter, merged)
     prompts = [
         tokenizer.apply_chat_template(ex["messages"][:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -67,7 +69,7 @@ def main() -> None:
         transformers_answers = generate_from_ids(merged, tokenizer, prompts, args.max_new_tokens, batch_size=1)
 
     with tempfile.TemporaryDirectory() as scratch:
-        export = export_adapter(args.adapter, Path(scratch) / "gguf", format="gguf", gguf_type="f16")
+        export = export_adapter(args.adapter, Path(scratch) / "gguf", format="gguf", gguf_type="f16", prune=args.prune)
         (gguf_file,) = [name for name in export.files if name.endswith(".gguf")]
         request = {"model": str(export.folder / gguf_file), "prompts": prompts, "max_new_tokens": args.max_new_tokens}
         child = subprocess.run([args.llama_python, "-c", _LLAMA_CPP_CHILD], input=json.dumps(request),
@@ -82,6 +84,9 @@ def main() -> None:
         "command": "python benchmarks/gguf_llama_cpp.py " + " ".join(sys.argv[1:]),
         "adapter": str(args.adapter),
         "gguf_type": "f16",
+        "pruned": args.prune,
+        "hidden_size": merged.config.hidden_size,
+        "parameters": sum(p.numel() for p in merged.parameters()),
         "llama_cpp_python": reply["llama_cpp_python"],
         "questions": len(examples),
         "same_answers": agree,

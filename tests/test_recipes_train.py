@@ -152,3 +152,25 @@ def test_qlora_on_a_4bit_base(setup, tmp_path, method):
     losses = result.metrics["loss_history"]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert check_reload(tmp_path / "out") == 0  # a fresh 4-bit base + the saved adapter gives the same answers
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_the_recipe_under_deepspeed(setup, tmp_path, engine):
+    """`accelerate launch --config_file recipes/accelerate/<engine>.yaml recipes/sft.py`, two CPU processes."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / engine
+    options = '{"r": 4, "target_modules": "all-linear", "ortho_mode": "loss", "gamma": 1.0e-3}'  # no gradient edits
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{engine}.yaml",
+               "--num_processes", "2", str(ROOT / "recipes" / "sft.py"), str(setup / "sorsa.yaml"),
+               "--output_dir", str(out), "--method_options", options, "--save_strategy", "no"]
+    run = subprocess.run(command, cwd=ROOT, env={**_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "results.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_step"] == 6
+    assert metrics["loss_history"][-1] < metrics["loss_history"][0]
+    saved = _adapter(out)
+    trained = {k: v for k, v in saved.items() if ".sorsa_B" in k and "sorsa_B0" not in k}
+    assert trained and all(v.numel() > 0 for v in saved.values())  # full tensors, not ZeRO-3 partitions
+    assert all(not torch.equal(v, saved[k.replace("sorsa_B", "sorsa_B0")]) for k, v in trained.items())
+    assert 0.0 <= metrics["exact_match"] <= 1.0  # generation with synced_gpus across the two ranks
