@@ -161,7 +161,9 @@ def parse_recipe_args(argv: Optional[Sequence[str]] = None) -> RecipeArguments:
             raise ValueError(f"{path}: a recipe config is a YAML mapping of argument names to values")
         _check_keys(file_config, path)
     parser = make_parser()
-    parser.set_defaults_with_config(bf16=_bf16_supported(), dtype=None, dataloader_pin_memory=torch.cuda.is_available())
+    cuda = torch.cuda.is_available()  # without it: no bf16, no pinned memory, and gloo for several CPU processes
+    parser.set_defaults_with_config(bf16=_bf16_supported(), dtype=None, dataloader_pin_memory=cuda,
+                                    ddp_backend=None if cuda else "gloo")
     try:
         script, training, model, options = parser.parse_args_and_config(argv)
     except SystemExit as exit_:  # argparse's own message is already printed; say it as an error
