@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 
 def test_the_file_then_command_line_flags(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("method: sorsa\nmethod_options: {r: 4, gamma: 1.0e-3}\ndataset_name: embedded\n"
+    path.write_text("method: sorsa\nmethod_options: {r: 4, gamma: 1e-3}\ndataset_name: embedded\n"
                     "learning_rate: 2.0e-4\noutput_dir: x\nmax_steps: 5\n")
     args = parse_recipe_args([str(path), "--max_steps", "7", "--method_options", '{"r": 2}', "--seed", "3"])
     assert args.petuning.method == "sorsa" and args.petuning.method_options == {"r": 2, "gamma": 1e-3}

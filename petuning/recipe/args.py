@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ import petuning  # noqa: F401  (registers every petuning method with peft)
 RECIPE_OWNED_PEFT_FIELDS = {"peft_version", "peft_type", "task_type", "base_model_name_or_path", "revision",
                             "inference_mode", "auto_mapping"}
 METRICS = ("exact_match",)
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -162,8 +165,9 @@ def parse_recipe_args(argv: Optional[Sequence[str]] = None) -> RecipeArguments:
         _check_keys(file_config, path)
     parser = make_parser()
     cuda = torch.cuda.is_available()  # without it: no bf16, no pinned memory, and gloo for several CPU processes
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     parser.set_defaults_with_config(bf16=_bf16_supported(), dtype=None, dataloader_pin_memory=cuda,
-                                    ddp_backend=None if cuda else "gloo")
+                                    ddp_backend="gloo" if several and not cuda else None)
     try:
         script, training, model, options = parser.parse_args_and_config(argv)
     except SystemExit as exit_:  # argparse's own message is already printed; say it as an error
@@ -190,9 +194,11 @@ def _check_keys(file_config: dict[str, Any], path: Path) -> None:
 
 
 def _method_options(from_file: Any, parsed: Any) -> dict[str, Any]:
-    """The file's ``method_options`` mapping updated by the command line's JSON (``parsed`` is the file's mapping
-    itself when the command line has none)."""
-    options = dict(from_file or {})
+    """The file's ``method_options`` mapping, updated by the command line's JSON when ``parsed`` is a string."""
+    # yaml.safe_load (YAML 1.1, as TrlParser reads the file) leaves 1e-3 without a dot a string; argparse converts
+    # the top-level values, not this mapping's
+    options = {k: float(v) if isinstance(v, str) and _EXPONENT.fullmatch(v) else v
+               for k, v in (from_file or {}).items()}
     if isinstance(parsed, str):
         try:
             update = json.loads(parsed)
@@ -201,6 +207,4 @@ def _method_options(from_file: Any, parsed: Any) -> dict[str, Any]:
         if not isinstance(update, dict):
             raise ValueError("--method_options must be a JSON object like '{\"r\": 8}'")
         options.update(update)
-    elif parsed is not None:
-        options = dict(parsed)
-    return options
+    return options  # a mapping in ``parsed`` is the file's own, as TrlParser read it
