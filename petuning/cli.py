@@ -138,7 +138,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["train"]:  # its own parser (TRL's), which reads the recipe's YAML and flags
         from petuning.recipe import train_main
 
-        return train_main(argv[1:])
+        try:
+            return train_main(argv[1:])
+        except (ValueError, OSError) as error:  # bad input: one paragraph, like the other commands
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     args = _parser().parse_args(argv)
     try:
         {"export": _export, "push": _push, "analyze": _analyze}[args.command](args)

@@ -37,6 +37,7 @@ the same correction.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -98,6 +99,7 @@ class TrainingHooksMixin:
 # ------------------------------------------------------------------------------------------ providers
 _PROVIDERS = "_petuning_hook_providers"
 _FORWARD_HOOK = "_petuning_forward_hook"
+_WARNED_NO_LOSS = "_petuning_warned_no_loss"
 _TRAINING_RUN = "_petuning_training_run"
 
 
@@ -145,10 +147,18 @@ def _add_auxiliary_loss(module: nn.Module, args: tuple, kwargs: dict, output: An
     share = _micro_batch_share(module, kwargs)
     training_forward(module, ForwardContext(module, args, kwargs, output, share))
     loss = getattr(output, "loss", None)
-    if loss is None:
-        return None
     extra = auxiliary_loss(module)
     if extra is None:
+        return None
+    if loss is None:  # e.g. a Trainer compute_loss_func, label smoothing, or a loop computing its own loss
+        if not module.__dict__.get(_WARNED_NO_LOSS):
+            module.__dict__[_WARNED_NO_LOSS] = True
+            warnings.warn(
+                "this training forward computes no loss (it got no labels), so petuning's auxiliary losses cannot be "
+                "added to it; add petuning.auxiliary_loss(model) to your loss yourself (plain loops), or let the "
+                "model compute the loss (Trainer without compute_loss_func or label smoothing)",
+                stacklevel=2,
+            )
         return None
     output.loss = loss + share * extra.to(loss.dtype)
     log_probs, scored = getattr(output, "log_probs", None), getattr(output, "label_mask", None)

@@ -1,6 +1,6 @@
 """Turn the 7B recipes' Hub datasets into TRL's prompt/completion layout with a held-out split, saved to disk.
 
-    python recipes/prepare_dataset.py metamathqa      --out data/metamathqa       # MetaMathQA: first 100K + 1K held out
+    python recipes/prepare_dataset.py metamathqa      --out data/metamathqa       # MetaMathQA: 100K + 1K held out
     python recipes/prepare_dataset.py commonsense170k --source commonsense_170k.json --out data/commonsense_170k
     python recipes/prepare_dataset.py lamini          --out data/lamini           # LaMini-instruction, 2K held out
 
@@ -10,6 +10,7 @@ Needs the Hub (or ``--source`` for a local JSON file).
 """
 
 import argparse
+import random
 
 from datasets import DatasetDict, load_dataset
 
@@ -39,8 +40,16 @@ def main() -> None:
         lambda r: {"prompt": ALPACA.format(instruction=r[instruction]) + separator, "completion": r[answer]},
         remove_columns=records.column_names,
     )
-    held_out = records.select(range(len(records) - n_test, len(records)))
-    train = records.select(range(n_train if n_train is not None else len(records) - n_test))
+    # Training records: the first n_train (the papers' "first 100K"), else all but the held-out ones; held out: a
+    # seeded sample of the records that are not trained on.
+    first = n_train if n_train is not None else 0
+    rest = list(range(first, len(records)))
+    if len(rest) <= n_test:
+        raise SystemExit(f"{args.name} has {len(records)} records, too few to hold out {n_test}")
+    random.Random(args.seed).shuffle(rest)
+    held_out_ids = sorted(rest[:n_test])
+    train_ids = list(range(first)) if n_train is not None else sorted(rest[n_test:])
+    held_out, train = records.select(held_out_ids), records.select(train_ids)
     DatasetDict({"train": train, "test": held_out}).save_to_disk(args.out)
     print(f"wrote {args.out}: {len(train)} training and {len(held_out)} held-out records")
 

@@ -8,6 +8,7 @@ f16-vs-f32 gap. The tiny models borrow SmolLM2's tokenizer: llama.cpp's converte
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -148,7 +149,7 @@ def test_unknown_tokenizer_and_missing_converter_are_clear_errors(tmp_path):
     get_peft_model(base, SorsaConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match="llama.cpp does not recognize this model's tokenizer"):
         export_adapter(tmp_path / "adapter", tmp_path / "out", format="gguf")
-    missing = rf"{tmp_path / 'nowhere'} has no {CONVERTER}.*python -m petuning.export.llama_cpp"
+    missing = rf"{re.escape(str(tmp_path / 'nowhere'))} has no {CONVERTER}.*python -m petuning.export.llama_cpp"
     with pytest.raises(FileNotFoundError, match=missing):
         export_adapter(tmp_path / "adapter", tmp_path / "out", format="gguf", llama_cpp=tmp_path / "nowhere")
     with pytest.raises(ValueError, match="--dtype does not apply to --format gguf"):

@@ -181,3 +181,40 @@ def test_trainable_summary_groups_by_tensor_kind():
     # 2 layers x (q, v): A is (2, 64); B is (64, 2) for q and (32, 2) for v (2 KV heads of 16); lm_head 128 x 64
     assert lines[1:] == ["    lora_A: 4 tensors, 512 parameters", "    lora_B: 4 tensors, 384 parameters",
                          "    modules_to_save: 1 tensors, 8,192 parameters"]
+
+
+def test_options_the_recipe_cannot_honour_are_refused():
+    with pytest.raises(ValueError, match="use_peft is not used by petuning's recipe; set method: lora"):
+        parse("--use_peft", "true")
+    with pytest.raises(ValueError, match=r"lora_r is TRL's LoRA flag.*method_options: \{r: \.\.\.\}"):
+        parse("--lora_r", "8")
+    with pytest.raises(ValueError, match="load_in_8bit is not used .* use load_in_4bit"):
+        parse("--load_in_8bit", "true")
+    with pytest.raises(ValueError, match="distill_weight > 0 needs the model's full logits"):
+        parse("--method", "pat", "--method_options", '{"distill_weight": 0.5}')
+    with pytest.raises(ValueError, match="gradient_dropout needs the model's full logits"):
+        parse("--method", "mask_tuning", "--method_options", '{"gradient_dropout": true}')
+    with pytest.raises(ValueError, match="clone a model's template"):
+        parse("--chat_template_path", "someone/model", "--eval_metric", "exact_match")
+    with pytest.raises(ValueError, match="--config needs a file"):
+        parse_recipe_args(["--config"])
+    assert parse("--dtype", "auto").model.dtype == "float32"  # auto follows bf16, as when unset
+
+
+def test_the_saved_arguments_read_back_as_a_config(tmp_path):
+    args = parse("--method", "sorsa", "--method_options", '{"r": 2}', "--max_steps", "7", "--learning_rate", "3e-4")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(args.to_dict(), sort_keys=False))
+    again = parse_recipe_args([str(tmp_path / "recipe.yaml")])
+    assert again.petuning.method == "sorsa" and again.petuning.method_options == {"r": 2}
+    assert (again.training.max_steps, again.training.learning_rate) == (7, 3e-4)
+    assert again.script.dataset_name == "embedded" and again.training.output_dir == "x"
+
+
+def test_the_command_line_says_errors_in_one_paragraph(capsys):
+    from petuning.cli import main
+
+    assert main(["train", "--method", "sorsaa", "--dataset_name", "embedded", "--output_dir", "x"]) == 1
+    assert capsys.readouterr().err.startswith("error: unknown method 'sorsaa' (did you mean 'sorsa'?)")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--dataset_name", "embedded", "--help"])
+    assert exit_.value.code == 0 and "--method_options" in capsys.readouterr().out

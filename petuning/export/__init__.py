@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 
 import petuning.tuners  # noqa: F401  (registers every petuning method with PEFT)
 from petuning.export.llama_cpp import GGUF_TYPES, check_convertible, convert_to_gguf, find_converter
-from petuning.models import SMOLLM2_HUB_ID, SMOLLM2_NAME
+from petuning.models import SMOLLM2_HUB_ID, SMOLLM2_NAME, default_cache_dir
 
 PathLike = Union[str, os.PathLike]
 
@@ -497,7 +497,8 @@ def hub_base_id(base_ref: Optional[str], base_model_id: Optional[str]) -> Option
         return base_model_id
     if base_ref and _HUB_ID.match(base_ref) and not Path(base_ref).exists():
         return base_ref
-    if base_ref and Path(base_ref).name == SMOLLM2_NAME and Path(base_ref).is_dir():
+    embedded = (default_cache_dir() / SMOLLM2_NAME).resolve()
+    if base_ref and Path(base_ref).is_dir() and Path(base_ref).resolve() == embedded:
         return SMOLLM2_HUB_ID  # the embedded demo model: petuning's local conversion of the Hub original
     return None
 
@@ -710,6 +711,11 @@ def export_adapter(
             with tempfile.TemporaryDirectory(prefix=f".{out.name}.hf-", dir=out.parent) as hf_dir:
                 merge(peft_model, prune=prune).save_pretrained(hf_dir)
                 tokenizer_source = _save_tokenizer(Path(hf_dir), [str(adapter_dir), base_ref])
+                if tokenizer_source is None:
+                    raise ValueError(
+                        f"GGUF export needs a tokenizer (the file carries it), and neither {adapter_dir} nor the base "
+                        f"{base_ref} has one; save it next to the adapter (tokenizer.save_pretrained(adapter_dir))"
+                    )
                 convert_to_gguf(hf_dir, tmp / gguf_file, gguf_type, llama_cpp)
             kind = "pruned-gguf" if prune else "gguf"
         elif format == "merged":

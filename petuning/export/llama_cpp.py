@@ -17,6 +17,7 @@ converter, about 2 MB, under petuning's cache.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -75,20 +76,28 @@ def fetch_converter(dest: Optional[PathLike] = None) -> Path:
     dest = Path(dest) if dest is not None else default_converter_dir()
     if (dest / CONVERTER).is_file():
         return dest / CONVERTER
+    if dest.exists():  # not a copy this function wrote (those appear complete or not at all)
+        raise FileExistsError(f"{dest} exists but holds no {CONVERTER}; remove it, or pass another destination")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.tmp-", dir=dest.parent) as scratch:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", scratch,
-             f"llama-cpp-python=={LLAMA_CPP_PYTHON}"],
-            check=True,
-        )
+        download = ["download", "-q", "--no-deps", "--no-binary", ":all:", "-d", scratch,
+                    f"llama-cpp-python=={LLAMA_CPP_PYTHON}"]
+        pip = [sys.executable, "-m", "pip"] if importlib.util.find_spec("pip") else None
+        if pip is None:
+            raise RuntimeError(
+                f"fetching llama.cpp's converter needs pip in this environment ({sys.executable}); install it "
+                f"(python -m ensurepip), or unpack llama-cpp-python {LLAMA_CPP_PYTHON}'s sdist yourself and pass "
+                "--llama-cpp DIR"
+            )
+        subprocess.run([*pip, *download], check=True)
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
         with tarfile.open(next(Path(scratch).glob("llama_cpp_python-*.tar.gz"))) as archive:
             members = [
                 m for m in archive.getmembers()
                 if m.isfile() and m.name.startswith(prefix) and m.name[len(prefix):].startswith(_KEPT)
             ]
-            archive.extractall(scratch, members=members, filter="data")
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12
+            archive.extractall(scratch, members=members, **safe)
         os.rename(Path(scratch) / prefix, dest)
     return dest / CONVERTER
 

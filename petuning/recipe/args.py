@@ -8,9 +8,13 @@ The YAML file is flat, as for ``trl sft --config``: any field of ``ScriptArgumen
 override the file. ``method_options`` is a mapping in the file; on the command line it is JSON that updates the file's
 mapping key by key (``--method_options '{"r": 8}'``).
 
-Two defaults differ from TRL's, because TRL's assume a GPU: ``bf16`` follows the hardware (on where the device
-supports bfloat16, else off) and ``dtype`` follows ``bf16`` (bfloat16 weights under bf16 training, else float32),
-unless the file or the command line sets them.
+Two defaults differ from TRL's, because TRL's assume a GPU: ``bf16`` follows the hardware (TRL's default, on unless
+fp16 is, where the GPU supports bfloat16; else off) and ``dtype`` follows ``bf16`` (bfloat16 weights under bf16
+training, else float32; ``auto`` means the same), unless the file or the command line sets them. Options the recipe
+cannot honour are refused rather than ignored: TRL's LoRA flags (``use_peft``, ``lora_*``: use ``method`` and
+``method_options``), ``load_in_8bit``, streaming datasets, and the two method features that need the model's full
+logits, which SFTTrainer's fused LM head does not compute (PAT's ``distill_weight``, masked tuning's
+``gradient_dropout``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 import petuning  # noqa: F401  (registers every petuning method with peft)
+from petuning.recipe.setup import bf16_supported
 
 #: PeftConfig fields the recipe sets itself.
 RECIPE_OWNED_PEFT_FIELDS = {"peft_version", "peft_type", "task_type", "base_model_name_or_path", "revision",
@@ -71,11 +76,6 @@ class PetuningArguments:
                   "answers (needs eval_metric)."},
     )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Train on at most this many records."})
-    fresh_start: bool = field(
-        default=False,
-        metadata={"help": "Ignore checkpoints in output_dir. By default a run resumes from the latest one there "
-                  "(resume_from_checkpoint names another)."},
-    )
 
 
 @dataclass
@@ -88,8 +88,13 @@ class RecipeArguments:
     petuning: PetuningArguments
 
     def to_dict(self) -> dict[str, Any]:
-        """The model and petuning arguments, and the data ones, as plain values (for ``recipe.yaml``)."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in ("script", "model", "petuning")}
+        """Every argument as one flat mapping of plain values, in the recipe's own format: ``recipe.yaml``, which
+        ``petuning train`` reads back."""
+        known = {a.dest for a in make_parser()._actions}
+        values = {**self.training.to_dict(), **dataclasses.asdict(self.script), **dataclasses.asdict(self.model),
+                  **dataclasses.asdict(self.petuning)}
+        return {k: v for k, v in values.items() if k in known and isinstance(v, (str, int, float, bool, list, dict,
+                                                                                  type(None)))}
 
 
 # --------------------------------------------------------------------------- methods
@@ -144,8 +149,37 @@ def make_parser() -> TrlParser:
     return TrlParser((ScriptArguments, SFTConfig, ModelConfig, PetuningArguments))
 
 
-def _bf16_supported() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+#: ModelConfig / ScriptArguments fields the recipe does not act on, with their defaults and what to use instead.
+_REFUSED = {
+    "use_peft": (False, "set method: lora and method_options"),
+    "use_dora": (False, "set method: lora and method_options: {use_dora: true}"),
+    "use_rslora": (False, "set method: lora and method_options: {use_rslora: true}"),
+    "load_in_8bit": (False, "use load_in_4bit"),
+    "dataset_streaming": (False, "load the dataset into memory or save_to_disk"),
+}
+
+
+def _refuse_unused(model: ModelConfig, script: ScriptArguments) -> None:
+    for name, (default, instead) in _REFUSED.items():
+        source = model if hasattr(model, name) else script
+        if getattr(source, name, default) != default:
+            raise ValueError(f"{name} is not used by petuning's recipe; {instead}")
+    defaults = ModelConfig()
+    for f in dataclasses.fields(ModelConfig):
+        if f.name.startswith("lora_") and getattr(model, f.name) != getattr(defaults, f.name):
+            raise ValueError(f"{f.name} is TRL's LoRA flag, which petuning's recipe does not read; set method: lora "
+                             f"and method_options: {{{f.name[len('lora_'):]}: ...}} instead")
+
+
+def _refuse_logits_features(method: str, options: dict[str, Any]) -> None:
+    """PAT's distillation and masked tuning's gradient dropout compare full logits, which SFTTrainer's fused LM head
+    does not compute; refuse them before a model is loaded (their layers would refuse at the first step)."""
+    if method == "pat" and float(options.get("distill_weight") or 0) > 0:
+        raise ValueError("method_options.distill_weight > 0 needs the model's full logits, which TRL's SFTTrainer does "
+                         "not compute; set it to 0 here, or distill from your own Trainer or TrainingHooks loop")
+    if method == "mask_tuning" and options.get("gradient_dropout"):
+        raise ValueError("method_options.gradient_dropout needs the model's full logits, which TRL's SFTTrainer does "
+                         "not compute; set it to false here, or use it from your own Trainer or TrainingHooks loop")
 
 
 def parse_recipe_args(argv: Optional[Sequence[str]] = None) -> RecipeArguments:
@@ -156,6 +190,8 @@ def parse_recipe_args(argv: Optional[Sequence[str]] = None) -> RecipeArguments:
         argv = ["--config", *argv]
     file_config: dict[str, Any] = {}
     if "--config" in argv:
+        if argv.index("--config") == len(argv) - 1:
+            raise ValueError("--config needs a file: petuning train CONFIG.yaml [--flag value ...]")
         path = Path(argv[argv.index("--config") + 1])
         if not path.is_file():
             raise FileNotFoundError(f"recipe config {str(path)!r} does not exist")
@@ -166,15 +202,26 @@ def parse_recipe_args(argv: Optional[Sequence[str]] = None) -> RecipeArguments:
     parser = make_parser()
     cuda = torch.cuda.is_available()  # without it: no bf16, no pinned memory, and gloo for several CPU processes
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    parser.set_defaults_with_config(bf16=_bf16_supported(), dtype=None, dataloader_pin_memory=cuda,
-                                    ddp_backend="gloo" if several and not cuda else None)
+    parser.set_defaults_with_config(bf16=None if bf16_supported(torch.device("cuda")) else False, dtype=None,
+                                    dataloader_pin_memory=cuda, ddp_backend="gloo" if several and not cuda else None)
     try:
         script, training, model, options = parser.parse_args_and_config(argv)
-    except SystemExit as exit_:  # argparse's own message is already printed; say it as an error
+    except SystemExit as exit_:  # argparse's own message (or --help) is already printed
+        if exit_.code in (0, None):
+            raise
         raise ValueError(f"could not parse the recipe's arguments {argv} (see the message above)") from exit_
-    model.dtype = model.dtype or ("bfloat16" if training.bf16 else "float32")
+    if model.dtype in (None, "auto"):
+        model.dtype = "bfloat16" if training.bf16 else "float32"
     options.method_options = _method_options(file_config.get("method_options"), options.method_options)
     build_peft_config(options.method, options.method_options)  # now, not after loading a model
+    _refuse_unused(model, script)
+    _refuse_logits_features(options.method, options.method_options)
+    template = training.chat_template_path
+    if template and not template.endswith((".jinja", ".j2")) and (options.eval_metric or options.reload_check):
+        raise ValueError(
+            f"chat_template_path={template!r} makes SFTTrainer clone a model's template (adding tokens and resizing "
+            "the embeddings), which the exact-match prompts and the reload check would not see; give a .jinja file"
+        )
     if options.eval_metric not in (None, *METRICS):
         raise ValueError(f"eval_metric={options.eval_metric!r} is not one of {METRICS} (or null)")
     if options.reload_check and options.eval_metric is None:

@@ -33,6 +33,8 @@ def train_main(argv: Sequence[str]) -> int:
             print(f"{name} ({config_cls.__name__}): {', '.join(method_options(config_cls))}")
         return 0
     if argv[0] == "--check":
+        if len(argv) != 2:
+            raise ValueError("usage: petuning train --check OUTPUT_DIR (a finished run's output_dir)")
         return min(check_reload(argv[1]), 1)
     args = parse_recipe_args(argv)
     result = run_sft(args)

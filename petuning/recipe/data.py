@@ -51,10 +51,11 @@ def load_splits(name: str, config: Optional[str] = None):
         return datasets.load_dataset(name, config)
     except ConnectionError as error:
         raise ConnectionError(
-            f"dataset {name!r} is not a local file or folder, and the Hugging Face Hub could not be reached for it "
-            f"({error}). Fix: download it where the Hub is reachable (datasets.load_dataset({name!r})"
-            ".save_to_disk(DIR)) and pass DIR, give a local data file, or, if this machine is online, unset "
-            "HF_HUB_OFFLINE."
+            f"dataset {name!r} is not a local file or folder (no {path.absolute()}), and the Hugging Face Hub could "
+            f"not be reached for it ({error}). Fix: download it where the Hub is reachable "
+            f"(datasets.load_dataset({name!r}).save_to_disk(DIR)) and pass DIR, give a local data file, or, if this "
+            "machine is online, unset HF_HUB_OFFLINE. The 7B configs' data/ folders are made by "
+            "recipes/prepare_dataset.py."
         ) from None
 
 

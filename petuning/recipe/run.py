@@ -34,7 +34,7 @@ from trl import ModelConfig, SFTTrainer
 from petuning.data import generate_from_ids
 from petuning.recipe.args import RecipeArguments, build_peft_config
 from petuning.recipe.data import check_layout, load_splits, prompts_and_references, split
-from petuning.recipe.setup import load_model, load_tokenizer
+from petuning.recipe.setup import load_model, load_tokenizer, resolve_packing
 from petuning.training import attach_to_trainer
 
 logger = logging.getLogger("petuning.recipe")
@@ -216,10 +216,8 @@ def run_sft(args: RecipeArguments, callbacks: tuple[TrainerCallback, ...] = ()) 
         (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(args.to_dict(), sort_keys=False))
 
     model, attention = build_model(args)
-    if (training.packing or training.padding_free) and attention != "flash_attention_2":
-        logger.warning("packing and padding-free turned off: they need flash_attention_2 and the model uses %s "
-                       "(sdpa and eager would let packed examples attend to each other)", attention)
-        training.packing = training.padding_free = False
+    training.packing = resolve_packing(training.packing, attention)
+    training.padding_free = resolve_packing(training.padding_free, attention)
     metrics: dict[str, Any] = {"method": options.method, "model": args.model.model_name_or_path,
                                "world_size": state.num_processes, "attention": attention, "bf16": training.bf16,
                                "packing": training.packing}

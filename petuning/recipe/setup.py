@@ -69,10 +69,11 @@ def resolve_attention(requested: str, device: torch.device, dtype: torch.dtype) 
 
 
 def resolve_packing(requested: bool, attention: str) -> bool:
-    """Packing (padding-free rows) only with flash attention: sdpa and eager would let packed examples attend
+    """Packing (or padding-free rows) only with flash attention: sdpa and eager would let packed examples attend
     to each other."""
     if requested and attention != "flash_attention_2":
-        logger.warning("packing turned off: packing needs flash_attention_2 and the model uses %s", attention)
+        logger.warning("packing / padding-free turned off: packing needs flash_attention_2 and the model uses %s",
+                       attention)
         return False
     return requested
 
