@@ -190,10 +190,6 @@ def test_options_the_recipe_cannot_honour_are_refused():
         parse("--lora_r", "8")
     with pytest.raises(ValueError, match="load_in_8bit is not used .* use load_in_4bit"):
         parse("--load_in_8bit", "true")
-    with pytest.raises(ValueError, match="distill_weight > 0 needs the model's full logits"):
-        parse("--method", "pat", "--method_options", '{"distill_weight": 0.5}')
-    with pytest.raises(ValueError, match="gradient_dropout needs the model's full logits"):
-        parse("--method", "mask_tuning", "--method_options", '{"gradient_dropout": true}')
     with pytest.raises(ValueError, match="clone a model's template"):
         parse("--chat_template_path", "someone/model", "--eval_metric", "exact_match")
     with pytest.raises(ValueError, match="--config needs a file"):

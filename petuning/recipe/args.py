@@ -12,9 +12,9 @@ Two defaults differ from TRL's, because TRL's assume a GPU: ``bf16`` follows the
 fp16 is, where the GPU supports bfloat16; else off) and ``dtype`` follows ``bf16`` (bfloat16 weights under bf16
 training, else float32; ``auto`` means the same), unless the file or the command line sets them. Options the recipe
 cannot honour are refused rather than ignored: TRL's LoRA flags (``use_peft``, ``lora_*``: use ``method`` and
-``method_options``), ``load_in_8bit``, streaming datasets, and the two method features that need the model's full
-logits, which SFTTrainer's fused LM head does not compute (PAT's ``distill_weight``, masked tuning's
-``gradient_dropout``).
+``method_options``), ``load_in_8bit`` and streaming datasets. (The two method features that need the model's full
+logits, which SFTTrainer's fused LM head does not compute, PAT's ``distill_weight`` and masked tuning's
+``gradient_dropout``, are refused by the methods themselves, at the first training step.)
 """
 
 from __future__ import annotations
@@ -171,23 +171,13 @@ def _refuse_unused(model: ModelConfig, script: ScriptArguments) -> None:
                              f"and method_options: {{{f.name[len('lora_'):]}: ...}} instead")
 
 
-def _refuse_logits_features(method: str, options: dict[str, Any]) -> None:
-    """PAT's distillation and masked tuning's gradient dropout compare full logits, which SFTTrainer's fused LM head
-    does not compute; refuse them before a model is loaded (their layers would refuse at the first step)."""
-    if method == "pat" and float(options.get("distill_weight") or 0) > 0:
-        raise ValueError("method_options.distill_weight > 0 needs the model's full logits, which TRL's SFTTrainer does "
-                         "not compute; set it to 0 here, or distill from your own Trainer or TrainingHooks loop")
-    if method == "mask_tuning" and options.get("gradient_dropout"):
-        raise ValueError("method_options.gradient_dropout needs the model's full logits, which TRL's SFTTrainer does "
-                         "not compute; set it to false here, or use it from your own Trainer or TrainingHooks loop")
-
-
 def parse_recipe_args(argv: Optional[Sequence[str]] = None) -> RecipeArguments:
     """Parse ``[CONFIG.yaml] [--flag value ...]`` (or ``--config CONFIG.yaml``); check the method and its options,
     the dataset and the metric before any model is loaded."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):
         argv = ["--config", *argv]
+    parser = make_parser()
     file_config: dict[str, Any] = {}
     if "--config" in argv:
         if argv.index("--config") == len(argv) - 1:
@@ -198,8 +188,7 @@ def parse_recipe_args(argv: Optional[Sequence[str]] = None) -> RecipeArguments:
         file_config = yaml.safe_load(path.read_text("utf-8")) or {}
         if not isinstance(file_config, dict):
             raise ValueError(f"{path}: a recipe config is a YAML mapping of argument names to values")
-        _check_keys(file_config, path)
-    parser = make_parser()
+        _check_keys(file_config, path, parser)
     cuda = torch.cuda.is_available()  # without it: no bf16, no pinned memory, and gloo for several CPU processes
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     parser.set_defaults_with_config(bf16=None if bf16_supported(torch.device("cuda")) else False, dtype=None,
@@ -215,7 +204,6 @@ def parse_recipe_args(argv: Optional[Sequence[str]] = None) -> RecipeArguments:
     options.method_options = _method_options(file_config.get("method_options"), options.method_options)
     build_peft_config(options.method, options.method_options)  # now, not after loading a model
     _refuse_unused(model, script)
-    _refuse_logits_features(options.method, options.method_options)
     template = training.chat_template_path
     if template and not template.endswith((".jinja", ".j2")) and (options.eval_metric or options.reload_check):
         raise ValueError(
@@ -231,8 +219,8 @@ def parse_recipe_args(argv: Optional[Sequence[str]] = None) -> RecipeArguments:
     return RecipeArguments(script, training, model, options)
 
 
-def _check_keys(file_config: dict[str, Any], path: Path) -> None:
-    known = {a.dest for a in make_parser()._actions} | {"env"}
+def _check_keys(file_config: dict[str, Any], path: Path, parser: TrlParser) -> None:
+    known = {a.dest for a in parser._actions} | {"env"}
     for key in file_config:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
