@@ -6,6 +6,7 @@
 
 from petuning import import_noise  # noqa: F401  (before peft imports bitsandbytes)
 from petuning import registry  # noqa: F401  (checks the peft version and the transformers/peft pair first)
+from petuning.distillation import sample_teacher_rows
 from petuning.training import PetuningCallback, TrainingHooks, attach_to_trainer
 from petuning.tuners import FloraConfig, FloraModel
 from petuning.tuners import SorsaConfig, SorsaModel
@@ -30,4 +31,5 @@ __all__ = [
     "TrainingHooks",
     "__version__",
     "attach_to_trainer",
+    "sample_teacher_rows",
 ]

@@ -29,6 +29,7 @@ class Experiment:
     param_lrs: dict = field(default_factory=dict)  # parameter-name substring -> its own peak lr (both tiers)
     tiers: tuple = ("toy", "real")  # the tiers whose default run includes it (ablations: the real tier only)
     real_step_factor: float = 1.0  # real tier: steps = factor x --steps (PAT may take up to 3x LoRA's; reported)
+    teacher_rows: int = 0  # real tier: rows sampled from the original added to each batch (data-free distillation)
 
 
 ALL = "all-linear"
@@ -157,6 +158,17 @@ EXPERIMENTS = {
             3e-3,
             real_lr=1e-3,
             tiers=("real",),
+        ),
+        Experiment(
+            "pat-prune25-r8-lr1e-3-distill-text",  # + distillation on 8 rows per batch of text sampled from the original
+            lambda steps: petuning.PatConfig(
+                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, distill_weight=1.0,
+                task_type=CAUSAL,
+            ),
+            3e-3,
+            real_lr=1e-3,
+            tiers=("real",),
+            teacher_rows=8,
         ),
         Experiment(
             "pat-prune25-r8-zero-init-lr1e-3",  # ablation: the paper's m = 0 and no protected channels

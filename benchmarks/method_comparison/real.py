@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 
 from petuning.data import SFTCollator, exact_match_accuracy, load_embedded_task, tokenize_for_sft
+from petuning.distillation import sample_teacher_rows
 
 GENERAL_TEXT = Path(__file__).resolve().parent / "general_text.jsonl"
+TEACHER_POOL, TEACHER_LENGTH = 512, 40  # texts sampled from the original for data-free distillation, tokens each
 
 
 @torch.no_grad()
@@ -48,11 +50,24 @@ class RealTier:
 
         return AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
 
-    def batches(self, batch_size: int, seed: int):
+    def teacher_rows(self, model, cache: Path, seed: int) -> list[dict]:
+        """The pool of :data:`TEACHER_POOL` texts sampled from the original ``model`` (cached under ``cache``)."""
+        path = cache / f"smollm2_teacher_rows_{TEACHER_POOL}x{TEACHER_LENGTH}_seed{seed}.json"
+        if not path.exists():
+            rows = sample_teacher_rows(model, self.tokenizer, TEACHER_POOL, TEACHER_LENGTH, seed=seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(rows))
+        return json.loads(path.read_text())
+
+    def batches(self, batch_size: int, seed: int, teacher_rows: list[dict] = (), per_batch: int = 0):
+        """Batches of ``batch_size`` training questions, plus ``per_batch`` rows drawn from ``teacher_rows``."""
         features = [tokenize_for_sft(example, self.tokenizer) for example in load_embedded_task("train")]
         rng = random.Random(seed)
         while True:
-            yield self.collate(rng.sample(features, batch_size))
+            rows = rng.sample(features, batch_size)
+            if per_batch:
+                rows += rng.sample(teacher_rows, per_batch)
+            yield self.collate(rows)
 
     @torch.no_grad()
     def new_task(self, model) -> dict[str, float]:

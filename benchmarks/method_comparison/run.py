@@ -96,6 +96,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
     tier = TIERS[args.tier](args)
     model = tier.load_base()
     before_old, before_new = tier.retention(model), tier.new_task(model)
+    teacher_rows = tier.teacher_rows(model, args.cache, args.seed) if experiment.teacher_rows else []
     rss_before = _reset_peak_rss()
     config = experiment.make_config(args.steps)
     init_started = time.perf_counter()
@@ -111,7 +112,8 @@ def run_experiment(args: argparse.Namespace) -> dict:
     model.train()
     train_started = time.perf_counter()
     with petuning.TrainingHooks(model, optimizer, peak_lr=lr, max_steps=args.steps, **experiment.hooks):
-        for step, batch in enumerate(tier.batches(args.batch_size, args.seed + 1), start=1):
+        batches = tier.batches(args.batch_size, args.seed + 1, teacher_rows, experiment.teacher_rows)
+        for step, batch in enumerate(batches, start=1):
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -165,6 +167,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
             "init_time": init_time,
             "steps": args.steps,
             "batch_size": args.batch_size,
+            "teacher rows per batch": experiment.teacher_rows,
             "lr": lr,
             "param lrs": experiment.param_lrs,
             "train total tokens": tokens,

@@ -158,7 +158,8 @@ class PatConfig(PeftConfig):
         metadata={
             "help": "Weight of a self-distillation term (not in the paper): KL(teacher || model) of the next-token "
             "distributions, averaged over the positions the attention mask keeps and the task loss does not score "
-            "(the prompt). The teacher is the same model with the PAT adapter bypassed, in eval mode: the unpruned "
+            "(the prompt, and every position of a row whose labels are all -100, such as the rows "
+            "petuning.sample_teacher_rows samples from the original: data-free distillation). The teacher is the same model with the PAT adapter bypassed, in eval mode: the unpruned "
             "original, so it needs no second copy; it costs one extra no-grad forward per training forward. It "
             "pulls the pruned model back towards the original's language modelling, which the task loss alone does "
             "not restore. 0 turns it off."
