@@ -70,7 +70,7 @@ def test_pat_distils_every_position_of_a_teacher_row():
     measured = collect_metrics(student)["pat_distill_loss"]
 
     with torch.no_grad():
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = student(**batch).logits  # the same training-mode forward
         reference = original(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     positions = batch["attention_mask"].bool()
     positions[0, 6:] = False  # positions 6..8 predict the scored tokens 7..9; position 9 predicts nothing scored
