@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.petuning-installed
 
-.PHONY: demo test bench lock clean
+.PHONY: demo test lint format bench lock clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile scripts/setup_venv.sh
 	scripts/setup_venv.sh $(VENV) constraints.txt
@@ -19,6 +19,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
+
+# ruff's formatter and linter, configured in pyproject.toml; `make format` applies what they can fix.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check --diff .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP)
 	$(PY) benchmarks/method_comparison/run.py

@@ -16,8 +16,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 
@@ -136,9 +136,7 @@ def profile_allocations(step: Callable[[], object]) -> tuple[int, int, int]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     # The raw (kineto) event list holds every allocation/free; prof.events() folds most of them into ops.
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     running = peak = 0
     for _, nbytes in events:
         running += nbytes

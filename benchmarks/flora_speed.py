@@ -53,15 +53,24 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from _common import (  # benchmarks/_common.py; also makes petuning importable from a checkout
-    LM_TARGETS, MIB, RESULTS_DIR, TINY_LLAMA, interleaved_blocks, lora_config, machine_info, profile_allocations,
-    storage_bytes, utc_now, write_json
+    LM_TARGETS,
+    MIB,
+    RESULTS_DIR,
+    TINY_LLAMA,
+    interleaved_blocks,
+    lora_config,
+    machine_info,
+    profile_allocations,
+    storage_bytes,
+    utc_now,
+    write_json,
 )
 from peft import PeftConfig, get_peft_model
 from torch import nn
@@ -133,6 +142,7 @@ def _conv_configs(rank: int):
     def configs():
         lora = lambda: lora_config(rank, CONV_TARGETS)  # noqa: E731
         target = trainable(lora())
+
         def gap(j: int) -> int:
             return abs(trainable(petuning.FloraConfig(r=j, target_modules=CONV_TARGETS)) - target)
 
@@ -146,17 +156,28 @@ def workloads(lm_rank: int, conv_rank: int) -> dict[str, Workload]:
     desc = "Llama from config: " + ", ".join(f"{k}={v}" for k, v in TINY_LLAMA.items()) + "; batch 8 x 128 tokens"
     return {
         "tiny_llama": Workload(
-            "tiny_llama", desc, lambda: build_tiny_model("llama", seed=0, **TINY_LLAMA), _lm_batch(8, 128), _lm_loss,
+            "tiny_llama",
+            desc,
+            lambda: build_tiny_model("llama", seed=0, **TINY_LLAMA),
+            _lm_batch(8, 128),
+            _lm_loss,
             _lm_configs(lm_rank),
         ),
         "smollm2_135m": Workload(
-            "smollm2_135m", "SmolLM2-135M-Instruct (float32); batch 4 x 128 tokens", lambda: load_smollm2()[0],
-            _lm_batch(4, 128), _lm_loss, _lm_configs(lm_rank),
+            "smollm2_135m",
+            "SmolLM2-135M-Instruct (float32); batch 4 x 128 tokens",
+            lambda: load_smollm2()[0],
+            _lm_batch(4, 128),
+            _lm_loss,
+            _lm_configs(lm_rank),
         ),
         "convnet": Workload(
-            "convnet", ConvNet.__doc__ + " Batch 32 x 3 x 32 x 32; targets " + ", ".join(CONV_TARGETS), _seeded_convnet,
+            "convnet",
+            ConvNet.__doc__ + " Batch 32 x 3 x 32 x 32; targets " + ", ".join(CONV_TARGETS),
+            _seeded_convnet,
             lambda base, g: (torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)),
-            lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]), _conv_configs(conv_rank),
+            lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]),
+            _conv_configs(conv_rank),
         ),
     }
 
@@ -231,7 +252,7 @@ def bench(workload: Workload, warmup: int, repeats: int, steps_per_block: int, b
             "transient_peak_mib": transient,
             "peak_mib": static + transient,
         }
-    paired = [f / l for f, l in zip(blocks["flora"], blocks["lora"])]
+    paired = [f / ref for f, ref in zip(blocks["flora"], blocks["lora"])]
     flora, lora = variants["flora"], variants["lora"]
     ratio = {
         "trainable_params": flora["trainable_params"] / lora["trainable_params"],
@@ -243,7 +264,9 @@ def bench(workload: Workload, warmup: int, repeats: int, steps_per_block: int, b
         "transient_memory": flora["transient_peak_mib"] / lora["transient_peak_mib"],
     }
     for variant in variants.values():
-        variant["config"] = {k: v for k, v in variant["config"].items() if k in ("r", "r_kernel", "scale", "lora_alpha")}
+        variant["config"] = {
+            k: v for k, v in variant["config"].items() if k in ("r", "r_kernel", "scale", "lora_alpha")
+        }
     del runners
     gc.collect()
     return {
@@ -262,15 +285,21 @@ def bench(workload: Workload, warmup: int, repeats: int, steps_per_block: int, b
 def report(name: str, res: dict) -> None:
     lo, hi = res["flora_over_lora"]["step_time_paired_range"]
     r = res["flora_over_lora"]
-    print(f"\n{name} ({res['repeats']} repeats x {res['steps_per_block']} steps, load avg "
-          f"{res['loadavg_1min_before_after'][0]:.1f} -> {res['loadavg_1min_before_after'][1]:.1f})")
+    print(
+        f"\n{name} ({res['repeats']} repeats x {res['steps_per_block']} steps, load avg "
+        f"{res['loadavg_1min_before_after'][0]:.1f} -> {res['loadavg_1min_before_after'][1]:.1f})"
+    )
     for v, d in res["variants"].items():
-        print(f"  {v:<6} params {d['trainable_params']:>9,}  step median {d['step_s_median']:.4f}s  min "
-              f"{d['step_s_min']:.4f}s  static {d['static_mib']:.1f} MiB  transient {d['transient_peak_mib']:.1f} MiB"
-              f"  peak {d['peak_mib']:.1f} MiB   config {d['config']}")
-    print(f"  flora/lora: params {r['trainable_params']:.3f}x, step time {r['step_time']:.3f}x (paired median "
-          f"{r['step_time_paired_median']:.3f}x, range {lo:.3f}-{hi:.3f}; ratio of minima {r['step_time_min']:.3f}x), "
-          f"peak memory {r['peak_memory']:.3f}x, transient {r['transient_memory']:.3f}x")
+        print(
+            f"  {v:<6} params {d['trainable_params']:>9,}  step median {d['step_s_median']:.4f}s  min "
+            f"{d['step_s_min']:.4f}s  static {d['static_mib']:.1f} MiB  transient {d['transient_peak_mib']:.1f} MiB"
+            f"  peak {d['peak_mib']:.1f} MiB   config {d['config']}"
+        )
+    print(
+        f"  flora/lora: params {r['trainable_params']:.3f}x, step time {r['step_time']:.3f}x (paired median "
+        f"{r['step_time_paired_median']:.3f}x, range {lo:.3f}-{hi:.3f}; ratio of minima {r['step_time_min']:.3f}x), "
+        f"peak memory {r['peak_memory']:.3f}x, transient {r['transient_memory']:.3f}x"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,8 +312,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=60, help="seconds of timed repeats per workload")
     parser.add_argument("--lm-rank", type=int, default=16)
     parser.add_argument("--conv-rank", type=int, default=8)
-    parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=None,
-                        help="measure only these workloads and keep the others' results already in --out")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=WORKLOADS,
+        default=None,
+        help="measure only these workloads and keep the others' results already in --out",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

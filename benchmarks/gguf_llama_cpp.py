@@ -72,8 +72,13 @@ def main() -> None:
         export = export_adapter(args.adapter, Path(scratch) / "gguf", format="gguf", gguf_type="f16", prune=args.prune)
         (gguf_file,) = [name for name in export.files if name.endswith(".gguf")]
         request = {"model": str(export.folder / gguf_file), "prompts": prompts, "max_new_tokens": args.max_new_tokens}
-        child = subprocess.run([args.llama_python, "-c", _LLAMA_CPP_CHILD], input=json.dumps(request),
-                               capture_output=True, text=True, check=False)
+        child = subprocess.run(
+            [args.llama_python, "-c", _LLAMA_CPP_CHILD],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     if child.returncode != 0:
         sys.exit(f"llama-cpp-python failed in {args.llama_python}:\n{child.stderr[-2000:]}")
     reply = json.loads(child.stdout)
@@ -99,9 +104,11 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"llama.cpp and transformers agree on {agree}/{len(examples)} greedy answers; exact match "
-          f"{result['exact_match_llama_cpp']:.2f} (llama.cpp) vs {result['exact_match_transformers']:.2f} "
-          f"(transformers). Wrote {args.out}")
+    print(
+        f"llama.cpp and transformers agree on {agree}/{len(examples)} greedy answers; exact match "
+        f"{result['exact_match_llama_cpp']:.2f} (llama.cpp) vs {result['exact_match_transformers']:.2f} "
+        f"(transformers). Wrote {args.out}"
+    )
 
 
 def load_tokenizer_for(adapter: Path, model):

@@ -41,15 +41,22 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import peft
 import torch
 import transformers
 from _common import (  # benchmarks/_common.py; also makes petuning importable from a checkout
-    MIB, RESULTS_DIR, TINY_LLAMA, interleaved_blocks, lora_config, profile_allocations, storage_bytes, utc_now,
-    write_json
+    MIB,
+    RESULTS_DIR,
+    TINY_LLAMA,
+    interleaved_blocks,
+    lora_config,
+    profile_allocations,
+    storage_bytes,
+    utc_now,
+    write_json,
 )
 from peft import PeftConfig, get_peft_model
 
@@ -118,14 +125,24 @@ class Runner:
             set_training_run(self.model, True)
 
 
-def bench(name: str, make_base: Callable[[], torch.nn.Module], batch_size: int, seq: int, warmup: int, repeats: int, block: int) -> dict:
+def bench(
+    name: str,
+    make_base: Callable[[], torch.nn.Module],
+    batch_size: int,
+    seq: int,
+    warmup: int,
+    repeats: int,
+    block: int,
+) -> dict:
     print(f"\n== {name}: batch {batch_size} x {seq} tokens", flush=True)
     runners: dict[str, Runner] = {}
     batch = None
     for variant, make_config in variants().items():
         base = make_base()
         if batch is None:
-            batch = torch.randint(0, base.config.vocab_size, (batch_size, seq), generator=torch.Generator().manual_seed(0))
+            batch = torch.randint(
+                0, base.config.vocab_size, (batch_size, seq), generator=torch.Generator().manual_seed(0)
+            )
         runners[variant] = Runner(base, make_config(), batch)
     names = list(runners)
     for variant in names:
@@ -134,8 +151,16 @@ def bench(name: str, make_base: Callable[[], torch.nn.Module], batch_size: int, 
     load_before = os.getloadavg()[0]
     times, _ = interleaved_blocks({n: runners[n].step for n in names}, repeats, block)
     load_after = os.getloadavg()[0]
-    result = {"batch": batch_size, "seq": seq, "warmup": warmup, "repeats": repeats, "steps_per_block": block,
-              "load_avg_1min_before_after": [load_before, load_after], "variants": {}, "ratios_to_lora": {}}
+    result = {
+        "batch": batch_size,
+        "seq": seq,
+        "warmup": warmup,
+        "repeats": repeats,
+        "steps_per_block": block,
+        "load_avg_1min_before_after": [load_before, load_after],
+        "variants": {},
+        "ratios_to_lora": {},
+    }
     for variant, runner in runners.items():
         gc.collect()
         result["variants"][variant] = {
@@ -166,8 +191,12 @@ def bench(name: str, make_base: Callable[[], torch.nn.Module], batch_size: int, 
         print(
             f"  {variant:12s} step {v['step_s_median']:.3f}s (min {v['step_s_min']:.3f}s)"
             f"  peak {v['memory']['peak_mib']:.0f} MiB  file {v['adapter_file_bytes'] / 1024:.0f} KiB"
-            + (f"  | x LoRA: time {ratio['step_time_median']:.2f} (min {ratio['step_time_min']:.2f}),"
-               f" memory {ratio['peak_memory']:.2f}, file {ratio['adapter_file_size']:.2f}" if ratio else ""),
+            + (
+                f"  | x LoRA: time {ratio['step_time_median']:.2f} (min {ratio['step_time_min']:.2f}),"
+                f" memory {ratio['peak_memory']:.2f}, file {ratio['adapter_file_size']:.2f}"
+                if ratio
+                else ""
+            ),
             flush=True,
         )
     del runners
@@ -194,7 +223,12 @@ def main() -> None:
         "models": {},
     }
     results["models"]["tiny_llama"] = bench(
-        "tiny_llama", lambda: build_tiny_model("llama", seed=0, **TINY_LLAMA), 8, 128, args.warmup, args.repeats,
+        "tiny_llama",
+        lambda: build_tiny_model("llama", seed=0, **TINY_LLAMA),
+        8,
+        128,
+        args.warmup,
+        args.repeats,
         args.steps_per_block,
     )
     if not args.quick:

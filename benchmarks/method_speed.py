@@ -86,14 +86,23 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from _common import (  # benchmarks/_common.py; also makes petuning importable from a checkout
-    LM_TARGETS, MIB, RESULTS_DIR, TINY_LLAMA, interleaved_blocks, lora_config, machine_info, profile_allocations,
-    rotated, storage_bytes, write_results
+    LM_TARGETS,
+    MIB,
+    RESULTS_DIR,
+    TINY_LLAMA,
+    interleaved_blocks,
+    lora_config,
+    machine_info,
+    profile_allocations,
+    rotated,
+    storage_bytes,
+    write_results,
 )
 from peft import PeftConfig, get_peft_model
 
@@ -140,7 +149,10 @@ def peft_configs(rank: int) -> dict[str, Callable[[], PeftConfig]]:
         # the paper's setting, as committed in results/method_speed.json (the defaults: mask_tuning_speed.py)
         "mask_tuning": lambda: petuning.MaskTuningConfig(target_modules=t, mask_share=1.0, mask_mode="threshold"),
         "mask_tuning_gd": lambda: petuning.MaskTuningConfig(
-            target_modules=t, mask_share=1.0, mask_mode="threshold", gradient_dropout=True,
+            target_modules=t,
+            mask_share=1.0,
+            mask_mode="threshold",
+            gradient_dropout=True,
             gradient_dropout_batch_share=1.0,
         ),
         "pat": lambda: petuning.PatConfig(pruning_ratio=0.25, hsm_rank=rank, lora_r=rank, schedule_steps=MAX_STEPS),
@@ -324,7 +336,7 @@ def bench_training(
     for name in names:
         if name == "lora":
             continue
-        paired = [s / l for s, l in zip(block_medians[name], block_medians["lora"])]
+        paired = [s / ref for s, ref in zip(block_medians[name], block_medians["lora"])]
         ratios[f"{name}/lora"] = {
             "step_time": variants[name]["step_s_median"] / variants["lora"]["step_s_median"],
             "step_time_min": variants[name]["step_s_min"] / variants["lora"]["step_s_min"],
@@ -335,7 +347,7 @@ def bench_training(
             "peak_memory": memory[name]["peak_mib"] / memory["lora"]["peak_mib"],
             "transient_memory": memory[name]["transient_peak_mib"] / memory["lora"]["transient_peak_mib"],
         }
-    del runners
+    runners.clear()
     gc.collect()
     return {
         "model": spec.description,
@@ -356,7 +368,11 @@ def bench_training(
 def bench_init(spec: ModelSpec, rank: int, repeats: int, variants: list[str]) -> dict:
     """Median wall time of get_peft_model on a fresh base: LoRA vs SORSA full / randomized SVD."""
     print(f"\n== init time on {spec.name} (get_peft_model, {repeats} interleaved repeats)", flush=True)
-    configs = {n: f for n, f in init_configs(rank).items() if n.removesuffix("_svd_full").removesuffix("_svd_randomized") in variants}
+    configs = {
+        n: f
+        for n, f in init_configs(rank).items()
+        if n.removesuffix("_svd_full").removesuffix("_svd_randomized") in variants
+    }
     times: dict[str, list[float]] = {n: [] for n in configs}
     names = list(configs)
     for rep in range(repeats):
@@ -380,24 +396,34 @@ def bench_init(spec: ModelSpec, rank: int, repeats: int, variants: list[str]) ->
 
 # -------------------------------------------------------------------------------------------- report
 def print_training_table(name: str, res: dict) -> None:
-    print(f"\n{name}  (batch {res['batch']} x {res['seq']}, r={res['rank']}, "
-          f"{res['repeats']} repeats x {res['steps_per_block']} steps, load avg "
-          f"{res['loadavg_1min_before_after'][0]:.1f} -> {res['loadavg_1min_before_after'][1]:.1f})")
-    header = (f"  {'variant':<16} {'step med':>9} {'[min,max]':>16} {'fwd':>7} {'bwd':>7} {'clip':>6} {'hooks':>7}"
-              f" {'adamw':>6} {'static':>9} {'transient':>10} {'peak':>9}")
+    print(
+        f"\n{name}  (batch {res['batch']} x {res['seq']}, r={res['rank']}, "
+        f"{res['repeats']} repeats x {res['steps_per_block']} steps, load avg "
+        f"{res['loadavg_1min_before_after'][0]:.1f} -> {res['loadavg_1min_before_after'][1]:.1f})"
+    )
+    header = (
+        f"  {'variant':<16} {'step med':>9} {'[min,max]':>16} {'fwd':>7} {'bwd':>7} {'clip':>6} {'hooks':>7}"
+        f" {'adamw':>6} {'static':>9} {'transient':>10} {'peak':>9}"
+    )
     print(header)
     for v, d in res["variants"].items():
         ph, mem = d["phases_s_median"], d["memory"]
-        print(f"  {v:<16} {d['step_s_median']:>8.3f}s [{d['step_s_min']:>6.3f},{d['step_s_max']:>6.3f}] "
-              f"{ph['forward']:>7.3f} {ph['backward']:>7.3f} {ph['clip']:>6.4f} {ph['hooks']:>7.4f} {ph['adamw']:>6.4f}"
-              f" {mem['static_mib']:>7.1f}Mi {mem['transient_peak_mib']:>8.1f}Mi {mem['peak_mib']:>7.1f}Mi")
+        print(
+            f"  {v:<16} {d['step_s_median']:>8.3f}s [{d['step_s_min']:>6.3f},{d['step_s_max']:>6.3f}] "
+            f"{ph['forward']:>7.3f} {ph['backward']:>7.3f} {ph['clip']:>6.4f} {ph['hooks']:>7.4f} {ph['adamw']:>6.4f}"
+            f" {mem['static_mib']:>7.1f}Mi {mem['transient_peak_mib']:>8.1f}Mi {mem['peak_mib']:>7.1f}Mi"
+        )
     for key, r in res["ratios"].items():
         lo, hi = r["step_time_paired_range"]
         target = STEP_TIME_TARGETS.get(key.split("/")[0])
-        verdict = "" if target is None else (" [OK" if r["step_time"] <= target else " [ABOVE TARGET") + f" vs {target}x]"
-        print(f"  {key:<22} step time {r['step_time']:.3f}x{verdict} (paired median "
-              f"{r['step_time_paired_median']:.3f}x, range {lo:.3f}-{hi:.3f}; ratio of minima "
-              f"{r['step_time_min']:.3f}x); forward-only {r['forward_only_time']:.3f}x; merge {r['merge_time']:.2f}x; peak memory {r['peak_memory']:.3f}x, transient {r['transient_memory']:.3f}x")
+        verdict = (
+            "" if target is None else (" [OK" if r["step_time"] <= target else " [ABOVE TARGET") + f" vs {target}x]"
+        )
+        print(
+            f"  {key:<22} step time {r['step_time']:.3f}x{verdict} (paired median "
+            f"{r['step_time_paired_median']:.3f}x, range {lo:.3f}-{hi:.3f}; ratio of minima "
+            f"{r['step_time_min']:.3f}x); forward-only {r['forward_only_time']:.3f}x; merge {r['merge_time']:.2f}x; peak memory {r['peak_memory']:.3f}x, transient {r['transient_memory']:.3f}x"
+        )
 
 
 def print_init_table(name: str, res: dict) -> None:
@@ -413,17 +439,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny Llama only, few repeats (< 2 minutes)")
     parser.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M")
     parser.add_argument("--repeats", type=int, default=None, help="max interleaved repeats (default 8, quick 4)")
-    parser.add_argument("--steps-per-block", type=int, default=None,
-                        help="timed steps per variant per repeat (default 2, quick 1)")
+    parser.add_argument(
+        "--steps-per-block", type=int, default=None, help="timed steps per variant per repeat (default 2, quick 1)"
+    )
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 2, quick 1)")
     parser.add_argument("--init-repeats", type=int, default=3, help="repeats of the init-time measurement")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="seconds per model for the timed repeats (default: 40 quick, 120 tiny Llama, 240 SmolLM2)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds per model for the timed repeats (default: 40 quick, 120 tiny Llama, 240 SmolLM2)",
+    )
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--variants", nargs="+", default=list(peft_configs(1)), choices=list(peft_configs(1)),
-                        help="variants to run (lora, the reference, is always included)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads(N) first (default: leave torch's thread count as it is)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(peft_configs(1)),
+        choices=list(peft_configs(1)),
+        help="variants to run (lora, the reference, is always included)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads(N) first (default: leave torch's thread count as it is)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.variants = ["lora"] + [v for v in args.variants if v != "lora"]
@@ -438,8 +478,13 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.quick or args.no_smollm2):
         specs.append(smollm2_spec())
 
-    results = {"machine": machine_info(), "method": __doc__.split("Method\n------\n")[1].strip(),
-               "target_step_time_ratios": STEP_TIME_TARGETS, "training": {}, "init": {}}
+    results = {
+        "machine": machine_info(),
+        "method": __doc__.split("Method\n------\n")[1].strip(),
+        "target_step_time_ratios": STEP_TIME_TARGETS,
+        "training": {},
+        "init": {},
+    }
     print("machine:", json.dumps(results["machine"]))
     for spec in specs:
         budget = args.budget or (40 if args.quick else {"tiny_llama": 120}.get(spec.name, 240))
@@ -456,8 +501,10 @@ def main(argv: list[str] | None = None) -> None:
     print("allocations during one profiled step above its start; peak = static + transient.")
     loads = [x for r in results["training"].values() for x in r["loadavg_1min_before_after"]]
     if max(loads) > os.cpu_count():
-        print(f"NOTE: load average reached {max(loads):.1f} on {os.cpu_count()} CPUs: other processes competed for "
-              "the cores; absolute times are inflated and ratios noisy (see ranges and ratio of minima).")
+        print(
+            f"NOTE: load average reached {max(loads):.1f} on {os.cpu_count()} CPUs: other processes competed for "
+            "the cores; absolute times are inflated and ratios noisy (see ranges and ratio of minima)."
+        )
     for name, res in results["training"].items():
         print_training_table(name, res)
     for name, res in results["init"].items():

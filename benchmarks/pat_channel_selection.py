@@ -29,11 +29,10 @@ import time
 
 import torch
 from _common import RESULTS_DIR, machine_info, write_json  # also makes petuning importable from a checkout
+from method_comparison.real import general_text_loss
 
 from petuning.data import SFTCollator, load_embedded_task, tokenize_for_sft
 from petuning.models import load_smollm2
-
-from method_comparison.real import general_text_loss
 
 KEEP, CALIBRATION_PROMPTS = 432, 64
 RESULTS = RESULTS_DIR / "pat_channel_selection.json"
@@ -43,8 +42,10 @@ def channel_scores(model, batch) -> dict[str, torch.Tensor]:
     """The four rankings (d,) from one forward over ``batch``, at the positions its attention mask keeps."""
     decoder, d = model.model, model.config.hidden_size
     keep = batch["attention_mask"].bool().reshape(-1)
-    scores = {name: torch.zeros(d, dtype=torch.float64) for name in
-              ("residual_rms", "normalized_input", "consumer_weighted", "mean_abs_input")}
+    scores = {
+        name: torch.zeros(d, dtype=torch.float64)
+        for name in ("residual_rms", "normalized_input", "consumer_weighted", "mean_abs_input")
+    }
 
     def rows(tensor):
         return tensor.detach().double().reshape(-1, d)[keep]
@@ -64,7 +65,11 @@ def channel_scores(model, batch) -> dict[str, torch.Tensor]:
     hooks = []
     for layer in decoder.layers:
         attention, mlp = layer.self_attn, layer.mlp
-        hooks.append(layer.input_layernorm.register_forward_hook(norm_hook([attention.q_proj, attention.k_proj, attention.v_proj])))
+        hooks.append(
+            layer.input_layernorm.register_forward_hook(
+                norm_hook([attention.q_proj, attention.k_proj, attention.v_proj])
+            )
+        )
         hooks.append(layer.post_attention_layernorm.register_forward_hook(norm_hook([mlp.gate_proj, mlp.up_proj])))
     hooks.append(decoder.norm.register_forward_hook(norm_hook([model.lm_head])))
     with torch.no_grad():
@@ -84,7 +89,9 @@ def main() -> None:
     scores = channel_scores(model, batch)
 
     gate = torch.ones(model.config.hidden_size)
-    writers = [model.model.embed_tokens] + [m for layer in model.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    writers = [model.model.embed_tokens] + [
+        m for layer in model.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)
+    ]
     hooks = [w.register_forward_hook(lambda _m, _a, output: output * gate) for w in writers]
     base = general_text_loss(model, tokenizer)
     rows = {}
@@ -97,15 +104,18 @@ def main() -> None:
         print(f"{name:18s} general-text loss rise {rise:+.3f}  (channel 507 kept: {rows[name]['keeps_channel_507']})")
     for hook in hooks:
         hook.remove()
-    write_json(RESULTS, {
-        "command": "python benchmarks/pat_channel_selection.py",
-        "machine": machine_info(),
-        "kept_channels": KEEP,
-        "calibration_prompts": CALIBRATION_PROMPTS,
-        "general_text_loss_all_channels": base,
-        "selections": rows,
-        "seconds": time.perf_counter() - started,
-    })
+    write_json(
+        RESULTS,
+        {
+            "command": "python benchmarks/pat_channel_selection.py",
+            "machine": machine_info(),
+            "kept_channels": KEEP,
+            "calibration_prompts": CALIBRATION_PROMPTS,
+            "general_text_loss_all_channels": base,
+            "selections": rows,
+            "seconds": time.perf_counter() - started,
+        },
+    )
     print(f"written to {RESULTS}")
 
 

@@ -50,6 +50,7 @@ after; above the core count other processes compete and absolute times swell, so
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -59,7 +60,13 @@ import peft
 import torch
 import transformers
 from _common import (  # benchmarks/_common.py; also makes petuning importable from a checkout
-    LM_TARGETS, RESULTS_DIR, interleaved_blocks, lora_config, rotated, utc_now, write_json
+    LM_TARGETS,
+    RESULTS_DIR,
+    interleaved_blocks,
+    lora_config,
+    rotated,
+    utc_now,
+    write_json,
 )
 from peft import get_peft_model
 from torch.profiler import ProfilerActivity, profile
@@ -130,7 +137,7 @@ def inference_benchmark(repeats: int) -> dict:
                 run(model)  # warm-up
             for repeat in range(repeats):
                 for name in rotated(list(models), repeat):  # two models: they alternate
-                    times[name].append(time_call(lambda: run(models[name])))
+                    times[name].append(time_call(functools.partial(run, models[name])))
             results[workload] = summarize(times, tokens, reference="original", other="pruned")
             print_row(workload, results[workload])
         results["prefill_breakdown"] = prefill_breakdown(models, workloads["prefill"][0])

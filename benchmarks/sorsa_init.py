@@ -28,6 +28,7 @@ SmolLM2's whole-model init time (``get_peft_model``) against LoRA's is measured 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -68,21 +69,28 @@ def main() -> None:
     seconds = {}
     for name, shape in SHAPES.items():
         weight = torch.randn(*shape, generator=generator).to(args.device)
-        run = lambda: top_singular_triplets(  # noqa: E731
-            weight, args.rank, config.svd_method, config.svd_niter, config.svd_oversampling
+        run = functools.partial(
+            top_singular_triplets, weight, args.rank, config.svd_method, config.svd_niter, config.svd_oversampling
         )
         run()  # warm-up (allocations, GPU kernels)
         seconds[name] = statistics.median(timed(run, args.device) for _ in range(args.repeats))
-        print(f"{name}: {seconds[name]:.2f} s per matrix ({config.svd_method}, niter {config.svd_niter}, "
-              f"oversampling {config.svd_oversampling})")
+        print(
+            f"{name}: {seconds[name]:.2f} s per matrix ({config.svd_method}, niter {config.svd_niter}, "
+            f"oversampling {config.svd_oversampling})"
+        )
     total_s = sum(seconds[name] * count for name, count in PER_MODEL.items())
     result = {
         "machine": machine_info(),
         "device": args.device,
-        "command": "python benchmarks/sorsa_init.py" + (f" --device {args.device}" if args.device != "cpu" else "")
+        "command": "python benchmarks/sorsa_init.py"
+        + (f" --device {args.device}" if args.device != "cpu" else "")
         + (" --full" if args.full else ""),
-        "svd": {"method": config.svd_method, "niter": config.svd_niter, "oversampling": config.svd_oversampling,
-                "rank": args.rank},
+        "svd": {
+            "method": config.svd_method,
+            "niter": config.svd_niter,
+            "oversampling": config.svd_oversampling,
+            "rank": args.rank,
+        },
         "seconds_per_matrix": seconds,
         "llama2_7b_224_matrices_s": total_s,
         "official_anchor_h": OFFICIAL_ANCHOR_H,
@@ -92,8 +100,10 @@ def main() -> None:
         weight = torch.randn(4096, 4096, generator=generator).to(args.device)
         result["full_svd_4096x4096_s"] = timed(lambda: top_singular_triplets(weight, args.rank, "full"), args.device)
         print(f"full SVD 4096x4096: {result['full_svd_4096x4096_s']:.1f} s")
-    print(f"Llama-2-7B (224 matrices): {total_s / 60:.1f} min, {result['speedup_vs_anchor']:.0f}x faster than the "
-          f"official code's {OFFICIAL_ANCHOR_H} h")
+    print(
+        f"Llama-2-7B (224 matrices): {total_s / 60:.1f} min, {result['speedup_vs_anchor']:.0f}x faster than the "
+        f"official code's {OFFICIAL_ANCHOR_H} h"
+    )
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -57,8 +57,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _common import (  # benchmarks/_common.py; also makes petuning importable from a checkout
-    LM_TARGETS, MIB, RESULTS_DIR, TINY_LLAMA, interleaved_blocks, lora_config, machine_info, profile_allocations,
-    storage_bytes, write_results
+    LM_TARGETS,
+    MIB,
+    RESULTS_DIR,
+    TINY_LLAMA,
+    interleaved_blocks,
+    lora_config,
+    machine_info,
+    profile_allocations,
+    storage_bytes,
+    write_results,
 )
 from peft import PeftConfig, get_peft_model
 
@@ -129,8 +137,12 @@ class StepRunner:
         adapter = size(t for n, t in named if "lora_" in n or "sparse_low_rank_" in n)
         base = size(t for _, t in named)
         optimizer = size(v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
-        return {"adapter_tensors": adapter, "all_model_tensors": base + adapter, "optimizer_state": optimizer,
-                "total": base + adapter + optimizer + size([self.batch])}
+        return {
+            "adapter_tensors": adapter,
+            "all_model_tensors": base + adapter,
+            "optimizer_state": optimizer,
+            "total": base + adapter + optimizer + size([self.batch]),
+        }
 
     def memory(self) -> dict[str, float]:
         gc.collect()
@@ -150,8 +162,9 @@ class StepRunner:
 def bench_model(name: str, rank: int, densities: list[float], repeats: int, steps_per_block: int, budget: float):
     make_base, batch_size, seq = MODELS[name]
     print(f"\n== {name}: batch {batch_size} x {seq}, r={rank}", flush=True)
-    batch = torch.randint(0, 4096 if name == "tiny_llama" else 49152, (batch_size, seq),
-                          generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(
+        0, 4096 if name == "tiny_llama" else 49152, (batch_size, seq), generator=torch.Generator().manual_seed(0)
+    )
     timed = ["lora", f"slr_{TIMED_DENSITY}", f"dense_masked_{TIMED_DENSITY}"]
     runners = {v: StepRunner(make_variant(v, make_base(), rank), batch) for v in timed}
     trainable = {v: sum(p.numel() for p in r.trainable) for v, r in runners.items()}
@@ -178,7 +191,7 @@ def bench_model(name: str, rank: int, densities: list[float], repeats: int, step
             print(f"  memory {v}: peak {memory[v]['peak_mib']:.1f} MiB", flush=True)
 
     def ratio(v: str) -> dict:
-        paired = [s / l for s, l in zip(block_medians[v], block_medians["lora"])]
+        paired = [s / ref for s, ref in zip(block_medians[v], block_medians["lora"])]
         return {
             "step_time": statistics.median(times[v]) / statistics.median(times["lora"]),
             "step_time_paired_range": [min(paired), max(paired)],
@@ -210,24 +223,32 @@ def bench_model(name: str, rank: int, densities: list[float], repeats: int, step
 
 
 def report(name: str, res: dict) -> None:
-    print(f"\n{name} (batch {res['batch']} x {res['seq']}, r={res['rank']}, {res['repeats']} repeats x "
-          f"{res['steps_per_block']} steps, load {res['loadavg_1min_before_after'][0]:.1f} -> "
-          f"{res['loadavg_1min_before_after'][1]:.1f})")
+    print(
+        f"\n{name} (batch {res['batch']} x {res['seq']}, r={res['rank']}, {res['repeats']} repeats x "
+        f"{res['steps_per_block']} steps, load {res['loadavg_1min_before_after'][0]:.1f} -> "
+        f"{res['loadavg_1min_before_after'][1]:.1f})"
+    )
     print(f"  {'variant':<20} {'step med':>9} {'trainable':>10} {'static':>9} {'transient':>10} {'peak':>9}")
     for v, mem in res["memory"].items():
         step = res["step_s_median"].get(v)
         step_s = f"{step:>8.3f}s" if step is not None else f"{'-':>9}"
-        print(f"  {v:<20} {step_s} {res['trainable_params'][v]:>10,} {mem['static_mib']:>7.1f}Mi "
-              f"{mem['transient_peak_mib']:>8.1f}Mi {mem['peak_mib']:>7.1f}Mi")
+        print(
+            f"  {v:<20} {step_s} {res['trainable_params'][v]:>10,} {mem['static_mib']:>7.1f}Mi "
+            f"{mem['transient_peak_mib']:>8.1f}Mi {mem['peak_mib']:>7.1f}Mi"
+        )
     for key, r in res["ratios"].items():
         if "paired" not in str(r):
-            print(f"  {key}: step time {r['step_time']:.3f}x, peak memory {r['peak_memory']:.3f}x, "
-                  f"transient memory {r['transient_memory']:.3f}x")
+            print(
+                f"  {key}: step time {r['step_time']:.3f}x, peak memory {r['peak_memory']:.3f}x, "
+                f"transient memory {r['transient_memory']:.3f}x"
+            )
             continue
         lo, hi = r["step_time_paired_range"]
         verdict = "" if key.startswith("dense") else (" [OK]" if r["step_time"] <= TARGET_RATIO else " [ABOVE TARGET]")
-        print(f"  {key}: step time {r['step_time']:.3f}x{verdict} (per-repeat {lo:.3f}-{hi:.3f}, "
-              f"ratio of minima {r['step_time_min']:.3f}x)")
+        print(
+            f"  {key}: step time {r['step_time']:.3f}x{verdict} (per-repeat {lo:.3f}-{hi:.3f}, "
+            f"ratio of minima {r['step_time_min']:.3f}x)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,8 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="max interleaved repeats (default 6, quick 3)")
     parser.add_argument("--steps-per-block", type=int, default=2)
     parser.add_argument("--budget", type=float, default=None, help="seconds of timed repeats per model (default 90)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads(N) first (default: leave torch's thread count as it is)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads(N) first (default: leave torch's thread count as it is)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.threads:

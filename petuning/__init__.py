@@ -4,15 +4,24 @@
 ``AutoPeftModelForCausalLM`` and transformers' ``load_adapter`` accept petuning configs and adapters.
 """
 
-from petuning import import_noise  # noqa: F401  (before peft imports bitsandbytes)
-from petuning import registry  # noqa: F401  (checks the peft version and the transformers/peft pair first)
+from petuning import (
+    import_noise,  # noqa: F401  (before peft imports bitsandbytes)
+    registry,  # noqa: F401  (checks the peft version and the transformers/peft pair first)
+)
 from petuning.distillation import sample_teacher_rows
 from petuning.training import PetuningCallback, TrainingHooks, attach_to_trainer
-from petuning.tuners import FloraConfig, FloraModel
-from petuning.tuners import SorsaConfig, SorsaModel
-from petuning.tuners import SparseLowRankConfig, SparseLowRankModel
-from petuning.tuners import MaskTuningConfig, MaskTuningModel
-from petuning.tuners import PatConfig, PatModel
+from petuning.tuners import (
+    FloraConfig,
+    FloraModel,
+    MaskTuningConfig,
+    MaskTuningModel,
+    PatConfig,
+    PatModel,
+    SorsaConfig,
+    SorsaModel,
+    SparseLowRankConfig,
+    SparseLowRankModel,
+)
 
 __version__ = "0.1.0"
 

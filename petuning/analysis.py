@@ -53,7 +53,9 @@ def compare_weights(
 ) -> LayerComparison:
     """Compare one base weight (m, n) with its tuned version (same shape); SVDs in float64."""
     if base.shape != tuned.shape or base.ndim != 2:
-        raise ValueError(f"{name}: need two 2-D weights of the same shape, got {tuple(base.shape)} and {tuple(tuned.shape)}.")
+        raise ValueError(
+            f"{name}: need two 2-D weights of the same shape, got {tuple(base.shape)} and {tuple(tuned.shape)}."
+        )
     w0, w = base.detach().double(), tuned.detach().double()
     u0, s0, v0h = torch.linalg.svd(w0, full_matrices=False)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
@@ -210,7 +212,7 @@ def plot(reports: list[LayerComparison], out_dir: Path, most: int = 6) -> list[P
             ax.axvline(i, color="tab:red", alpha=0.3)
         ax.set_title(report.name, fontsize=7)
         ax.set_xlabel("singular value index")
-    for ax in list(axes.flat)[len(chosen):]:
+    for ax in list(axes.flat)[len(chosen) :]:
         ax.axis("off")
     axes.flat[0].legend()
     fig.tight_layout()

@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,8 +124,14 @@ def _analyze(args: argparse.Namespace) -> None:
     from petuning.analysis import analyze
 
     summary = analyze(
-        args.base, args.tuned, args.out, top_k=args.top_k, threshold=args.threshold, modules=args.modules,
-        include_embeddings=args.include_embeddings, plots=not args.no_plots,
+        args.base,
+        args.tuned,
+        args.out,
+        top_k=args.top_k,
+        threshold=args.threshold,
+        modules=args.modules,
+        include_embeddings=args.include_embeddings,
+        plots=not args.no_plots,
     )
     print(
         f"{summary['layers_compared']} layers compared: {summary['intruders_total']} intruder dimensions in "

@@ -111,9 +111,11 @@ def tokenize_for_sft(example: dict, tokenizer, max_length: int | None = None) ->
     prompt = _prompt_ids(tokenizer, messages[:-1])
     full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
     if full[: len(prompt)] != prompt:
-        raise ValueError("the chat template renders the conversation differently once the answer is appended, "
-                         "so the answer's tokens cannot be located")
-    return _features(full, [IGNORE_INDEX] * len(prompt) + full[len(prompt):], max_length)
+        raise ValueError(
+            "the chat template renders the conversation differently once the answer is appended, "
+            "so the answer's tokens cannot be located"
+        )
+    return _features(full, [IGNORE_INDEX] * len(prompt) + full[len(prompt) :], max_length)
 
 
 def _features(ids: list[int], labels: list[int], max_length: int | None) -> dict:
@@ -137,8 +139,7 @@ class SFTCollator:
         width = max(len(f["input_ids"]) for f in features)
         pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
         return {
-            key: torch.tensor([f[key] + [pad] * (width - len(f[key])) for f in features])
-            for key, pad in pads.items()
+            key: torch.tensor([f[key] + [pad] * (width - len(f[key])) for f in features]) for key, pad in pads.items()
         }
 
 

@@ -40,8 +40,10 @@ def sample_teacher_rows(
     """
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
-        raise ValueError("sample_teacher_rows starts every text at the tokenizer's BOS (or EOS) token, and this "
-                         "tokenizer has neither. Set tokenizer.bos_token to the token its texts start with.")
+        raise ValueError(
+            "sample_teacher_rows starts every text at the tokenizer's BOS (or EOS) token, and this "
+            "tokenizer has neither. Set tokenizer.bos_token to the token its texts start with."
+        )
     if num_rows < 1 or length < 1:
         raise ValueError(f"sample_teacher_rows needs num_rows >= 1 and length >= 1, got {num_rows} and {length}.")
     eos = tokenizer.eos_token_id
@@ -58,14 +60,24 @@ def sample_teacher_rows(
                 count = min(batch_size, num_rows - first)
                 input_ids = torch.full((count, 1), start, dtype=torch.long, device=model.device)
                 output = model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
-                    temperature=temperature, top_p=top_p, max_new_tokens=length, pad_token_id=pad,
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_new_tokens=length,
+                    pad_token_id=pad,
                 )
                 for sampled in output[:, 1:].tolist():
                     if eos is not None and eos in sampled:
                         sampled = sampled[: sampled.index(eos) + 1]
-                    rows.append({"input_ids": sampled, "attention_mask": [1] * len(sampled),
-                                 "labels": [IGNORE_INDEX] * len(sampled)})
+                    rows.append(
+                        {
+                            "input_ids": sampled,
+                            "attention_mask": [1] * len(sampled),
+                            "labels": [IGNORE_INDEX] * len(sampled),
+                        }
+                    )
     finally:
         model.train(was_training)
     return rows

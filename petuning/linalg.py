@@ -13,7 +13,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-
 SVD_METHOD, SVD_NITER, SVD_OVERSAMPLING = "randomized", 12, 32
 """Defaults of the SVD-initialized methods: within 1e-4 of the exact top-r fit on real SmolLM2 layers
 (tests/test_sorsa_svd_real.py)."""
@@ -95,7 +94,7 @@ def cached_top_singular_triplets(
             entry = load_file(path, device=str(weight.device))
             return entry["U"], entry["S"], entry["Vh"]
         except (SafetensorError, KeyError, OSError) as error:
-            warnings.warn(f"Ignoring unreadable SVD cache entry {path} ({error}); recomputing it.")
+            warnings.warn(f"Ignoring unreadable SVD cache entry {path} ({error}); recomputing it.", stacklevel=2)
     u, s, vh = top_singular_triplets(weight, rank, method, niter, oversampling)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

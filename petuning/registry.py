@@ -132,4 +132,3 @@ def register_method(name: str, config_cls: type, model_cls: type) -> PeftType:
         raise ValueError(f"{model_cls.__name__}.prefix must be {prefix!r} (PEFT rebuilds it from the peft_type).")
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
     return peft_type
-

@@ -389,7 +389,7 @@ class TrainingHooks:
         self._handles = []
         set_training_run(self.model, False)
 
-    def __enter__(self) -> "TrainingHooks":
+    def __enter__(self) -> TrainingHooks:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -402,4 +402,3 @@ def _innermost_optimizer(optimizer) -> torch.optim.Optimizer:
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
-

@@ -14,8 +14,10 @@ import random
 
 from datasets import DatasetDict, load_dataset
 
-ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
-          "\n\n### Instruction:\n{instruction}\n\n### Response:")
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:"
+)
 # name -> (Hub id, instruction column, answer column, training records (None: all but the held out), held out,
 #          separator after the prompt)
 DATASETS = {

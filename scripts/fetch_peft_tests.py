@@ -26,13 +26,24 @@ def main() -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as scratch:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", scratch,
-             f"peft=={release}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                scratch,
+                f"peft=={release}",
+            ],
             check=True,
         )
-        archive = tarfile.open(next(Path(scratch).glob("peft-*.tar.gz")))
-        members = [m for m in archive.getmembers() if m.isfile() and m.name.split("/")[1:2] == ["tests"]]
-        archive.extractall(scratch, members=members, filter="data")
+        with tarfile.open(next(Path(scratch).glob("peft-*.tar.gz"))) as archive:
+            members = [m for m in archive.getmembers() if m.isfile() and m.name.split("/")[1:2] == ["tests"]]
+            archive.extractall(scratch, members=members, filter="data")
         tests = Path(scratch) / f"peft-{release}" / "tests"
         (tests / "__init__.py").touch()
         (tests / "PEFT_VERSION").write_text(release + "\n")

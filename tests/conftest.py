@@ -6,10 +6,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import petuning  # noqa: E402,F401  (registers the methods)
+import petuning  # noqa: F401  (registers the methods)
 
 
 def pytest_collection_modifyitems(config, items):

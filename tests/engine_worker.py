@@ -65,7 +65,9 @@ def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
         context = deepspeed.zero.GatheredParameters(list(params.values()))
     with context:
-        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().cpu() for n, p in params.items()}
+        return {
+            n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().cpu() for n, p in params.items()
+        }
 
 
 def manual_fsdp2() -> bool:
@@ -96,7 +98,7 @@ def run_fsdp2(method: str, model_dir: str, out: Path) -> dict:
     losses = []
     model.train()
     for step in range(STEPS):  # per rank: its share of a global batch of 4, as a distributed sampler gives it
-        rows = data[(4 * step) % len(data):][:4][rank::world]
+        rows = data[(4 * step) % len(data) :][:4][rank::world]
         batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
         loss = model(**batch).loss
         loss.backward()
@@ -120,9 +122,19 @@ def run(method: str, model_dir: str, out: Path) -> dict:
     if manual_fsdp2():
         return run_fsdp2(method, model_dir, out)
     args = TrainingArguments(
-        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1,
-        report_to=[], save_strategy="no", seed=0, data_seed=0, disable_tqdm=True, lr_scheduler_type="constant",
-        max_grad_norm=1.0, dataloader_num_workers=0,
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        dataloader_num_workers=0,
         ddp_backend=None if torch.cuda.is_available() else "gloo",  # the CPU stand-in for NCCL
     )
     torch.manual_seed(0)

@@ -60,7 +60,7 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         self.thread.start()
         return self
 
@@ -136,7 +136,9 @@ def _handler(hub: FakeHub):
                 return None
             if path == "/api/repos/create":
                 request = json.loads(body)
-                repo = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
+                repo = (
+                    f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
+                )
                 with hub.lock:
                     exists = repo in hub.repos
                     private = bool(request.get("private")) or request.get("visibility") == "private"
@@ -147,7 +149,9 @@ def _handler(hub: FakeHub):
                 modes = [
                     {
                         "path": f["path"],
-                        "uploadMode": "lfs" if f["path"].endswith(".safetensors") or f["size"] > 10_000_000 else "regular",
+                        "uploadMode": "lfs"
+                        if f["path"].endswith(".safetensors") or f["size"] > 10_000_000
+                        else "regular",
                         "shouldIgnore": False,
                         "oid": None,
                     }
@@ -183,9 +187,15 @@ def _handler(hub: FakeHub):
                             return self._send(422, {"error": f"LFS object {value['oid']} was never uploaded"})
                         files[value["path"]] = hub.lfs[repo, value["oid"]]
                     elif item["key"] in ("deletedFile", "deletedFolder"):
-                        files = {p: d for p, d in files.items() if not (p == value["path"] or p.startswith(value["path"] + "/"))}
+                        files = {
+                            p: d
+                            for p, d in files.items()
+                            if not (p == value["path"] or p.startswith(value["path"] + "/"))
+                        }
                 parent = hub.repos[repo]["commits"][-1][0] if hub.repos[repo]["commits"] else ""
-                sha = hashlib.sha1((parent + json.dumps(sorted(git_blob_sha(d) for d in files.values()))).encode()).hexdigest()
+                sha = hashlib.sha1(
+                    (parent + json.dumps(sorted(git_blob_sha(d) for d in files.values()))).encode()
+                ).hexdigest()
                 hub.repos[repo]["commits"].append((sha, files))
             return self._send(200, {"commitUrl": f"{hub.url}/{repo}/commit/{sha}", "commitOid": sha})
 
@@ -214,9 +224,13 @@ def _handler(hub: FakeHub):
             if m := re.fullmatch(rf"/api/models/{REPO}(/revision/(?P<rev>[^/]+))?", path):
                 sha, files = hub.snapshot(m["repo"], m["rev"] or "main")
                 if sha is None:
-                    return self._send(404, {"error": f"Repository {m['repo']} not found"}, {"X-Error-Code": "RepoNotFound"})
+                    return self._send(
+                        404, {"error": f"Repository {m['repo']} not found"}, {"X-Error-Code": "RepoNotFound"}
+                    )
                 siblings = [{"rfilename": p} for p in sorted(files)]
-                return self._send(200, {"id": m["repo"], "sha": sha, "siblings": siblings, "private": hub.repos[m["repo"]]["private"]})
+                return self._send(
+                    200, {"id": m["repo"], "sha": sha, "siblings": siblings, "private": hub.repos[m["repo"]]["private"]}
+                )
             if m := re.fullmatch(rf"/api/models/{REPO}/tree/(?P<rev>[^/]+)(/(?P<sub>.*))?", path):
                 sha, files = hub.snapshot(m["repo"], m["rev"])
                 if sha is None:

@@ -18,7 +18,7 @@ def _matrix(m=40, n=30, seed=0):
 
 
 def test_rescaled_spectrum_has_no_intruders_and_no_drift():
-    w, u, v = _matrix()
+    w, _u, _v = _matrix()
     tuned = w * 1.5
     report = compare_weights("w", w, tuned, top_k=5)
     assert report.intruders == []
@@ -57,7 +57,12 @@ def test_subspace_drift_matches_principal_angles():
 def test_state_dict_filtering_and_errors():
     w, _, _ = _matrix()
     base = {"layer.q_proj.weight": w, "embed_tokens.weight": w, "norm.weight": torch.ones(3), "same.weight": w}
-    tuned = {"layer.q_proj.weight": w + 1e-3, "embed_tokens.weight": 2 * w, "norm.weight": torch.ones(3) * 2, "same.weight": w}
+    tuned = {
+        "layer.q_proj.weight": w + 1e-3,
+        "embed_tokens.weight": 2 * w,
+        "norm.weight": torch.ones(3) * 2,
+        "same.weight": w,
+    }
     names = [r.name for r in compare_state_dicts(base, tuned)]
     assert names == ["layer.q_proj.weight"]  # unchanged, 1-D and embedding weights left out
     names = [r.name for r in compare_state_dicts(base, tuned, include_embeddings=True)]
@@ -106,8 +111,8 @@ def test_adapter_folder_is_merged_into_base_first(tmp_path):
     model.merge_and_unload().save_pretrained(merged_dir)
     from_adapter = analyze(tmp_path / "base", tmp_path / "adapter", tmp_path / "a", plots=False)
     from_merged = analyze(tmp_path / "base", merged_dir, tmp_path / "b", plots=False)
-    assert [l["name"] for l in from_adapter["layers"]] == [l["name"] for l in from_merged["layers"]]
-    assert all("q_proj" in l["name"] for l in from_adapter["layers"])
+    assert [x["name"] for x in from_adapter["layers"]] == [x["name"] for x in from_merged["layers"]]
+    assert all("q_proj" in x["name"] for x in from_adapter["layers"])
     for a, b in zip(from_adapter["layers"], from_merged["layers"]):
         assert a["relative_update"] == pytest.approx(b["relative_update"], rel=1e-4)
         assert a["update_rank_90"] <= 4  # a rank-2 SORSA delta is B S A - B0 S0 A0: rank <= 4
@@ -124,8 +129,23 @@ def test_cli_analyze(tmp_path, capsys):
         (tmp_path / name).mkdir()
         save_file({"a.weight": weight.float()}, tmp_path / name / "model.safetensors")
     out = tmp_path / "out"
-    assert main(["analyze", str(tmp_path / "base"), str(tmp_path / "tuned"), "--out", str(out), "--top-k", "3",
-                 "--threshold", "0.8", "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(tmp_path / "base"),
+                str(tmp_path / "tuned"),
+                "--out",
+                str(out),
+                "--top-k",
+                "3",
+                "--threshold",
+                "0.8",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     assert "1 intruder dimensions in 1 layers" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["intruders_total"] == 1
     assert not (out / "layers.png").exists()

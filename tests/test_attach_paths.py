@@ -21,11 +21,17 @@ from petuning.training import hook_providers
 METHODS = {
     "sorsa": lambda: SorsaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
     "flora": lambda: FloraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
-    "sparse_low_rank": lambda: SparseLowRankConfig(r=4, density=0.05, target_modules="all-linear", task_type="CAUSAL_LM"),
+    "sparse_low_rank": lambda: SparseLowRankConfig(
+        r=4, density=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+    ),
     # a fixed budget ramp: the resume test's interrupted run has another max_steps, which moves an automatic one
     "mask_tuning": lambda: MaskTuningConfig(
-        target_modules=["q_proj", "v_proj"], mask_share=0.25, masked_budget=0.05, budget_start_step=0,
-        budget_end_step=4, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "v_proj"],
+        mask_share=0.25,
+        masked_budget=0.05,
+        budget_start_step=0,
+        budget_end_step=4,
+        task_type="CAUSAL_LM",
     ),
     "pat": lambda: PatConfig(hsm_rank=8, lora_r=4, lora_dropout=0.0, schedule_steps=6, task_type="CAUSAL_LM"),
 }
@@ -50,16 +56,27 @@ def _dataset(n: int = 16, length: int = 12):
 
 def _args(out, steps: int, **extra) -> TrainingArguments:
     defaults = dict(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
-        report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
-        dataloader_num_workers=0, lr_scheduler_type="constant",
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant",
     )
     return TrainingArguments(**{**defaults, **extra})
 
 
 def _train(model, out, steps: int, **extra) -> Trainer:
-    trainer = Trainer(model=model, args=_args(out, steps, **extra), train_dataset=_dataset(),
-                      callbacks=[petuning.PetuningCallback()])
+    trainer = Trainer(
+        model=model, args=_args(out, steps, **extra), train_dataset=_dataset(), callbacks=[petuning.PetuningCallback()]
+    )
     return trainer
 
 
@@ -135,7 +152,9 @@ def test_autocast_adapter_dtype_false_keeps_the_base_dtype(llama_path, tmp_path,
 
     def dtypes(m, adapter):
         return {
-            n: p.dtype for n, p in m.named_parameters() if prefix in n and adapter in n.split(".") and p.is_floating_point()
+            n: p.dtype
+            for n, p in m.named_parameters()
+            if prefix in n and adapter in n.split(".") and p.is_floating_point()
         }
 
     for adapter in ("default", "other"):
@@ -147,7 +166,9 @@ def test_autocast_adapter_dtype_false_keeps_the_base_dtype(llama_path, tmp_path,
         else:
             assert set(found.values()) == {dtype}, found
     model.save_pretrained(tmp_path)
-    loaded = dtypes(PeftModel.from_pretrained(_base(llama_path, dtype), tmp_path, autocast_adapter_dtype=False), "default")
+    loaded = dtypes(
+        PeftModel.from_pretrained(_base(llama_path, dtype), tmp_path, autocast_adapter_dtype=False), "default"
+    )
     expected = {n: torch.float32 if "mask_tuning_scores" in n else dtype for n in loaded}
     assert loaded == expected
     upcast = get_peft_model(_base(llama_path, dtype), METHODS[method]())

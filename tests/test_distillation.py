@@ -17,8 +17,16 @@ TOKENIZER = build_tiny_tokenizer()
 
 def pat_student(distill_weight: float = 1.0):
     config = PatConfig(
-        target_width=48, hsm_rank=8, lora_r=4, lora_dropout=0.0, schedule_steps=20, mask_loss_weight=0.0,
-        identity_loss_weight=0.0, init_weights=False, distill_weight=distill_weight, task_type="CAUSAL_LM",
+        target_width=48,
+        hsm_rank=8,
+        lora_r=4,
+        lora_dropout=0.0,
+        schedule_steps=20,
+        mask_loss_weight=0.0,
+        identity_loss_weight=0.0,
+        init_weights=False,
+        distill_weight=distill_weight,
+        task_type="CAUSAL_LM",
     )
     torch.manual_seed(0)
     return get_peft_model(build_tiny_model("llama", seed=0, dtype=torch.float64), config)

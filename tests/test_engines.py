@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_worker import probe
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from engine_worker import probe
 from transformers import AutoModelForCausalLM
 
 from petuning import SorsaConfig
@@ -58,8 +58,17 @@ def engine_run(request, model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp(engine)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{engine}.yaml",
-        "--num_processes", "2", str(WORKER), str(model_dir), str(out), *METHODS,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        f"recipes/accelerate/{engine}.yaml",
+        "--num_processes",
+        "2",
+        str(WORKER),
+        str(model_dir),
+        str(out),
+        *METHODS,
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -84,7 +93,9 @@ def test_method_under_engine(engine_run, method):
     if engine == "zero3":  # the adapter was created on weights partitioned at load
         assert rank0["partitioned_at_load"]
     if rank0.get("singular_values"):  # SORSA's SVD of the (gathered) weights equals the single-process one
-        single = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), SorsaConfig(r=4, target_modules="all-linear"))
+        single = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(model_dir), SorsaConfig(r=4, target_modules="all-linear")
+        )
         expected = {n: b for n, b in single.named_buffers() if "sorsa_S0" in n}
         assert expected.keys() == rank0["singular_values"].keys()
         for name, value in expected.items():

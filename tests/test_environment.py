@@ -6,12 +6,12 @@ import re
 import subprocess
 import sys
 import textwrap
-import tomllib
 import warnings
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version

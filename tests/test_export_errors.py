@@ -81,7 +81,10 @@ def test_pickle_adapter_and_pickle_base_are_refused(tuned, tmp_path):
 def test_base_with_different_shapes_is_refused(case, tmp_path):
     adapter = tuned_adapter(case, tmp_path, "adapter")[0]
     other = tmp_path / "other-base"
-    widths = {"llama": dict(hidden_size=32, intermediate_size=96), "opt": dict(hidden_size=32, word_embed_proj_dim=32, ffn_dim=96)}
+    widths = {
+        "llama": dict(hidden_size=32, intermediate_size=96),
+        "opt": dict(hidden_size=32, word_embed_proj_dim=32, ffn_dim=96),
+    }
     build_tiny_model(case.model, save_dir=other, **widths[case.model])
     with pytest.raises(ValueError, match=r"does not fit the base model .*other-base.*pass it with base="):
         export_adapter(adapter, tmp_path / "out", base=other)
@@ -102,11 +105,11 @@ def test_4bit_model_is_not_merged_but_its_adapter_exports_from_full_precision(tu
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
-    root, _, base_dir, _ = tuned
+    _root, _, base_dir, _ = tuned
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")
     try:
         base4 = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=torch.float32)
-    except Exception as exc:  # noqa: BLE001 - any failure of the CPU 4-bit path means: skip
+    except Exception as exc:
         pytest.skip(f"bitsandbytes 4-bit does not load on CPU here: {exc!r}")
     torch.manual_seed(0)
     qlora = get_peft_model(base4, SORSA.make_config(False))
@@ -134,8 +137,13 @@ def test_prune_applies_only_to_pat(tuned, tmp_path):
 
 
 def test_non_additive_adapter_is_not_converted_to_lora(tuned, tmp_path):
-    ia3 = get_peft_model(AutoModelForCausalLM.from_pretrained(tuned[2]), IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
-    with pytest.raises(ValueError, match="--format lora needs an additive adapter.*of this IA3 adapter does not declare one"):
+    ia3 = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tuned[2]),
+        IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    )
+    with pytest.raises(
+        ValueError, match="--format lora needs an additive adapter.*of this IA3 adapter does not declare one"
+    ):
         convert_to_lora(ia3)
 
 

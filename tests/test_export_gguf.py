@@ -111,8 +111,17 @@ def test_pruned_pat_round_trips_through_gguf(pruned_pat, tmp_path, gguf_type, at
     if gguf_type == "f16":
         export_adapter(adapter, tmp_path / "out", format="gguf", prune=True, gguf_type=gguf_type)
     else:  # the command line
-        argv = ["export", str(adapter), "--out", str(tmp_path / "out"), "--format", "gguf", "--prune", "--gguf-type",
-                gguf_type]
+        argv = [
+            "export",
+            str(adapter),
+            "--out",
+            str(tmp_path / "out"),
+            "--format",
+            "gguf",
+            "--prune",
+            "--gguf-type",
+            gguf_type,
+        ]
         assert cli.main(argv) == 0
     loaded, gguf_file = read_back(tmp_path / "out")
     assert gguf_file == f"out-{gguf_type}.gguf"
@@ -122,8 +131,9 @@ def test_pruned_pat_round_trips_through_gguf(pruned_pat, tmp_path, gguf_type, at
         exact = pruned(input_ids=ids).logits
         logits = loaded(input_ids=ids).logits
         if atol is not None:
-            torch.testing.assert_close(logits, f16_rounded(copy.deepcopy(pruned))(input_ids=ids).logits,
-                                       atol=atol, rtol=1e-5)
+            torch.testing.assert_close(
+                logits, f16_rounded(copy.deepcopy(pruned))(input_ids=ids).logits, atol=atol, rtol=1e-5
+            )
         else:  # 8-bit blocks: close to the float model, not equal
             error = (logits - exact).norm() / exact.norm()
             assert 1e-5 < error < 0.05, error

@@ -84,14 +84,35 @@ def _same_files(hub, repo, folder):
 
 @pytest.fixture(scope="module")
 def pushed(hub, tuned):
-    root, adapter, base, logits = tuned
+    root, adapter, _base, _logits = tuned
     merged = _cli(
-        hub, root, "export", adapter, "--out", root / "merged", "--max-shard-size", "60KB",
-        "--base-model-id", BASE_ID, "--push-to-hub", "alice/merged", "--private",
+        hub,
+        root,
+        "export",
+        adapter,
+        "--out",
+        root / "merged",
+        "--max-shard-size",
+        "60KB",
+        "--base-model-id",
+        BASE_ID,
+        "--push-to-hub",
+        "alice/merged",
+        "--private",
     )
     native = _cli(
-        hub, root, "export", adapter, "--out", root / "native", "--format", "adapter",
-        "--base-model-id", BASE_ID, "--push-to-hub", "alice/adapter",
+        hub,
+        root,
+        "export",
+        adapter,
+        "--out",
+        root / "native",
+        "--format",
+        "adapter",
+        "--base-model-id",
+        BASE_ID,
+        "--push-to-hub",
+        "alice/adapter",
     )
     return merged, native
 
@@ -132,7 +153,9 @@ def test_downloads_reproduce_the_adapter_model(hub, tuned, pushed):
     root, _, base, logits = tuned
     assert all(p.returncode == 0 for p in pushed)
     save_file(make_inputs(CASE.model), root / "inputs.safetensors")
-    code = f"INPUTS = {str(root / 'inputs.safetensors')!r}\nBASE = {str(base)!r}\nOUT = {str(root / 'dl.safetensors')!r}\n"
+    code = (
+        f"INPUTS = {str(root / 'inputs.safetensors')!r}\nBASE = {str(base)!r}\nOUT = {str(root / 'dl.safetensors')!r}\n"
+    )
     process = run_python(code + DOWNLOAD, env=_env(hub, root))
     assert process.returncode == 0, process.stderr[-3000:]
     downloaded = load_file(root / "dl.safetensors")
@@ -145,7 +168,9 @@ def test_failed_upload_is_clear_keeps_the_export_and_retry_succeeds(hub, tuned):
     out = root / "flaky"
     hub.fail_lfs_uploads_after(1)  # the second shard's upload fails with HTTP 507
     try:
-        process = _cli(hub, root, "export", adapter, "--out", out, "--max-shard-size", "60KB", "--push-to-hub", "alice/flaky")
+        process = _cli(
+            hub, root, "export", adapter, "--out", out, "--max-shard-size", "60KB", "--push-to-hub", "alice/flaky"
+        )
     finally:
         hub.fail_lfs_uploads_after(None)
     assert process.returncode == 1

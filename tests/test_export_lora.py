@@ -16,7 +16,9 @@ from torch import nn
 from petuning.export import convert_to_lora
 
 OTHER_CASES = [c for c in CASES if c.model not in LANGUAGE_MODELS]
-LAYOUT_CASES = [c for c in OTHER_CASES if c.model in ("embedding", "conv1d", "conv2d", "conv2d_1x1", "conv2d_groups", "conv3d")]
+LAYOUT_CASES = [
+    c for c in OTHER_CASES if c.model in ("embedding", "conv1d", "conv2d", "conv2d_1x1", "conv2d_groups", "conv3d")
+]
 
 
 def _lora_expressible(module: nn.Module) -> bool:
@@ -47,7 +49,9 @@ def _check_conversion(case, model, root) -> str:
     assert not [k for k in result.missing_keys if "lora_" in k]
     inputs = make_inputs(case.model)
     with torch.no_grad():
-        torch.testing.assert_close(outputs(lora.eval(), case.model, inputs), outputs(model, case.model, inputs), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            outputs(lora.eval(), case.model, inputs), outputs(model, case.model, inputs), atol=2e-5, rtol=1e-5
+        )
     return "converted"
 
 

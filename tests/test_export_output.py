@@ -23,21 +23,30 @@ TRAINER_STATE = {
     "global_step": 120,
     "epoch": 2.0,
     "train_batch_size": 8,
-    "log_history": [{"loss": 1.9, "step": 60}, {"loss": 0.75, "step": 120}, {"eval_loss": 0.81, "eval_accuracy": 0.9, "step": 120}],
+    "log_history": [
+        {"loss": 1.9, "step": 60},
+        {"loss": 0.75, "step": 120},
+        {"eval_loss": 0.81, "eval_accuracy": 0.9, "step": 120},
+    ],
 }
 
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     root = tmp_path_factory.mktemp("output")
-    adapter, base, logits = tuned_adapter(SORSA, root, "adapter")
+    adapter, base, _logits = tuned_adapter(SORSA, root, "adapter")
     (adapter / "trainer_state.json").write_text(json.dumps(TRAINER_STATE))
     return root, adapter, base
 
 
 def test_training_summary_from_trainer_state_and_recipe_results(tuned, tmp_path):
     assert training_summary(tuned[1]) == {
-        "steps": 120, "epochs": 2.0, "train_batch_size": 8, "final_train_loss": 0.75, "eval_loss": 0.81, "eval_accuracy": 0.9,
+        "steps": 120,
+        "epochs": 2.0,
+        "train_batch_size": 8,
+        "final_train_loss": 0.75,
+        "eval_loss": 0.81,
+        "eval_accuracy": 0.9,
     }
     run = tmp_path / "run"  # a recipe's output folder: run/adapter and run/results.json
     shutil.copytree(tuned[1], run / "adapter", ignore=shutil.ignore_patterns("trainer_state.json"))
@@ -50,7 +59,11 @@ def test_training_summary_from_trainer_state_and_recipe_results(tuned, tmp_path)
 
 @pytest.mark.parametrize(
     "fmt, library, relation, extra_tag",
-    [("merged", "transformers", "finetune", None), ("lora", "peft", "adapter", "lora"), ("adapter", "peft", "adapter", None)],
+    [
+        ("merged", "transformers", "finetune", None),
+        ("lora", "peft", "adapter", "lora"),
+        ("adapter", "peft", "adapter", None),
+    ],
 )
 def test_model_card(tuned, tmp_path, fmt, library, relation, extra_tag):
     root, adapter, base = tuned
@@ -97,7 +110,7 @@ def test_dtype_and_tokenizer(tuned, tmp_path):
     shards = [f for f in result.files if f.endswith(".safetensors")]
     for shard in shards:
         with safe_open(result.folder / shard, "pt") as handle:
-            assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}
+            assert {handle.get_slice(k).get_dtype() for k in handle.keys()}  # noqa: SIM118 (safe_open is not iterable) == {"BF16"}
     assert AutoConfig.from_pretrained(result.folder).dtype in ("bfloat16", torch.bfloat16)
     assert "| note | given |" in (result.folder / "README.md").read_text()
     original, exported = AutoTokenizer.from_pretrained(tuned[2]), AutoTokenizer.from_pretrained(result.folder)
@@ -110,7 +123,20 @@ def test_cli_lora_export_prints_the_conversion_report(tuned, tmp_path, capsys):
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"dataset": "arithmetic"}))
     out = tmp_path / "lora"
-    code = main(["export", str(tuned[1]), "--out", str(out), "--format", "lora", "--lora-rank", "2", "--training-summary", str(summary)])
+    code = main(
+        [
+            "export",
+            str(tuned[1]),
+            "--out",
+            str(out),
+            "--format",
+            "lora",
+            "--lora-rank",
+            "2",
+            "--training-summary",
+            str(summary),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "model.layers.0.self_attn.q_proj" in printed and "truncated SVD" in printed

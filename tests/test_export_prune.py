@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from petuning import PatConfig
 from petuning.export import export_adapter
-from petuning.models import build_tiny_tokenizer, build_tiny_model
+from petuning.models import build_tiny_model, build_tiny_tokenizer
 
 WIDTH = 48
 
@@ -42,8 +42,15 @@ def _pat_adapter(root, finalize: bool):
         build_tiny_model("llama", save_dir=base_dir)
         build_tiny_tokenizer().save_pretrained(base_dir)
     torch.manual_seed(0)
-    config = PatConfig(target_width=WIDTH, hsm_rank=8, lora_r=4, lora_dropout=0.0, schedule_steps=20,
-                       init_weights=False, task_type="CAUSAL_LM")
+    config = PatConfig(
+        target_width=WIDTH,
+        hsm_rank=8,
+        lora_r=4,
+        lora_dropout=0.0,
+        schedule_steps=20,
+        init_weights=False,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir).eval(), config)
     batch = _inputs()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -86,6 +93,8 @@ def test_prune_before_the_mask_is_final_is_refused(tmp_path):
 
 def test_pat_is_not_converted_to_lora(tmp_path):
     adapter, _ = _pat_adapter(tmp_path, finalize=True)
-    with pytest.raises(ValueError, match="needs an additive adapter.*of this PAT adapter does not declare one.*--prune"):
+    with pytest.raises(
+        ValueError, match="needs an additive adapter.*of this PAT adapter does not declare one.*--prune"
+    ):
         export_adapter(adapter, tmp_path / "lora", format="lora")
     assert not (tmp_path / "lora").exists()

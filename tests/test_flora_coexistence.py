@@ -68,7 +68,11 @@ def _both(path, flora_targets, flora_first: bool):
 
 @pytest.mark.parametrize(
     "flora_targets, flora_first",
-    [(["k_proj", "o_proj", "up_proj"], False), (["k_proj", "o_proj", "up_proj"], True), (LORA_TARGETS + ["up_proj"], True)],
+    [
+        (["k_proj", "o_proj", "up_proj"], False),
+        (["k_proj", "o_proj", "up_proj"], True),
+        (LORA_TARGETS + ["up_proj"], True),
+    ],
     ids=["disjoint-lora-first", "disjoint-flora-first", "shared-modules-flora-first"],
 )
 def test_lora_and_flora_save_load_switch_and_delete(base_path, inputs, tmp_path, flora_targets, flora_first):
@@ -101,7 +105,9 @@ def test_lora_and_flora_save_load_switch_and_delete(base_path, inputs, tmp_path,
             fresh.load_adapter(str(tmp_path / name), adapter_name=name)
         for name in ("flora", "lora"):
             fresh.set_adapter(name)
-            torch.testing.assert_close(_logits(fresh, inputs), expected[name], atol=1e-6, rtol=1e-6, msg=f"{order} {name}")
+            torch.testing.assert_close(
+                _logits(fresh, inputs), expected[name], atol=1e-6, rtol=1e-6, msg=f"{order} {name}"
+            )
 
     model.delete_adapter("flora")
     assert list(model.peft_config) == ["lora"]

@@ -67,7 +67,9 @@ def test_unsupported_layer_is_named():
 def test_strict_rank_names_the_mode_and_a_fix():
     with pytest.raises(ValueError, match=r"rank 9 for layer 'lin' is larger than 8: its 'in' mode has size 8"):
         get_peft_model(Net(), FloraConfig(r=9, target_modules=["lin"], strict_rank=True))
-    with pytest.raises(ValueError, match=r"layer 'depthwise' .* its 'in/groups \(8/8\)' mode has size 1.*\[1, 2, 3, 3\]"):
+    with pytest.raises(
+        ValueError, match=r"layer 'depthwise' .* its 'in/groups \(8/8\)' mode has size 1.*\[1, 2, 3, 3\]"
+    ):
         get_peft_model(Net(), FloraConfig(r=2, target_modules=["depthwise"], strict_rank=True))
     with pytest.raises(ValueError, match=r"rank 4 for layer 'conv' is larger than 3: its 'kernel_w' mode has size 3"):
         get_peft_model(Net(), FloraConfig(r=[2, 2, 3, 4], target_modules=["conv"], strict_rank=True))
@@ -121,7 +123,9 @@ def test_embedding_with_max_norm_is_refused():
 
 def test_adapter_for_a_different_base_is_refused(tmp_path):
     torch.manual_seed(0)
-    get_peft_model(Net(hidden=8), FloraConfig(r=2, target_modules=["lin"], init_weights=False)).save_pretrained(tmp_path)
+    get_peft_model(Net(hidden=8), FloraConfig(r=2, target_modules=["lin"], init_weights=False)).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(ValueError, match=r"FLoRA adapter was made for .* different layer shapes .*lin\.flora_U"):
         PeftModel.from_pretrained(Net(hidden=10), tmp_path)
 

@@ -131,7 +131,9 @@ def test_merge_and_unmerge_are_exact(kind):
     with torch.no_grad():
         unmerged = layer(x)
         layer.merge(safe_merge=True)
-        torch.testing.assert_close(layer.get_base_layer().weight, weight + _reference_delta(layer, kind), rtol=0, atol=1e-13)
+        torch.testing.assert_close(
+            layer.get_base_layer().weight, weight + _reference_delta(layer, kind), rtol=0, atol=1e-13
+        )
         torch.testing.assert_close(layer(x), unmerged, rtol=1e-10, atol=1e-11)
         layer.unmerge()
     torch.testing.assert_close(layer.get_base_layer().weight, weight, rtol=0, atol=1e-13)
@@ -254,6 +256,7 @@ def test_scaled_embedding_scales_the_update_so_merging_is_exact():
 
 def test_embed_tokens_of_a_language_model_merges_into_the_same_logits():
     from peft import get_peft_model
+
     from petuning import FloraConfig
     from petuning.models import build_tiny_model
 

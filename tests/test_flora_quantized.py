@@ -55,7 +55,10 @@ def test_4bit_merge_warns_that_it_is_lossy_and_requantizes_w_plus_delta():
     # the merged weight is exactly NF4(W + ΔW), W being the dequantized base
     weight = layer.get_base_layer().weight
     packed, state = bnb.functional.quantize_4bit(
-        target.contiguous(), blocksize=weight.blocksize, compress_statistics=weight.compress_statistics, quant_type="nf4"
+        target.contiguous(),
+        blocksize=weight.blocksize,
+        compress_statistics=weight.compress_statistics,
+        quant_type="nf4",
     )
     assert torch.equal(layer.get_base_weight(), bnb.functional.dequantize_4bit(packed, state))
     assert not torch.equal(peft_model(x), unmerged)  # lossy, as the warning says

@@ -40,8 +40,12 @@ def test_sparse_low_rank_cuda_matches_dense_float64():
     dense = torch.zeros(80 * 96, dtype=torch.float64, device="cuda").index_put((idx,), values).view(80, 96)
     weight = layer.get_base_layer().weight.detach() + layer.sparse_low_rank_scaling[ADAPTER] * b @ a + dense
     (x_ref @ weight.T + layer.get_base_layer().bias.detach()).square().sum().backward()
-    for got, want in [(layer.sparse_low_rank_values[ADAPTER].grad, values.grad), (x.grad, x_ref.grad),
-                      (layer.sparse_low_rank_A[ADAPTER].grad, a.grad), (layer.sparse_low_rank_B[ADAPTER].grad, b.grad)]:
+    for got, want in [
+        (layer.sparse_low_rank_values[ADAPTER].grad, values.grad),
+        (x.grad, x_ref.grad),
+        (layer.sparse_low_rank_A[ADAPTER].grad, a.grad),
+        (layer.sparse_low_rank_B[ADAPTER].grad, b.grad),
+    ]:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -52,17 +56,20 @@ def test_randomized_svd_on_gpu_matches_full_svd():
     spectrum = torch.logspace(0, -2, 384, dtype=torch.float64)
     weight = (u0[:, :384] * spectrum) @ v0.T
     config = SorsaConfig(r=16)
-    u, s, vh = top_singular_triplets(weight.float().cuda(), 16, config.svd_method, config.svd_niter,
-                                     config.svd_oversampling)
+    u, s, vh = top_singular_triplets(
+        weight.float().cuda(), 16, config.svd_method, config.svd_niter, config.svd_oversampling
+    )
     assert u.is_cuda
     uf, sf, vhf = top_singular_triplets(weight, 16, "full")
     torch.testing.assert_close(s.double().cpu(), sf, rtol=1e-4, atol=0)
-    torch.testing.assert_close((u.double().cpu() * s.double().cpu()) @ vh.double().cpu(), (uf * sf) @ vhf,
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        (u.double().cpu() * s.double().cpu()) @ vh.double().cpu(), (uf * sf) @ vhf, rtol=0, atol=1e-4
+    )
 
 
-@pytest.mark.parametrize("config", [SorsaConfig(r=4, target_modules=["0"]),
-                                    SparseLowRankConfig(r=4, density=0.02, target_modules=["0"])])
+@pytest.mark.parametrize(
+    "config", [SorsaConfig(r=4, target_modules=["0"]), SparseLowRankConfig(r=4, density=0.02, target_modules=["0"])]
+)
 def test_bitsandbytes_4bit_base_on_cuda(config):
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(2)

@@ -30,8 +30,14 @@ def llama_path(tmp_path_factory):
 def _model(path, **config):
     """A budget-mode adapter whose scores become eligible after one Adam step at lr 1e-3 (margin 1e-4)."""
     torch.manual_seed(0)
-    config = {"target_modules": TARGETS, "mask_share": 0.2, "masked_budget": 0.1, "threshold": 0.0099,
-              "task_type": "CAUSAL_LM", **config}
+    config = {
+        "target_modules": TARGETS,
+        "mask_share": 0.2,
+        "masked_budget": 0.1,
+        "threshold": 0.0099,
+        "task_type": "CAUSAL_LM",
+        **config,
+    }
     return get_peft_model(AutoModelForCausalLM.from_pretrained(path), MaskTuningConfig(**config))
 
 
@@ -92,7 +98,9 @@ def test_advance_budget_grows_to_the_lowest_scores_and_bounds_swaps():
     scores = torch.rand(1000, generator=generator)
     off = torch.zeros(1000, dtype=torch.bool)
     assert advance_budget(off, scores, 100, 0.05) == 100
-    assert torch.equal(off.nonzero().squeeze(1).sort().values, torch.topk(scores, 100, largest=False).indices.sort().values)
+    assert torch.equal(
+        off.nonzero().squeeze(1).sort().values, torch.topk(scores, 100, largest=False).indices.sort().values
+    )
 
     moved = scores.clone()
     moved[off] += 2.0  # every masked entry is now the highest-scored: all of them want out
@@ -138,8 +146,9 @@ def test_every_step_masks_exactly_k_t_and_flips_no_more_than_the_schedule_allows
                 k_t, k_prev = round(share * numel), round(last * numel)
                 eligible = int((layer.mask_tuning_scores["default"] <= config.threshold).sum())
                 assert int(off.sum()) <= k_t, f"step {step + 1}: the budget is never exceeded"
-                assert int(off.sum()) == min(k_t, eligible, int(before.sum()) + math.ceil(
-                    config.largest_step_share(steps) * numel)), f"step {step + 1}: k_t, as fast as allowed"
+                assert int(off.sum()) == min(
+                    k_t, eligible, int(before.sum()) + math.ceil(config.largest_step_share(steps) * numel)
+                ), f"step {step + 1}: k_t, as fast as allowed"
                 assert bool((layer.mask_tuning_scores["default"][off] <= config.threshold).all())
                 newly, reversed_ = int((off & ~before).sum()), int((before & ~off).sum())
                 assert newly <= (k_t - k_prev) + math.ceil(config.budget_swap_share * k_t) + reversed_
@@ -149,7 +158,9 @@ def test_every_step_masks_exactly_k_t_and_flips_no_more_than_the_schedule_allows
                 before.copy_(off)
             assert hooks.metrics()["mask_tuning_newly_masked"] == newly_total
     budget = sum(round(0.1 * layer.get_base_layer().weight.numel()) for layer in layers)
-    assert 0.9 * budget < model.mask_statistics()["masked"] <= budget, "the budget reached, where eligible entries allow"
+    assert 0.9 * budget < model.mask_statistics()["masked"] <= budget, (
+        "the budget reached, where eligible entries allow"
+    )
 
 
 def test_training_without_a_driver_is_refused_once_the_optimizer_has_stepped(llama_path):
@@ -178,8 +189,17 @@ def _trainer(model, out, max_steps, **args):
 
     rows = [{k: v[0].tolist() for k, v in _batch(seed).items()} for seed in range(64)]
     arguments = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=4, max_steps=max_steps, learning_rate=1e-3,
-        logging_steps=1, report_to=[], use_cpu=True, save_strategy="steps", save_steps=4, seed=0, **args,
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=max_steps,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="steps",
+        save_steps=4,
+        seed=0,
+        **args,
     )
     return Trainer(model=model, args=arguments, train_dataset=rows, callbacks=[petuning.PetuningCallback()])
 

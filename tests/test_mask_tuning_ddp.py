@@ -17,14 +17,21 @@ from petuning.models import build_tiny_model
 STEPS = 3
 
 
-MODES = {"threshold": {"mask_mode": "threshold", "mask_share": 1.0}, "budget": {"mask_share": 0.5, "masked_budget": 0.2}}
+MODES = {
+    "threshold": {"mask_mode": "threshold", "mask_share": 1.0},
+    "budget": {"mask_share": 0.5, "masked_budget": 0.2},
+}
 
 
 def _model(path: str, mode: str):
     torch.manual_seed(0)
     config = petuning.MaskTuningConfig(
-        target_modules=["q_proj", "v_proj"], init_weights=False, gradient_dropout=True, gradient_dropout_lambda=1.0,
-        task_type="CAUSAL_LM", **MODES[mode],
+        target_modules=["q_proj", "v_proj"],
+        init_weights=False,
+        gradient_dropout=True,
+        gradient_dropout_lambda=1.0,
+        task_type="CAUSAL_LM",
+        **MODES[mode],
     )
     return get_peft_model(AutoModelForCausalLM.from_pretrained(path), config)
 

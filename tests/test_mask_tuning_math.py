@@ -176,7 +176,9 @@ def test_nothing_weight_sized_is_saved_for_backward(mode):
     mask computed in forward."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 48))
-    model = get_peft_model(net, MaskTuningConfig(target_modules=["0"], init_weights=False, mask_share=1.0, **MODES[mode]))
+    model = get_peft_model(
+        net, MaskTuningConfig(target_modules=["0"], init_weights=False, mask_share=1.0, **MODES[mode])
+    )
     layer = dict(model.named_modules())["base_model.model.0"]
     weight, scores = layer.get_base_layer().weight, layer.mask_tuning_scores["default"]
     state = {weight.data_ptr(), scores.data_ptr(), *(off.data_ptr() for off in layer.mask_tuning_off.values())}

@@ -10,7 +10,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    AutoPeftModelForCausalLM,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -49,8 +55,12 @@ def _tuned(path, steps=4, **config):
     torch.manual_seed(0)
     config.setdefault("mask_mode", "budget")
     if config["mask_mode"] == "budget":
-        config = {"masked_budget": 0.25 * config.get("mask_share", 0.1), "budget_start_step": 0, "budget_end_step": 3,
-                  **config}
+        config = {
+            "masked_budget": 0.25 * config.get("mask_share", 0.1),
+            "budget_start_step": 0,
+            "budget_end_step": 3,
+            **config,
+        }
     else:
         config = {"init_weights": False, **config}
     model = get_peft_model(_base(path), MaskTuningConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **config))
@@ -175,13 +185,22 @@ def test_a_gradient_chosen_adapter_loads_exactly_from_the_compact_file(opt_path,
     torch.manual_seed(0)
     model = get_peft_model(
         _base(opt_path),
-        MaskTuningConfig(target_modules=TARGETS, mask_share=0.2, masked_budget=0.1, init_weights=False, task_type="CAUSAL_LM"),
+        MaskTuningConfig(
+            target_modules=TARGETS, mask_share=0.2, masked_budget=0.1, init_weights=False, task_type="CAUSAL_LM"
+        ),
     )
     ids = torch.randint(4, 100, (2, 10), generator=torch.Generator().manual_seed(1))
     model.select_masked_weights([{"input_ids": ids, "labels": ids}])
     layer = next(m for m in model.modules() if isinstance(m, MaskTuningLayer))
-    by_magnitude = layer.get_base_layer().weight.abs().reshape(-1).argsort(descending=True)[: layer.mask_tuning_indices["default"].numel()]
-    assert not torch.equal(layer.mask_tuning_indices["default"].long(), by_magnitude.sort().values), "gradient chose others"
+    by_magnitude = (
+        layer.get_base_layer()
+        .weight.abs()
+        .reshape(-1)
+        .argsort(descending=True)[: layer.mask_tuning_indices["default"].numel()]
+    )
+    assert not torch.equal(layer.mask_tuning_indices["default"].long(), by_magnitude.sort().values), (
+        "gradient chose others"
+    )
     for layer in (m for m in model.modules() if isinstance(m, MaskTuningLayer)):
         scores = layer.mask_tuning_scores["default"]
         layer.mask_tuning_off["default"].copy_(scores < scores.median())  # an arbitrary mask on the chosen entries
@@ -219,7 +238,9 @@ def test_compact_file_is_a_fraction_of_scores_and_indices(opt_path, tmp_path):
 def test_state_dict_functions_round_trip_the_masks(opt_path):
     model = _tuned(opt_path, mask_share=0.5)
     state = get_peft_model_state_dict(model)
-    fresh = get_peft_model(_base(opt_path), MaskTuningConfig(target_modules=TARGETS, mask_share=0.5, task_type="CAUSAL_LM"))
+    fresh = get_peft_model(
+        _base(opt_path), MaskTuningConfig(target_modules=TARGETS, mask_share=0.5, task_type="CAUSAL_LM")
+    )
     result = set_peft_model_state_dict(fresh, state)
     assert not [k for k in result.unexpected_keys if "mask_tuning" in k]
     assert torch.equal(_logits(fresh), _logits(model))

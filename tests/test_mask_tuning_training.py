@@ -84,8 +84,13 @@ def test_gradient_dropout_step_applies_the_rule_to_task_and_kl_gradients(llama_p
     lam, l2 = 0.6, 1e-3
     torch.manual_seed(0)
     config = _paper(
-        target_modules=TARGETS, init_weights=False, gradient_dropout=True, gradient_dropout_lambda=lam,
-        gradient_dropout_batch_share=batch_share, l2_weight=l2, task_type="CAUSAL_LM",
+        target_modules=TARGETS,
+        init_weights=False,
+        gradient_dropout=True,
+        gradient_dropout_lambda=lam,
+        gradient_dropout_batch_share=batch_share,
+        l2_weight=l2,
+        task_type="CAUSAL_LM",
     )
     model = get_peft_model(_base(llama_path), config)
     batch = _batch()
@@ -146,8 +151,15 @@ def test_gradient_dropout_under_trainer_with_accumulation_logs_its_metrics(llama
     )
     rows = [{k: v[0].tolist() for k, v in _batch(seed).items()} for seed in range(8)]
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
-        learning_rate=5e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[petuning.PetuningCallback()])
     trainer.train()
@@ -186,7 +198,11 @@ def test_masked_share_is_reported_and_counts_masked_entries(llama_path):
     total = sum(m.get_base_layer().weight.numel() for m in layers)
     masked = sum(int((m.mask_tuning_scores["default"] <= 5e-3).sum()) for m in layers)
     stats = model.mask_statistics()
-    assert stats == {"total": total, "scored": sum(m.mask_tuning_scores["default"].numel() for m in layers), "masked": masked}
+    assert stats == {
+        "total": total,
+        "scored": sum(m.mask_tuning_scores["default"].numel() for m in layers),
+        "masked": masked,
+    }
     assert stats["scored"] == pytest.approx(total / 2, abs=len(layers))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     metrics = petuning.TrainingHooks(model, optimizer).metrics()
@@ -208,7 +224,9 @@ def test_gradient_selection_picks_the_entries_with_largest_first_order_effect(ll
         base(**batch).loss.backward()
     importance = {n: (w.grad * w.detach()).abs().reshape(-1) for n, w in weights.items()}
 
-    model = get_peft_model(_base(llama_path), MaskTuningConfig(target_modules=TARGETS, mask_share=0.1, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        _base(llama_path), MaskTuningConfig(target_modules=TARGETS, mask_share=0.1, task_type="CAUSAL_LM")
+    )
     model.train()
     chosen = model.select_masked_weights(batches)
     assert model.training, "the model's mode is restored"
@@ -276,8 +294,14 @@ def test_gradient_dropout_under_reentrant_checkpointing_is_refused_with_the_fix(
     base = _base(llama_path)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model = get_peft_model(
-        base, _paper(target_modules=TARGETS, init_weights=False, gradient_dropout=True, gradient_dropout_batch_share=1.0,
-               task_type="CAUSAL_LM")
+        base,
+        _paper(
+            target_modules=TARGETS,
+            init_weights=False,
+            gradient_dropout=True,
+            gradient_dropout_batch_share=1.0,
+            task_type="CAUSAL_LM",
+        ),
     )
     model.train()
     with pytest.raises(RuntimeError, match="use_reentrant': False"):
@@ -285,7 +309,9 @@ def test_gradient_dropout_under_reentrant_checkpointing_is_refused_with_the_fix(
 
 
 @pytest.mark.parametrize("gradient_dropout", [True, False])
-def test_gradient_dropout_is_refused_under_deepspeed_and_plain_masked_tuning_is_not(llama_path, monkeypatch, gradient_dropout):
+def test_gradient_dropout_is_refused_under_deepspeed_and_plain_masked_tuning_is_not(
+    llama_path, monkeypatch, gradient_dropout
+):
     model = get_peft_model(
         _base(llama_path),
         _paper(target_modules=TARGETS, gradient_dropout=gradient_dropout, task_type="CAUSAL_LM"),

@@ -10,11 +10,10 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "method_comparison"
 sys.path.insert(0, str(BENCH))
 
+import run  # noqa: E402
 from methods import for_tier  # noqa: E402
 from plots import pareto_front  # noqa: E402
 from toy import TASK_A, TASK_B, Encoder  # noqa: E402
-
-import run  # noqa: E402
 
 
 def test_toy_tasks_answers_and_splits():
@@ -40,8 +39,22 @@ def cache(tmp_path_factory):
 
 @pytest.mark.parametrize("name", for_tier("toy"))
 def test_every_experiment_runs_and_writes_peft_shaped_json(name, cache, tmp_path):
-    run.main(["--worker", name, "--steps", "3", "--base-steps", "3", "--batch-size", "8",
-              "--out", str(tmp_path), "--cache", str(cache)])
+    run.main(
+        [
+            "--worker",
+            name,
+            "--steps",
+            "3",
+            "--base-steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--out",
+            str(tmp_path),
+            "--cache",
+            str(cache),
+        ]
+    )
     result = json.loads((tmp_path / f"{name}.json").read_text())
     assert set(result) == {"run_info", "train_info", "meta_info"}
     info = result["train_info"]
@@ -59,9 +72,17 @@ def test_results_table_orders_by_accuracy_and_reports_pruned(tmp_path):
     from plots import results_table
 
     def result(accuracy, **extra):
-        info = {"test accuracy": accuracy, "num_trainable_params": 1000, "file_size": 2048, "forgetting": 0.5,
-                "original task accuracy after": 0.25, "train_time": 3.0, "cpu_rss_peak_delta": 2**21,
-                "merge max abs logit diff": 1e-6, **extra}
+        info = {
+            "test accuracy": accuracy,
+            "num_trainable_params": 1000,
+            "file_size": 2048,
+            "forgetting": 0.5,
+            "original task accuracy after": 0.25,
+            "train_time": 3.0,
+            "cpu_rss_peak_delta": 2**21,
+            "merge max abs logit diff": 1e-6,
+            **extra,
+        }
         return {"train_info": info}
 
     table = results_table({"a": result(0.1), "b": result(0.9, **{"pruned test accuracy": 0.8})}).splitlines()
@@ -70,8 +91,22 @@ def test_results_table_orders_by_accuracy_and_reports_pruned(tmp_path):
 
 
 def test_real_tier_runs_on_smollm2_and_measures_forgetting_on_general_text(tmp_path):
-    run.main(["--worker", "lora-r8", "--tier", "real", "--steps", "2", "--batch-size", "2", "--n-eval", "4",
-              "--out", str(tmp_path)])
+    run.main(
+        [
+            "--worker",
+            "lora-r8",
+            "--tier",
+            "real",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--n-eval",
+            "4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     result = json.loads((tmp_path / "lora-r8.json").read_text())
     info = result["train_info"]
     assert result["run_info"]["experiment_name"] == "real/lora-r8"

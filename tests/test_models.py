@@ -48,7 +48,9 @@ def test_smollm2_loads_from_cache_and_takes_a_sorsa_adapter(tmp_path):
     ids = tokenizer("What is 12 + 345?", return_tensors="pt").input_ids
     with torch.no_grad():
         base_logits = model(ids).logits
-    peft_model = get_peft_model(model, petuning.SorsaConfig(r=4, target_modules=["q_proj", "down_proj"], svd_method="randomized"))
+    peft_model = get_peft_model(
+        model, petuning.SorsaConfig(r=4, target_modules=["q_proj", "down_proj"], svd_method="randomized")
+    )
     with torch.no_grad():
         assert torch.equal(peft_model(ids).logits, base_logits)  # the adapter starts as the base model
     peft_model.save_pretrained(tmp_path)

@@ -1,6 +1,5 @@
 """The notebooks run top to bottom (in their reduced mode, PETUNING_NOTEBOOK_FAST=1); their cells assert results."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,9 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 def test_notebook_executes(name, monkeypatch):
     monkeypatch.setenv("PETUNING_NOTEBOOK_FAST", "1")
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = nbclient.NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
     client.execute()  # raises CellExecutionError, with the failing cell and traceback, on any error
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]

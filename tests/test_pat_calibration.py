@@ -184,10 +184,19 @@ def test_trainer_resolves_auto_from_its_max_steps(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     model = pat(massive_base(torch.float32))
-    samples = [{k: v[i] for k, v in b.items()} | {"labels": b["input_ids"][i]} for b in padded_batches() for i in range(3)]
+    samples = [
+        {k: v[i] for k, v in b.items()} | {"labels": b["input_ids"][i]} for b in padded_batches() for i in range(3)
+    ]
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=2, learning_rate=1e-2, report_to="none",
-        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=5,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     Trainer(model=model, args=args, train_dataset=samples, callbacks=[petuning.PetuningCallback()]).train()
     assert model.base_model.pat_total["default"].item() == 5 and model.base_model.pat_mask_phase() == "final"
@@ -201,7 +210,8 @@ def test_first_steps_carry_no_mask_loss_after_calibration():
     calibrated, paper = pat(massive_base(torch.float32)), pat(massive_base(torch.float32), mask_init="zeros")
     task = pat(massive_base(torch.float32), mask_loss_weight=0.0, identity_loss_weight=0.0, mask_init="zeros")
     (with_calibration, calibrated_mask_loss), (zero_init, paper_mask_loss) = (
-        _train(calibrated, steps, total), _train(paper, steps, total)
+        _train(calibrated, steps, total),
+        _train(paper, steps, total),
     )
     task_only, _ = _train(task, steps, total)
     assert zero_init[0] - task_only[0] > 10 * (64 - WIDTH) / WIDTH, "the paper's start adds the count loss"

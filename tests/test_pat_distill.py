@@ -21,8 +21,16 @@ WIDTH = 48
 
 def student(distill_weight: float, **overrides):
     kwargs = dict(
-        target_width=WIDTH, hsm_rank=8, lora_r=4, lora_dropout=0.0, schedule_steps=20, mask_loss_weight=0.0,
-        identity_loss_weight=0.0, init_weights=False, distill_weight=distill_weight, task_type="CAUSAL_LM",
+        target_width=WIDTH,
+        hsm_rank=8,
+        lora_r=4,
+        lora_dropout=0.0,
+        schedule_steps=20,
+        mask_loss_weight=0.0,
+        identity_loss_weight=0.0,
+        init_weights=False,
+        distill_weight=distill_weight,
+        task_type="CAUSAL_LM",
     )
     torch.manual_seed(0)
     return get_peft_model(build_tiny_model("llama", seed=0, dtype=torch.float64), PatConfig(**{**kwargs, **overrides}))
@@ -50,7 +58,9 @@ def direct_loss(model, batch, weight: float) -> torch.Tensor:
     task = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
     scored = torch.cat([shifted.ne(-100), torch.zeros_like(shifted[:, :1], dtype=torch.bool)], dim=1)
     positions = batch["attention_mask"].bool() & ~scored
-    assert int(positions.sum()) == 10 - 3 + 10 - 2 - 3  # prompt positions only (a completion's last token predicts nothing scored)
+    assert (
+        int(positions.sum()) == 10 - 3 + 10 - 2 - 3
+    )  # prompt positions only (a completion's last token predicts nothing scored)
     log_p, log_q = teacher_logits[positions].log_softmax(-1), logits[positions].log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
     return task + weight * kl, kl

@@ -19,8 +19,14 @@ HIDDEN, WIDTH, RANK, LORA = 64, 48, 8, 4
 
 def pat_config(**overrides) -> PatConfig:
     kwargs = dict(
-        target_width=WIDTH, hsm_rank=RANK, lora_r=LORA, lora_alpha=8.0, lora_dropout=0.0, schedule_steps=20,
-        init_weights=False, task_type="CAUSAL_LM",
+        target_width=WIDTH,
+        hsm_rank=RANK,
+        lora_r=LORA,
+        lora_alpha=8.0,
+        lora_dropout=0.0,
+        schedule_steps=20,
+        init_weights=False,
+        task_type="CAUSAL_LM",
     )
     kwargs.update(overrides)
     return PatConfig(**kwargs)
@@ -83,7 +89,7 @@ def test_gate_equals_own_formula_in_every_phase(t, hard_when_frozen):
     torch.testing.assert_close(
         gate_values(m, t, 20, 20, hard_when_frozen), own_gate(m, t, 20, 20, hard_when_frozen), rtol=1e-12, atol=1e-12
     )
-    if hard_when_frozen and 16 <= t:
+    if hard_when_frozen and t >= 16:
         assert set(gate_values(m, t, 20, 20, True).tolist()) == {0.0, 1.0}, "binary from 0.8 T on"
 
 
@@ -106,7 +112,9 @@ def _dense_hsm(layer, name, y):
     """s ⊙ g ⊙ (I + W1 W0) y with the d x d matrix formed explicitly, float64."""
     w0, w1 = layer.pat_hsm_down[name].double(), layer.pat_hsm_up[name].double()
     t_mat = torch.eye(w0.shape[1], dtype=torch.float64) + w1 @ w0
-    g = own_gate(layer.pat_gate.masks[name], layer.pat_gate.step(name), 20, WIDTH, layer.pat_gate.hard_when_frozen[name])
+    g = own_gate(
+        layer.pat_gate.masks[name], layer.pat_gate.step(name), 20, WIDTH, layer.pat_gate.hard_when_frozen[name]
+    )
     return (y.double() @ t_mat.T) * (layer.pat_hsm_scale[name].double() * g)
 
 
@@ -126,7 +134,10 @@ def test_layers_match_dense_float64_formulas(llama_dir, step, frozen_gate):
             y = x @ w.T + scale * (x @ layer.pat_lora_A["default"].T) @ layer.pat_lora_B["default"].T
             torch.testing.assert_close(layer(x), _dense_hsm(layer, "default", y), rtol=1e-10, atol=1e-12)
         q = layers["model.layers.0.self_attn.q_proj"]
-        expected = x_hidden @ q.base_layer.weight.T + scale * (x_hidden @ q.pat_lora_A["default"].T) @ q.pat_lora_B["default"].T
+        expected = (
+            x_hidden @ q.base_layer.weight.T
+            + scale * (x_hidden @ q.pat_lora_A["default"].T) @ q.pat_lora_B["default"].T
+        )
         torch.testing.assert_close(q(x_hidden), expected, rtol=1e-10, atol=1e-12)
         emb = layers["model.embed_tokens"]
         ids = tokens()
@@ -147,7 +158,8 @@ def test_one_mask_shared_by_all_hsms_and_saved_once(llama_dir, tmp_path):
     assert [k for k in saved if "pat_mask" in k] == ["base_model.pat_mask"]
     assert [k for k in saved if "pat_step" in k] == ["base_model.pat_step"]
     assert sorted(k for k in saved if "pat_total" in k or "pat_channel_rms" in k) == [
-        "base_model.pat_channel_rms", "base_model.pat_total"
+        "base_model.pat_channel_rms",
+        "base_model.pat_total",
     ]
     assert not [k for k in saved if "base_layer" in k], "base weights must not be saved"
 
@@ -157,7 +169,9 @@ def own_mask_loss(m: torch.Tensor, width: int, count_weight: float) -> float:
     m = m.double()
     count = float((m >= 0).sum())
     pos, neg = m[m > 0], m[m <= 0]
-    polar = (((pos - 0.5) ** 2).mean().item() if len(pos) else 0.0) + (((neg + 0.5) ** 2).mean().item() if len(neg) else 0.0)
+    polar = (((pos - 0.5) ** 2).mean().item() if len(pos) else 0.0) + (
+        ((neg + 0.5) ** 2).mean().item() if len(neg) else 0.0
+    )
     return count_weight * abs(count - width) / width + polar
 
 

@@ -26,8 +26,15 @@ WIDTH = 48
 def tuned_pat(path, kind_dtype=torch.float32, seed=0, train_steps=2, **overrides):
     """A PAT adapter that is far from the identity (random W1, s, m, LoRA B, then a few AdamW steps), finalized."""
     base = AutoModelForCausalLM.from_pretrained(path, dtype=kind_dtype).eval()
-    kwargs = dict(target_width=WIDTH, hsm_rank=8, lora_r=4, lora_dropout=0.0, schedule_steps=20, init_weights=False,
-                  task_type="CAUSAL_LM")
+    kwargs = dict(
+        target_width=WIDTH,
+        hsm_rank=8,
+        lora_r=4,
+        lora_dropout=0.0,
+        schedule_steps=20,
+        init_weights=False,
+        task_type="CAUSAL_LM",
+    )
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = get_peft_model(base, PatConfig(**kwargs))
@@ -51,7 +58,9 @@ def expected_parameter_count(config, width: int, tied: bool = False) -> int:
     q_out, kv_out, inter = heads * head_dim, kv_heads * head_dim, config.intermediate_size
     attention_bias = getattr(config, "attention_bias", False)
     qkv_bias = q_out + 2 * kv_out if config.model_type == "qwen2" or attention_bias else 0
-    biases = qkv_bias + (width if attention_bias else 0) + (2 * inter + width if getattr(config, "mlp_bias", False) else 0)
+    biases = (
+        qkv_bias + (width if attention_bias else 0) + (2 * inter + width if getattr(config, "mlp_bias", False) else 0)
+    )
     per_layer = width * (q_out + 2 * kv_out) + q_out * width + 3 * width * inter + 2 * width + biases
     return (1 if tied else 2) * config.vocab_size * width + config.num_hidden_layers * per_layer + width
 

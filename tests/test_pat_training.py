@@ -20,8 +20,9 @@ WIDTH = 48
 
 def tiny_pat(schedule_steps: int, seed: int = 0, **overrides):
     base = build_tiny_model("llama", seed=0)
-    kwargs = dict(target_width=WIDTH, hsm_rank=8, lora_r=4, lora_dropout=0.0, schedule_steps=schedule_steps,
-                  task_type="CAUSAL_LM")
+    kwargs = dict(
+        target_width=WIDTH, hsm_rank=8, lora_r=4, lora_dropout=0.0, schedule_steps=schedule_steps, task_type="CAUSAL_LM"
+    )
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return get_peft_model(base, PatConfig(**kwargs))
@@ -113,9 +114,18 @@ def test_trainer_with_callback_and_gradient_accumulation(tmp_path, reset_acceler
             records.append((model.base_model.pat_schedule_step(), mask_of(model).detach().clone()))
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        learning_rate=1e-2, weight_decay=0.1, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-        disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=samples, callbacks=[petuning.PetuningCallback(), Spy()])
     trainer.train()

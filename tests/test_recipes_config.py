@@ -12,7 +12,6 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from peft import LoraConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
-
 from trl import ModelConfig
 
 from petuning.recipe import available_methods, build_peft_config, parse_recipe_args
@@ -25,8 +24,10 @@ CPU = torch.device("cpu")
 
 def test_the_file_then_command_line_flags(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("method: sorsa\nmethod_options: {r: 4, gamma: 1e-3}\ndataset_name: embedded\n"
-                    "learning_rate: 2.0e-4\noutput_dir: x\nmax_steps: 5\n")
+    path.write_text(
+        "method: sorsa\nmethod_options: {r: 4, gamma: 1e-3}\ndataset_name: embedded\n"
+        "learning_rate: 2.0e-4\noutput_dir: x\nmax_steps: 5\n"
+    )
     args = parse_recipe_args([str(path), "--max_steps", "7", "--method_options", '{"r": 2}', "--seed", "3"])
     assert args.petuning.method == "sorsa" and args.petuning.method_options == {"r": 2, "gamma": 1e-3}
     assert (args.training.learning_rate, args.training.max_steps, args.training.seed) == (2e-4, 7, 3)
@@ -91,7 +92,10 @@ def test_misspelt_keys_missing_file_and_missing_dataset(tmp_path):
 
 def test_attention_backend_is_explicit_and_logged(caplog):
     assert resolve_attention("auto", CPU, torch.float32)[0] == "sdpa"
-    assert "CUDA" in resolve_attention("auto", CPU, torch.bfloat16)[1] or "not installed" in resolve_attention("auto", CPU, torch.bfloat16)[1]
+    assert (
+        "CUDA" in resolve_attention("auto", CPU, torch.bfloat16)[1]
+        or "not installed" in resolve_attention("auto", CPU, torch.bfloat16)[1]
+    )
     assert resolve_attention("eager", CPU, torch.float32) == ("eager", "requested")
     with pytest.raises(ValueError, match="flash_attention_2 cannot be used"):
         resolve_attention("flash_attention_2", CPU, torch.bfloat16)
@@ -148,8 +152,11 @@ def _plain_tokenizer(directory: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(["<unk>", "</s>"] + [chr(c) for c in range(32, 127)] + ["\n"])}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-                                        unk_token="<unk>", eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+        unk_token="<unk>",
+        eos_token="</s>",
+    )
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -157,11 +164,15 @@ def _plain_tokenizer(directory: Path) -> Path:
 def test_chat_template_and_pad_token(tmp_path):
     path = _plain_tokenizer(tmp_path / "tok")
     template = tmp_path / "turns.jinja"
-    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"
-                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    template.write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     tokenizer = load_tokenizer(ModelConfig(model_name_or_path=str(path)), str(template))
     assert tokenizer.pad_token == "</s>"  # no pad token: the EOS pads
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered == "[user] hi</s>[assistant] "
     with pytest.raises(FileNotFoundError, match=r"chat_template_path: no template file '.*absent.jinja'"):
         load_tokenizer(ModelConfig(model_name_or_path=str(path)), str(tmp_path / "absent.jinja"))
@@ -173,14 +184,18 @@ def test_trainable_summary_groups_by_tensor_kind():
     from petuning.models import build_tiny_model
     from petuning.recipe.run import trainable_summary
 
-    model = get_peft_model(build_tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
-                                                                 modules_to_save=["lm_head"]))
+    model = get_peft_model(
+        build_tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    )
     lines = trainable_summary(model).splitlines()
     trainable, total = model.get_nb_trainable_parameters()
     assert lines[0] == f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)"
     # 2 layers x (q, v): A is (2, 64); B is (64, 2) for q and (32, 2) for v (2 KV heads of 16); lm_head 128 x 64
-    assert lines[1:] == ["    lora_A: 4 tensors, 512 parameters", "    lora_B: 4 tensors, 384 parameters",
-                         "    modules_to_save: 1 tensors, 8,192 parameters"]
+    assert lines[1:] == [
+        "    lora_A: 4 tensors, 512 parameters",
+        "    lora_B: 4 tensors, 384 parameters",
+        "    modules_to_save: 1 tensors, 8,192 parameters",
+    ]
 
 
 def test_options_the_recipe_cannot_honour_are_refused():

@@ -25,8 +25,9 @@ def test_the_embedded_task_reaches_sfttrainer_with_the_answer_as_the_only_label(
     first = load_embedded_task("train")[0]["messages"]
     assert splits["train"][0] == {"prompt": first[:-1], "completion": first[-1:]}
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=128)
-    trainer = SFTTrainer(model=build_tiny_model("llama"), args=args, train_dataset=splits["train"].select(range(4)),
-                         processing_class=TOK)
+    trainer = SFTTrainer(
+        model=build_tiny_model("llama"), args=args, train_dataset=splits["train"].select(range(4)), processing_class=TOK
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     for ids, labels, record in zip(batch["input_ids"], batch["labels"], splits["train"]):
         learned = TOK.decode([t for t, label in zip(ids.tolist(), labels.tolist()) if label != IGNORE_INDEX])
@@ -47,8 +48,9 @@ def test_local_files_folders_and_saved_datasets(tmp_path):
     assert list(loaded["train"]) == RECORDS and list(loaded["test"]) == RECORDS[:1]
     datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "one"))
     assert list(load_splits(str(tmp_path / "one"))["train"]) == RECORDS
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS),
-                          "validation": datasets.Dataset.from_list(RECORDS[1:])}).save_to_disk(str(tmp_path / "dict"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(RECORDS), "validation": datasets.Dataset.from_list(RECORDS[1:])}
+    ).save_to_disk(str(tmp_path / "dict"))
     saved = load_splits(str(tmp_path / "dict"))
     assert list(saved["validation"]) == RECORDS[1:]
     with pytest.raises(ValueError, match=r"has the splits \['train', 'validation'\], not 'test'; set dataset_test"):
@@ -90,11 +92,24 @@ def test_a_petuning_config_in_a_plain_sfttrainer_script_runs_its_hooks(tmp_path)
     """What docs/recipes.md shows TRL users: the config as peft_config, then attach_to_trainer."""
     import petuning
 
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=3,
-                     logging_steps=1, gradient_checkpointing=False, per_device_train_batch_size=2, disable_tqdm=True)
-    trainer = SFTTrainer(model=build_tiny_model("llama"), args=args, processing_class=TOK,
-                         train_dataset=load_splits("embedded")["train"].select(range(6)),
-                         peft_config=petuning.SorsaConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_steps=3,
+        logging_steps=1,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=2,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=build_tiny_model("llama"),
+        args=args,
+        processing_class=TOK,
+        train_dataset=load_splits("embedded")["train"].select(range(6)),
+        peft_config=petuning.SorsaConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    )
     petuning.attach_to_trainer(trainer)
     assert trainer.model.peft_config["default"].peft_type == "SORSA"
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}

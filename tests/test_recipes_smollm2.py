@@ -15,11 +15,36 @@ from petuning.models import smollm2_path
 from petuning.recipe import parse_recipe_args, run_sft
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*_smollm2.yaml"))
-SHORT = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1", "--save_strategy", "no",
-         "--resume_from_checkpoint", "false", "--disable_tqdm", "true", "--max_train_samples", "8",
-         "--max_length", "64",
-         "--eval_max_samples", "4", "--eval_batch_size", "4", "--eval_max_new_tokens", "4",
-         "--eval_before_training", "false", "--reload_check", "false", "--per_device_eval_batch_size", "4"]
+SHORT = [
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "2",
+    "--logging_steps",
+    "1",
+    "--save_strategy",
+    "no",
+    "--resume_from_checkpoint",
+    "false",
+    "--disable_tqdm",
+    "true",
+    "--max_train_samples",
+    "8",
+    "--max_length",
+    "64",
+    "--eval_max_samples",
+    "4",
+    "--eval_batch_size",
+    "4",
+    "--eval_max_new_tokens",
+    "4",
+    "--eval_before_training",
+    "false",
+    "--reload_check",
+    "false",
+    "--per_device_eval_batch_size",
+    "4",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -54,4 +79,4 @@ def test_smollm2_config_runs(path, tmp_path):
         if isinstance(value, (int, float, str, bool)) and key != "target_modules":
             assert saved[key] == value, key
     with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
-        assert any(f".{method}_" in k for k in f.keys())
+        assert any(f".{method}_" in k for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)

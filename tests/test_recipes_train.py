@@ -33,11 +33,12 @@ def setup(tmp_path_factory) -> Path:
     for name, (n, seed) in {"train": (64, 0), "test": (8, 1)}.items():
         lines = "".join(json.dumps(ex) + "\n" for ex in data.make_arithmetic_split(n, seed))
         (root / "data" / f"{name}.jsonl").write_text(lines)
-    (root / "sorsa.yaml").write_text(textwrap.dedent(f"""\
+    (root / "sorsa.yaml").write_text(
+        textwrap.dedent(f"""\
         method: sorsa
-        model_name_or_path: {root / 'tiny'}
+        model_name_or_path: {root / "tiny"}
         method_options: {{r: 4, target_modules: all-linear, gamma: 1.0e-3}}
-        dataset_name: {root / 'data'}
+        dataset_name: {root / "data"}
         max_length: 128
         gradient_checkpointing: false
         max_steps: 6
@@ -50,7 +51,8 @@ def setup(tmp_path_factory) -> Path:
         eval_metric: exact_match
         eval_max_new_tokens: 4
         eval_batch_size: 4
-        """))
+        """)
+    )
     return root
 
 
@@ -75,10 +77,25 @@ torch.save({"world": world, "params": params, "metrics": result.metrics}, f"{res
 def test_two_process_ddp(setup, tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(tmp_path / "worker.py"), str(setup / "sorsa.yaml"), "--output_dir", str(out), "--max_steps", "8",
-               "--gradient_checkpointing", "true"]
-    run = subprocess.run(command, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(tmp_path / "worker.py"),
+        str(setup / "sorsa.yaml"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "8",
+        "--gradient_checkpointing",
+        "true",
+    ]
+    run = subprocess.run(
+        command, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["metrics"]["world_size"] == 2
@@ -109,8 +126,13 @@ run_sft(parse_recipe_args(sys.argv[1:]), callbacks=(KillAtStep(),))
 def test_killed_run_resumes_to_the_same_adapter(setup, tmp_path, monkeypatch):
     (tmp_path / "killer.py").write_text(KILLER)
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    run = subprocess.run([sys.executable, str(tmp_path / "killer.py"), str(setup / "sorsa.yaml"),
-                          "--output_dir", str(killed)], env=_env(), capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(tmp_path / "killer.py"), str(setup / "sorsa.yaml"), "--output_dir", str(killed)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == -9, run.stderr[-3000:]
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not (killed / "adapter").exists()
@@ -125,9 +147,23 @@ def test_killed_run_resumes_to_the_same_adapter(setup, tmp_path, monkeypatch):
     assert resumed.metrics["resumed_from"] == str(killed / "checkpoint-4") and resumed.metrics["global_step"] == 6
 
     # The uninterrupted run goes through the console command, with the reload check in a fresh process.
-    run = subprocess.run([sys.executable, "-m", "petuning.cli", "train", str(setup / "sorsa.yaml"),
-                          "--output_dir", str(straight), "--reload_check", "true"],
-                         env=_env(), capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "petuning.cli",
+            "train",
+            str(setup / "sorsa.yaml"),
+            "--output_dir",
+            str(straight),
+            "--reload_check",
+            "true",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "OK: the adapter reloaded in a fresh process gives the same 8 answers" in run.stdout
     a, b = _adapter(killed), _adapter(straight)
@@ -141,8 +177,21 @@ def test_qlora_on_a_4bit_base(setup, tmp_path, method):
     bnb = pytest.importorskip("bitsandbytes")
     yaml_text = (setup / "sorsa.yaml").read_text().replace(", gamma: 1.0e-3", "")
     (tmp_path / "c.yaml").write_text(yaml_text)
-    result = run_sft(parse_recipe_args([str(tmp_path / "c.yaml"), "--method", method, "--load_in_4bit", "true",
-                                        "--output_dir", str(tmp_path / "out"), "--gradient_checkpointing", "true"]))
+    result = run_sft(
+        parse_recipe_args(
+            [
+                str(tmp_path / "c.yaml"),
+                "--method",
+                method,
+                "--load_in_4bit",
+                "true",
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--gradient_checkpointing",
+                "true",
+            ]
+        )
+    )
     base = result.model.get_base_model()
     q_proj = base.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.weight.dtype == torch.uint8
@@ -160,11 +209,26 @@ def test_the_recipe_under_deepspeed(setup, tmp_path, engine):
     pytest.importorskip("deepspeed")
     out = tmp_path / engine
     options = '{"r": 4, "target_modules": "all-linear", "ortho_mode": "loss", "gamma": 1.0e-3}'  # no gradient edits
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{engine}.yaml",
-               "--num_processes", "2", str(ROOT / "recipes" / "sft.py"), str(setup / "sorsa.yaml"),
-               "--output_dir", str(out), "--method_options", options, "--save_strategy", "no"]
-    run = subprocess.run(command, cwd=ROOT, env={**_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
-                         timeout=900)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        f"recipes/accelerate/{engine}.yaml",
+        "--num_processes",
+        "2",
+        str(ROOT / "recipes" / "sft.py"),
+        str(setup / "sorsa.yaml"),
+        "--output_dir",
+        str(out),
+        "--method_options",
+        options,
+        "--save_strategy",
+        "no",
+    ]
+    run = subprocess.run(
+        command, cwd=ROOT, env={**_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=900
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((out / "results.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_step"] == 6

@@ -15,7 +15,7 @@ from petuning.tuners.sorsa import SorsaConfig, SorsaModel
 
 def test_sorsa_is_a_peft_type_with_its_prefix():
     assert PeftType.SORSA.value == "SORSA" and PeftType("SORSA") is PeftType.SORSA
-    assert "SORSA" == PeftType.SORSA  # JSON strings from adapter_config.json resolve
+    assert PeftType.SORSA == "SORSA"  # JSON strings from adapter_config.json resolve
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.SORSA] is SorsaConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.SORSA] is SorsaModel
     assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.SORSA] == "sorsa_" == PeftType.SORSA.value.lower() + "_"
@@ -69,7 +69,9 @@ def test_loading_needs_petuning_imported(tmp_path):
     from torch import nn
 
     torch.manual_seed(0)
-    model = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), petuning.SorsaConfig(r=2, target_modules=["0", "2"]))
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), petuning.SorsaConfig(r=2, target_modules=["0", "2"])
+    )
     model.save_pretrained(tmp_path)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -16,8 +16,8 @@ import pytest
 import torch
 from bnb_utils import quantized_model
 from peft import get_peft_model
-from toy_models import Conv1DNet, MLP
 from torch import nn
+from toy_models import MLP, Conv1DNet
 from transformers.pytorch_utils import Conv1D
 
 from petuning import SorsaConfig
@@ -48,9 +48,7 @@ def weight_out_in(layer: SorsaLayer) -> np.ndarray:
 
 
 def factors(layer: SorsaLayer, name: str = ADAPTER) -> dict[str, np.ndarray]:
-    return {
-        key: np64(getattr(layer, f"sorsa_{key}")[name]) for key in ("A", "S", "B", "A0", "S0", "B0")
-    }
+    return {key: np64(getattr(layer, f"sorsa_{key}")[name]) for key in ("A", "S", "B", "A0", "S0", "B0")}
 
 
 def dense_delta(layer: SorsaLayer, name: str = ADAPTER) -> np.ndarray:
@@ -135,13 +133,15 @@ def test_alpha_scale_is_not_one_and_residual_is_exact():
     layer = sorsa_layers(model)["base_model.model.lin1"]
     assert layer.sorsa_scaling[ADAPTER] == 4.0
     f = factors(layer)
-    u, s, vh = numpy_top_r(weight_out_in(layer), r)
+    _u, s, _vh = numpy_top_r(weight_out_in(layer), r)
     np.testing.assert_allclose(f["S0"], s / 4.0, rtol=1e-5)
     tail = weight_out_in(layer) - 4.0 * f["B0"] @ np.diag(f["S0"]) @ f["A0"]
     # the residual holds exactly the singular values r.. of W
     np.testing.assert_allclose(
-        np.linalg.svd(tail, compute_uv=False)[: 10 - r], np.linalg.svd(weight_out_in(layer), compute_uv=False)[r:],
-        rtol=1e-5, atol=1e-5,
+        np.linalg.svd(tail, compute_uv=False)[: 10 - r],
+        np.linalg.svd(weight_out_in(layer), compute_uv=False)[r:],
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -215,8 +215,8 @@ def test_merge_is_exact_and_unmerge_restores():
     x = torch.randn(4, 12, dtype=torch.float64)
     unmerged_out = np64(model(x))
     layers = sorsa_layers(model)
-    originals = {n: weight_out_in(l).copy() for n, l in layers.items()}
-    deltas = {n: dense_delta(l) for n, l in layers.items()}
+    originals = {n: weight_out_in(lay).copy() for n, lay in layers.items()}
+    deltas = {n: dense_delta(lay) for n, lay in layers.items()}
     model.merge_adapter()
     for n, layer in layers.items():
         assert layer.merged
@@ -244,7 +244,7 @@ def test_safe_merge_detects_nan_and_leaves_base_untouched():
     model = wrap(MLP(torch.float64))
     perturb(model)
     layer = sorsa_layers(model)["base_model.model.lin1"]
-    weights = {n: l.get_base_layer().weight.detach().clone() for n, l in sorsa_layers(model).items()}
+    weights = {n: lay.get_base_layer().weight.detach().clone() for n, lay in sorsa_layers(model).items()}
     with torch.no_grad():
         layer.sorsa_S[ADAPTER][1] = float("nan")
     with pytest.raises(ValueError, match="NaNs detected"):

@@ -15,7 +15,13 @@ from petuning import SorsaConfig, models
 from petuning.linalg import top_singular_triplets
 
 R = 16
-LAYERS = [(0, "self_attn.q_proj"), (5, "self_attn.k_proj"), (10, "mlp.up_proj"), (20, "mlp.down_proj"), (29, "self_attn.o_proj")]
+LAYERS = [
+    (0, "self_attn.q_proj"),
+    (5, "self_attn.k_proj"),
+    (10, "mlp.up_proj"),
+    (20, "mlp.down_proj"),
+    (29, "self_attn.o_proj"),
+]
 
 
 @pytest.fixture(scope="module")

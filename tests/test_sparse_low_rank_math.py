@@ -18,8 +18,8 @@ import pytest
 import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
-from toy_models import Conv1DNet, MLP
 from torch import nn
+from toy_models import MLP, Conv1DNet
 from transformers.pytorch_utils import Conv1D
 
 from petuning import SparseLowRankConfig
@@ -28,7 +28,7 @@ from petuning.tuners.sparse_low_rank import support as support_module
 from petuning.tuners.sparse_low_rank.support import SparseStructure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import profile_allocations  # noqa: E402  (the benchmarks' allocator replay)
+from _common import profile_allocations
 
 ADAPTER = "default"
 
@@ -128,7 +128,9 @@ def test_gradients_match_dense_masked_float64(net):
     """Gradients of A, B, the sparse values and the input equal those of the dense formula, where the values are
     scattered into a dense matrix (so their gradient is the dense gradient read at the support)."""
     torch.manual_seed(4)
-    model = wrap(MLP(torch.float64), r=2) if net == "mlp" else wrap(Conv1DNet(torch.float64), r=2, target_modules=["proj"])
+    model = (
+        wrap(MLP(torch.float64), r=2) if net == "mlp" else wrap(Conv1DNet(torch.float64), r=2, target_modules=["proj"])
+    )
     (layer, *_) = layers(model).values()
     in_f, out_f = layer.in_features, layer.out_features
     x = torch.randn(7, in_f, dtype=torch.float64, requires_grad=True)

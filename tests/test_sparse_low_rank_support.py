@@ -187,7 +187,11 @@ def test_gradient_warmup_under_trainer_with_callback(tmp_path):
     torch.manual_seed(7)
     base = build_tiny_model("llama", seed=0)
     config = SparseLowRankConfig(
-        r=2, density=0.05, support="gradient", gradient_warmup_steps=2, target_modules=["q_proj", "up_proj"],
+        r=2,
+        density=0.05,
+        support="gradient",
+        gradient_warmup_steps=2,
+        target_modules=["q_proj", "up_proj"],
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, config)
@@ -197,8 +201,16 @@ def test_gradient_warmup_under_trainer_with_callback(tmp_path):
         ids = torch.randint(4, 100, (12,), generator=g)
         data.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
-        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     try:
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[petuning.PetuningCallback()])
@@ -362,7 +374,7 @@ def test_bitsandbytes_4bit_base():
         q = q.to("cpu")
         q(torch.randn(2, 32))
         assert q.weight.quant_state is not None
-    except Exception as exc:  # noqa: BLE001 - any failure of the CPU 4-bit path means: skip
+    except Exception as exc:
         pytest.skip(f"bitsandbytes 4-bit does not work on CPU here: {exc!r}")
     model = nn.Sequential(q)
     peft_model = get_peft_model(model, SparseLowRankConfig(r=2, density=0.1, support="magnitude", target_modules=["0"]))

@@ -19,12 +19,27 @@ TOK = build_tiny_tokenizer()
 def trainer_for(tmp_path, config, accumulation=1):
     from petuning.recipe.data import load_splits
 
-    args = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=2,
-                         logging_steps=1, gradient_checkpointing=False, per_device_train_batch_size=2,
-                         gradient_accumulation_steps=accumulation, disable_tqdm=True, learning_rate=0.0)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_steps=2,
+        logging_steps=1,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=accumulation,
+        disable_tqdm=True,
+        learning_rate=0.0,
+    )
     torch.manual_seed(0)
-    trainer = trl.SFTTrainer(model=build_tiny_model("llama"), args=args, processing_class=TOK,
-                             train_dataset=load_splits("embedded")["train"].select(range(8)), peft_config=config)
+    trainer = trl.SFTTrainer(
+        model=build_tiny_model("llama"),
+        args=args,
+        processing_class=TOK,
+        train_dataset=load_splits("embedded")["train"].select(range(8)),
+        peft_config=config,
+    )
     petuning.attach_to_trainer(trainer)
     return trainer
 
@@ -51,10 +66,16 @@ def test_auxiliary_losses_reach_sfttrainers_loss(tmp_path, monkeypatch, accumula
         assert b - a == pytest.approx(100.0, rel=1e-4)
 
 
-@pytest.mark.parametrize("config, feature", [
-    (petuning.PatConfig(target_width=48, hsm_rank=4, lora_r=2, distill_weight=1.0), "PAT's self-distillation"),
-    (petuning.MaskTuningConfig(target_modules=["q_proj"], gradient_dropout=True), "Masked tuning's gradient dropout"),
-])
+@pytest.mark.parametrize(
+    "config, feature",
+    [
+        (petuning.PatConfig(target_width=48, hsm_rank=4, lora_r=2, distill_weight=1.0), "PAT's self-distillation"),
+        (
+            petuning.MaskTuningConfig(target_modules=["q_proj"], gradient_dropout=True),
+            "Masked tuning's gradient dropout",
+        ),
+    ],
+)
 def test_terms_that_need_logits_refuse_under_the_fused_head(tmp_path, config, feature):
     with pytest.raises(TypeError, match=rf"{feature}.*has no `logits`.*fused LM head"):
         trainer_for(tmp_path, config).train()

@@ -10,8 +10,8 @@ rates are one choice per method for this toy, not a sweep. Ablations of one meth
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from peft import LoraConfig
 from peft.config import PeftConfig
@@ -48,14 +48,18 @@ EXPERIMENTS = {
         ),
         Experiment(
             "pissa-r8",
-            lambda steps: LoraConfig(r=8, lora_alpha=8, init_lora_weights="pissa", target_modules=ALL, task_type=CAUSAL),
+            lambda steps: LoraConfig(
+                r=8, lora_alpha=8, init_lora_weights="pissa", target_modules=ALL, task_type=CAUSAL
+            ),
             3e-3,
         ),
         Experiment("sorsa-r8", lambda steps: petuning.SorsaConfig(r=8, target_modules=ALL, task_type=CAUSAL), 3e-3),
         Experiment("flora-r8", lambda steps: petuning.FloraConfig(r=8, target_modules=ALL, task_type=CAUSAL), 3e-3),
         Experiment(
             "sparse-low-rank-r4-d5",  # half the budget low-rank, half as 5% sparse values
-            lambda steps: petuning.SparseLowRankConfig(r=4, alpha=8, density=0.05, target_modules=ALL, task_type=CAUSAL),
+            lambda steps: petuning.SparseLowRankConfig(
+                r=4, alpha=8, density=0.05, target_modules=ALL, task_type=CAUSAL
+            ),
             3e-3,
         ),
         Experiment(
@@ -142,7 +146,12 @@ EXPERIMENTS = {
         Experiment(
             "pat-prune25-r8-lr1e-3-norm-output",  # channels ranked by the RMSNorms' outputs instead of the RMS
             lambda steps: petuning.PatConfig(
-                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, mask_init="norm_output",
+                pruning_ratio=0.25,
+                hsm_rank=8,
+                lora_r=8,
+                lora_alpha=16,
+                lora_dropout=0.0,
+                mask_init="norm_output",
                 task_type=CAUSAL,
             ),
             3e-3,
@@ -152,7 +161,12 @@ EXPERIMENTS = {
         Experiment(
             "pat-prune25-r8-lr1e-3-distill",  # + self-distillation from the unpruned original on the prompt positions
             lambda steps: petuning.PatConfig(
-                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, distill_weight=1.0,
+                pruning_ratio=0.25,
+                hsm_rank=8,
+                lora_r=8,
+                lora_alpha=16,
+                lora_dropout=0.0,
+                distill_weight=1.0,
                 task_type=CAUSAL,
             ),
             3e-3,
@@ -162,7 +176,12 @@ EXPERIMENTS = {
         Experiment(
             "pat-prune25-r8-lr1e-3-distill-text",  # + distillation on 8 rows per batch of text sampled from the original
             lambda steps: petuning.PatConfig(
-                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, distill_weight=1.0,
+                pruning_ratio=0.25,
+                hsm_rank=8,
+                lora_r=8,
+                lora_alpha=16,
+                lora_dropout=0.0,
+                distill_weight=1.0,
                 task_type=CAUSAL,
             ),
             3e-3,
@@ -173,8 +192,14 @@ EXPERIMENTS = {
         Experiment(
             "pat-prune25-r8-zero-init-lr1e-3",  # ablation: the paper's m = 0 and no protected channels
             lambda steps: petuning.PatConfig(
-                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, mask_init="zeros",
-                protect_ratio=None, task_type=CAUSAL,
+                pruning_ratio=0.25,
+                hsm_rank=8,
+                lora_r=8,
+                lora_alpha=16,
+                lora_dropout=0.0,
+                mask_init="zeros",
+                protect_ratio=None,
+                task_type=CAUSAL,
             ),
             3e-3,
             real_lr=1e-3,

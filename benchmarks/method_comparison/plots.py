@@ -39,8 +39,10 @@ def _maybe(value) -> str:
 
 def results_table(results: dict[str, dict]) -> str:
     """A markdown table of the results, best new-task accuracy first."""
-    header = ("| experiment | trainable | adapter file | new-task acc | old-task acc after | forgetting | train time "
-              "| peak RSS Δ | merge error |")
+    header = (
+        "| experiment | trainable | adapter file | new-task acc | old-task acc after | forgetting | train time "
+        "| peak RSS Δ | merge error |"
+    )
     rows = [header, "|" + " --- |" * 9]
     for name, result in sorted(results.items(), key=lambda kv: -kv[1]["train_info"]["test accuracy"]):
         info = result["train_info"]

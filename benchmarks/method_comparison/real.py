@@ -43,7 +43,11 @@ class RealTier:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.test = load_embedded_task("test")[: args.n_eval]
         self.collate = SFTCollator(self.tokenizer.pad_token_id)
-        self.model_info = {"name": "SmolLM2-135M-Instruct (real tier)", "path": str(self.path), "n_eval": len(self.test)}
+        self.model_info = {
+            "name": "SmolLM2-135M-Instruct (real tier)",
+            "path": str(self.path),
+            "n_eval": len(self.test),
+        }
 
     def load_base(self):
         from transformers import AutoModelForCausalLM

@@ -49,10 +49,18 @@ TIERS = {tier.name: tier for tier in (ToyTier, RealTier)}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tier", choices=sorted(TIERS), default="toy")
-    parser.add_argument("--experiments", nargs="*", choices=sorted(EXPERIMENTS),
-                        help="default: the tier's experiments (ablations run in the real tier only)")
-    parser.add_argument("--steps", type=int, help="adaptation steps per method (default: toy 1500, real 100; an "
-                        "experiment's real_step_factor multiplies it in the real tier)")
+    parser.add_argument(
+        "--experiments",
+        nargs="*",
+        choices=sorted(EXPERIMENTS),
+        help="default: the tier's experiments (ablations run in the real tier only)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="adaptation steps per method (default: toy 1500, real 100; an "
+        "experiment's real_step_factor multiplies it in the real tier)",
+    )
     parser.add_argument("--batch-size", type=int, help="examples per step (default: toy 64, real 16)")
     parser.add_argument("--base-steps", type=int, default=2000, help="toy: full training steps of the task-A base")
     parser.add_argument("--n-eval", type=int, default=100, help="real: held-out questions scored (at most 200)")
@@ -123,8 +131,13 @@ def run_experiment(args: argparse.Namespace) -> dict:
             losses.append(float(loss.detach()))
             tokens += int(batch["input_ids"].numel())
             if step % max(1, args.steps // 10) == 0 or step == args.steps:
-                metrics.append({"step": step, "train loss": sum(losses[-50:]) / len(losses[-50:]),
-                                "train time": time.perf_counter() - train_started})
+                metrics.append(
+                    {
+                        "step": step,
+                        "train loss": sum(losses[-50:]) / len(losses[-50:]),
+                        "train time": time.perf_counter() - train_started,
+                    }
+                )
             if step == args.steps:
                 break
     train_time = time.perf_counter() - train_started
@@ -237,16 +250,38 @@ def main(argv=None) -> None:
         print(f"task-A base: {pretrained_base(args.cache, args.base_steps, args.seed)}", flush=True)
     failed = []
     for name in args.experiments:
-        command = [sys.executable, __file__, "--worker", name, "--tier", args.tier, "--steps", str(args.steps),
-                   "--base-steps", str(args.base_steps), "--batch-size", str(args.batch_size), "--n-eval",
-                   str(args.n_eval), "--seed", str(args.seed), "--out", str(args.out), "--cache", str(args.cache)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--tier",
+            args.tier,
+            "--steps",
+            str(args.steps),
+            "--base-steps",
+            str(args.base_steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--n-eval",
+            str(args.n_eval),
+            "--seed",
+            str(args.seed),
+            "--out",
+            str(args.out),
+            "--cache",
+            str(args.cache),
+        ]
         print(f"[{name}] running ...", flush=True)
         if subprocess.run(command).returncode != 0:
             failed.append(name)
             continue
         info = json.loads((args.out / f"{name}.json").read_text())["train_info"]
-        print(f"[{name}] new-task accuracy {info['test accuracy']:.3f}, forgetting {info['forgetting']:+.3f}, "
-              f"{info['train_time']:.0f} s, {info['num_trainable_params']} trainable", flush=True)
+        print(
+            f"[{name}] new-task accuracy {info['test accuracy']:.3f}, forgetting {info['forgetting']:+.3f}, "
+            f"{info['train_time']:.0f} s, {info['num_trainable_params']} trainable",
+            flush=True,
+        )
     if failed:
         sys.exit(f"experiments failed: {', '.join(failed)}")
 

@@ -133,8 +133,9 @@ class ToyTier:
         return AutoModelForCausalLM.from_pretrained(self.base_path, dtype=torch.float32)
 
     def teacher_rows(self, model, cache, seed):
-        raise SystemExit("teacher rows (data-free distillation) are sampled from SmolLM2: run that experiment with "
-                         "--tier real.")
+        raise SystemExit(
+            "teacher rows (data-free distillation) are sampled from SmolLM2: run that experiment with --tier real."
+        )
 
     def batches(self, batch_size: int, seed: int, teacher_rows=(), per_batch: int = 0):
         return sample_batches(self.encoder, TASK_B, batch_size, seed)

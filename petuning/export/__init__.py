@@ -33,9 +33,10 @@ import shutil
 import struct
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict
@@ -363,7 +364,9 @@ def convert_to_lora(
             energy, dropped = float(s.square().sum()), float(s[k:].square().sum())
             dropped_total, energy_total = dropped_total + dropped, energy_total + energy
             reports.append(
-                LayerConversion(module, tuple(delta.shape), delta_rank, k, math.sqrt(dropped / energy) if energy else 0.0)
+                LayerConversion(
+                    module, tuple(delta.shape), delta_rank, k, math.sqrt(dropped / energy) if energy else 0.0
+                )
             )
             for suffix, tensor in pack(lora_a.to(torch.float32), lora_b.to(torch.float32)).items():
                 state[f"base_model.model.{module}.{suffix}"] = tensor.contiguous()
@@ -481,7 +484,9 @@ def _first_json(folders: tuple[Path, ...], name: str) -> dict:
             try:
                 data = json.loads(path.read_text())
             except ValueError:
-                warnings.warn(f"{path} is not valid JSON; the model card's training summary leaves it out.")
+                warnings.warn(
+                    f"{path} is not valid JSON; the model card's training summary leaves it out.", stacklevel=2
+                )
                 return {}
             return data if isinstance(data, dict) else {}
     return {}
@@ -529,7 +534,10 @@ def write_model_card(
     is_gguf = kind in ("gguf", "pruned-gguf")
     gguf_tags = ["gguf", "llama.cpp"]
     tags = ["petuning", method] + {
-        "lora": ["lora"], "pruned": ["pruned"], "gguf": gguf_tags, "pruned-gguf": ["pruned"] + gguf_tags
+        "lora": ["lora"],
+        "pruned": ["pruned"],
+        "gguf": gguf_tags,
+        "pruned-gguf": ["pruned"] + gguf_tags,
     }.get(kind, [])
     if is_adapter and base_model:
         tags.append(f"base_model:adapter:{base_model}")
@@ -553,7 +561,7 @@ def write_model_card(
     base_line = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "(not recorded as a Hub id)"
     gguf_how = (
         f"This is a GGUF file for llama.cpp, ollama and LM Studio: `llama-cli -m {gguf_file}`, or in transformers "
-        f"`AutoModelForCausalLM.from_pretrained(repo, gguf_file=\"{gguf_file}\")`; petuning is not needed."
+        f'`AutoModelForCausalLM.from_pretrained(repo, gguf_file="{gguf_file}")`; petuning is not needed.'
     )
     how = {
         "merged": "This is a plain transformers checkpoint: load it with `AutoModelForCausalLM.from_pretrained`; "
@@ -627,7 +635,10 @@ def _save_tokenizer(folder: Path, sources: list[str]) -> Optional[str]:
             continue
         tokenizer.save_pretrained(folder)
         return source
-    warnings.warn(f"No tokenizer found in {sources}; the export has none. Save one next to the adapter to include it.")
+    warnings.warn(
+        f"No tokenizer found in {sources}; the export has none. Save one next to the adapter to include it.",
+        stacklevel=2,
+    )
     return None
 
 
@@ -742,7 +753,12 @@ def export_adapter(
         if format != "gguf":  # a GGUF file carries its tokenizer; the other formats get its files next to the weights
             tokenizer_source = _save_tokenizer(tmp, [str(adapter_dir), base_ref])
         write_model_card(
-            tmp, config=config, kind=kind, base_model=base_id, summary=summary, conversion=conversion,
+            tmp,
+            config=config,
+            kind=kind,
+            base_model=base_id,
+            summary=summary,
+            conversion=conversion,
             gguf_file=gguf_file,
         )
     result = ExportResult(out, format, sorted(p.name for p in out.iterdir()), conversion, tokenizer_source)
@@ -762,7 +778,9 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise ValueError(f"{repo_id!r} is not a valid Hub repo id: {_first_line(error)} Use 'namespace/name'.") from None
+        raise ValueError(
+            f"{repo_id!r} is not a valid Hub repo id: {_first_line(error)} Use 'namespace/name'."
+        ) from None
 
 
 def _resolve_token(token: Optional[str]) -> str:

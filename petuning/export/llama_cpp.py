@@ -80,8 +80,16 @@ def fetch_converter(dest: Optional[PathLike] = None) -> Path:
         raise FileExistsError(f"{dest} exists but holds no {CONVERTER}; remove it, or pass another destination")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.tmp-", dir=dest.parent) as scratch:
-        download = ["download", "-q", "--no-deps", "--no-binary", ":all:", "-d", scratch,
-                    f"llama-cpp-python=={LLAMA_CPP_PYTHON}"]
+        download = [
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            scratch,
+            f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+        ]
         pip = [sys.executable, "-m", "pip"] if importlib.util.find_spec("pip") else None
         if pip is None:
             raise RuntimeError(
@@ -93,8 +101,9 @@ def fetch_converter(dest: Optional[PathLike] = None) -> Path:
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
         with tarfile.open(next(Path(scratch).glob("llama_cpp_python-*.tar.gz"))) as archive:
             members = [
-                m for m in archive.getmembers()
-                if m.isfile() and m.name.startswith(prefix) and m.name[len(prefix):].startswith(_KEPT)
+                m
+                for m in archive.getmembers()
+                if m.isfile() and m.name.startswith(prefix) and m.name[len(prefix) :].startswith(_KEPT)
             ]
             safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12
             archive.extractall(scratch, members=members, **safe)
@@ -137,7 +146,9 @@ def convert_to_gguf(
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the converter's own gguf-py, not ours
     process = subprocess.run(
         [sys.executable, str(converter), str(model_dir), "--outfile", str(outfile), "--outtype", gguf_type],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if process.returncode != 0:
         tail = "\n".join((process.stderr or process.stdout).strip().splitlines()[-6:])

@@ -25,9 +25,10 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import yaml
@@ -39,8 +40,15 @@ import petuning  # noqa: F401  (registers every petuning method with peft)
 from petuning.recipe.setup import bf16_supported
 
 #: PeftConfig fields the recipe sets itself.
-RECIPE_OWNED_PEFT_FIELDS = {"peft_version", "peft_type", "task_type", "base_model_name_or_path", "revision",
-                            "inference_mode", "auto_mapping"}
+RECIPE_OWNED_PEFT_FIELDS = {
+    "peft_version",
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+}
 METRICS = ("exact_match",)
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -51,18 +59,24 @@ class PetuningArguments:
 
     method: str = field(
         default="lora",
-        metadata={"help": "'lora' (peft's LoRA, the reference) or any petuning method: sorsa, flora, sparse_low_rank, "
-                  "pat, mask_tuning (`petuning train --methods` lists them with their options)."},
+        metadata={
+            "help": "'lora' (peft's LoRA, the reference) or any petuning method: sorsa, flora, sparse_low_rank, "
+            "pat, mask_tuning (`petuning train --methods` lists them with their options)."
+        },
     )
     method_options: Optional[str] = field(
         default=None,
-        metadata={"help": "Fields of the method's config class (SorsaConfig, LoraConfig, ...): a mapping in the YAML "
-                  "file; JSON on the command line, which updates the file's mapping."},
+        metadata={
+            "help": "Fields of the method's config class (SorsaConfig, LoraConfig, ...): a mapping in the YAML "
+            "file; JSON on the command line, which updates the file's mapping."
+        },
     )
     eval_metric: Optional[str] = field(
         default=None,
-        metadata={"help": "None or 'exact_match': the stripped greedy answer equals the reference completion, on the "
-                  "held-out split (dataset_test_split)."},
+        metadata={
+            "help": "None or 'exact_match': the stripped greedy answer equals the reference completion, on the "
+            "held-out split (dataset_test_split)."
+        },
     )
     eval_max_samples: Optional[int] = field(
         default=None, metadata={"help": "Score at most this many held-out records."}
@@ -72,8 +86,10 @@ class PetuningArguments:
     eval_before_training: bool = field(default=False, metadata={"help": "Also score the base model before training."})
     reload_check: bool = field(
         default=False,
-        metadata={"help": "After saving, reload the adapter on a fresh base in a new process and require the same "
-                  "answers (needs eval_metric)."},
+        metadata={
+            "help": "After saving, reload the adapter on a fresh base in a new process and require the same "
+            "answers (needs eval_metric)."
+        },
     )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Train on at most this many records."})
 
@@ -91,10 +107,17 @@ class RecipeArguments:
         """Every argument as one flat mapping of plain values, in the recipe's own format: ``recipe.yaml``, which
         ``petuning train`` reads back."""
         known = {a.dest for a in make_parser()._actions}
-        values = {**self.training.to_dict(), **dataclasses.asdict(self.script), **dataclasses.asdict(self.model),
-                  **dataclasses.asdict(self.petuning)}
-        return {k: v for k, v in values.items() if k in known and isinstance(v, (str, int, float, bool, list, dict,
-                                                                                  type(None)))}
+        values = {
+            **self.training.to_dict(),
+            **dataclasses.asdict(self.script),
+            **dataclasses.asdict(self.model),
+            **dataclasses.asdict(self.petuning),
+        }
+        return {
+            k: v
+            for k, v in values.items()
+            if k in known and isinstance(v, (str, int, float, bool, list, dict, type(None)))
+        }
 
 
 # --------------------------------------------------------------------------- methods
@@ -167,8 +190,10 @@ def _refuse_unused(model: ModelConfig, script: ScriptArguments) -> None:
     defaults = ModelConfig()
     for f in dataclasses.fields(ModelConfig):
         if f.name.startswith("lora_") and getattr(model, f.name) != getattr(defaults, f.name):
-            raise ValueError(f"{f.name} is TRL's LoRA flag, which petuning's recipe does not read; set method: lora "
-                             f"and method_options: {{{f.name[len('lora_'):]}: ...}} instead")
+            raise ValueError(
+                f"{f.name} is TRL's LoRA flag, which petuning's recipe does not read; set method: lora "
+                f"and method_options: {{{f.name[len('lora_') :]}: ...}} instead"
+            )
 
 
 def parse_recipe_args(argv: Optional[Sequence[str]] = None) -> RecipeArguments:
@@ -191,8 +216,12 @@ def parse_recipe_args(argv: Optional[Sequence[str]] = None) -> RecipeArguments:
         _check_keys(file_config, path, parser)
     cuda = torch.cuda.is_available()  # without it: no bf16, no pinned memory, and gloo for several CPU processes
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    parser.set_defaults_with_config(bf16=None if bf16_supported(torch.device("cuda")) else False, dtype=None,
-                                    dataloader_pin_memory=cuda, ddp_backend="gloo" if several and not cuda else None)
+    parser.set_defaults_with_config(
+        bf16=None if bf16_supported(torch.device("cuda")) else False,
+        dtype=None,
+        dataloader_pin_memory=cuda,
+        ddp_backend="gloo" if several and not cuda else None,
+    )
     try:
         script, training, model, options = parser.parse_args_and_config(argv)
     except SystemExit as exit_:  # argparse's own message (or --help) is already printed
@@ -232,8 +261,9 @@ def _method_options(from_file: Any, parsed: Any) -> dict[str, Any]:
     """The file's ``method_options`` mapping, updated by the command line's JSON when ``parsed`` is a string."""
     # yaml.safe_load (YAML 1.1, as TrlParser reads the file) leaves 1e-3 without a dot a string; argparse converts
     # the top-level values, not this mapping's
-    options = {k: float(v) if isinstance(v, str) and _EXPONENT.fullmatch(v) else v
-               for k, v in (from_file or {}).items()}
+    options = {
+        k: float(v) if isinstance(v, str) and _EXPONENT.fullmatch(v) else v for k, v in (from_file or {}).items()
+    }
     if isinstance(parsed, str):
         try:
             update = json.loads(parsed)

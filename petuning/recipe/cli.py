@@ -15,7 +15,7 @@ reloads the adapter in a fresh process and exits non-zero unless the answers are
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from petuning.recipe.args import available_methods, method_options, parse_recipe_args
 from petuning.recipe.run import check_reload, check_reload_in_subprocess, run_sft

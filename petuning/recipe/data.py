@@ -101,7 +101,8 @@ def prompts_and_references(dataset, layout: str, tokenizer) -> tuple[list[list[i
         if isinstance(prompt, str):
             prompts.append(tokenizer(prompt)["input_ids"])
         else:
-            prompts.append(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                         return_dict=False))
+            prompts.append(
+                tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+            )
         references.append(reference.strip())
     return prompts, references

@@ -151,7 +151,8 @@ def build_model(args: RecipeArguments):
     model, attention = load_model(args.model, training.bf16, training.device, state.local_process_index)
     if args.model.load_in_4bit:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=training.gradient_checkpointing,
+            model,
+            use_gradient_checkpointing=training.gradient_checkpointing,
             gradient_checkpointing_kwargs=training.gradient_checkpointing_kwargs,
         )
     return model, attention
@@ -199,8 +200,14 @@ def run_sft(args: RecipeArguments, callbacks: tuple[TrainerCallback, ...] = ()) 
     logger.setLevel(logging.INFO if state.is_main_process else logging.WARNING)
     output_dir = Path(training.output_dir)
     checkpoint = resolve_resume(training.resume_from_checkpoint, output_dir)
-    logger.info("method %s on %s; %d process(es), device %s, bf16 %s", options.method, args.model.model_name_or_path,
-                state.num_processes, training.device, training.bf16)
+    logger.info(
+        "method %s on %s; %d process(es), device %s, bf16 %s",
+        options.method,
+        args.model.model_name_or_path,
+        state.num_processes,
+        training.device,
+        training.bf16,
+    )
 
     set_seed(training.seed)
     tokenizer = load_tokenizer(args.model, training.chat_template_path)
@@ -218,16 +225,27 @@ def run_sft(args: RecipeArguments, callbacks: tuple[TrainerCallback, ...] = ()) 
     model, attention = build_model(args)
     training.packing = resolve_packing(training.packing, attention)
     training.padding_free = resolve_packing(training.padding_free, attention)
-    metrics: dict[str, Any] = {"method": options.method, "model": args.model.model_name_or_path,
-                               "world_size": state.num_processes, "attention": attention, "bf16": training.bf16,
-                               "packing": training.packing}
+    metrics: dict[str, Any] = {
+        "method": options.method,
+        "model": args.model.model_name_or_path,
+        "world_size": state.num_processes,
+        "attention": attention,
+        "bf16": training.bf16,
+        "packing": training.packing,
+    }
     if options.eval_metric and options.eval_before_training:
         metrics["exact_match_before"], _ = _score("base model", model, tokenizer, held_out, args)
 
     set_seed(training.seed)  # the adapter's initialization does not depend on what ran before
-    trainer = SFTTrainer(model=model, args=training, train_dataset=train,
-                         eval_dataset=held_out.dataset if held_out else None, processing_class=tokenizer,
-                         peft_config=peft_config_for(args, output_dir), callbacks=list(callbacks))
+    trainer = SFTTrainer(
+        model=model,
+        args=training,
+        train_dataset=train,
+        eval_dataset=held_out.dataset if held_out else None,
+        processing_class=tokenizer,
+        peft_config=peft_config_for(args, output_dir),
+        callbacks=list(callbacks),
+    )
     attach_to_trainer(trainer)  # ahead of report_to integrations, so they log the methods' metrics too
     trainable, total = trainer.model.get_nb_trainable_parameters()
     metrics.update(trainable_parameters=trainable, total_parameters=total)
@@ -236,9 +254,13 @@ def run_sft(args: RecipeArguments, callbacks: tuple[TrainerCallback, ...] = ()) 
         logger.info("resuming from %s", checkpoint)
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=checkpoint)
-    metrics.update(resumed_from=checkpoint, global_step=trainer.state.global_step, train_loss=output.training_loss,
-                   train_seconds=round(time.perf_counter() - start, 1),
-                   loss_history=[e["loss"] for e in trainer.state.log_history if "loss" in e])
+    metrics.update(
+        resumed_from=checkpoint,
+        global_step=trainer.state.global_step,
+        train_loss=output.training_loss,
+        train_seconds=round(time.perf_counter() - start, 1),
+        loss_history=[e["loss"] for e in trainer.state.log_history if "loss" in e],
+    )
     adapter_dir = output_dir / ADAPTER_DIR
     trainer.save_model(str(adapter_dir))
     logger.info("adapter saved to %s", adapter_dir)
@@ -249,10 +271,15 @@ def run_sft(args: RecipeArguments, callbacks: tuple[TrainerCallback, ...] = ()) 
     if options.eval_metric:
         metrics["exact_match"], answers = _score(f"after {options.method}", model, tokenizer, held_out, args)
         if state.is_main_process:
-            record = {"batch_size": options.eval_batch_size, "max_new_tokens": options.eval_max_new_tokens,
-                      "bf16": training.bf16, "model": dataclasses.asdict(args.model),
-                      "chat_template_path": training.chat_template_path, "prompts": held_out.prompts,
-                      "answers": answers}
+            record = {
+                "batch_size": options.eval_batch_size,
+                "max_new_tokens": options.eval_max_new_tokens,
+                "bf16": training.bf16,
+                "model": dataclasses.asdict(args.model),
+                "chat_template_path": training.chat_template_path,
+                "prompts": held_out.prompts,
+                "answers": answers,
+            }
             (output_dir / ANSWERS_FILE).write_text(json.dumps(record))
     if state.is_main_process:
         (output_dir / RESULTS_FILE).write_text(json.dumps(metrics, indent=1))
@@ -273,8 +300,9 @@ def check_reload(output_dir: str | Path) -> int:
     base, _ = load_model(model_args, record["bf16"], device)
     tokenizer = load_tokenizer(model_args, record["chat_template_path"])
     model = PeftModel.from_pretrained(base, output_dir / ADAPTER_DIR).to(device)
-    answers = generate_from_ids(model, tokenizer, record["prompts"], record["max_new_tokens"], record["batch_size"],
-                                use_cache=True)
+    answers = generate_from_ids(
+        model, tokenizer, record["prompts"], record["max_new_tokens"], record["batch_size"], use_cache=True
+    )
     mismatches = [(i, old, new) for i, (old, new) in enumerate(zip(record["answers"], answers)) if old != new]
     for i, old, new in mismatches[:5]:
         print(f"    example {i}: trained model said {old!r}, reloaded adapter says {new!r}")

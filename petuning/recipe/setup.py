@@ -72,8 +72,9 @@ def resolve_packing(requested: bool, attention: str) -> bool:
     """Packing (or padding-free rows) only with flash attention: sdpa and eager would let packed examples attend
     to each other."""
     if requested and attention != "flash_attention_2":
-        logger.warning("packing / padding-free turned off: packing needs flash_attention_2 and the model uses %s",
-                       attention)
+        logger.warning(
+            "packing / padding-free turned off: packing needs flash_attention_2 and the model uses %s", attention
+        )
         return False
     return requested
 
@@ -109,7 +110,11 @@ def quantization_config(args: ModelConfig, bf16: bool, device: torch.device):
         logger.warning("bitsandbytes: %s", message)
 
     compute = torch.bfloat16 if (bf16 or bf16_supported(device)) else torch.float32
-    storage = dtype_from_name(args.bnb_4bit_quant_storage, "bnb_4bit_quant_storage") if args.bnb_4bit_quant_storage else torch.uint8
+    storage = (
+        dtype_from_name(args.bnb_4bit_quant_storage, "bnb_4bit_quant_storage")
+        if args.bnb_4bit_quant_storage
+        else torch.uint8
+    )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=args.bnb_4bit_quant_type,

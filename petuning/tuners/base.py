@@ -20,7 +20,8 @@ method's config turns that into an error naming the layer.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -46,7 +47,9 @@ class PetuningLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.quantization_backend = (
-            resolve_quantization_backend(self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass"))
+            resolve_quantization_backend(
+                self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
+            )
             if quantizable
             else None
         )
@@ -114,7 +117,9 @@ class PetuningLayer(BaseTunerLayer):
 
     def note_size_change(self, adapter_name: str, note: str) -> None:
         """Record that a requested size was changed to fit this layer (reported by the tuner's one warning)."""
-        self.rank_caps[adapter_name] = f"{self.rank_caps[adapter_name]}; {note}" if adapter_name in self.rank_caps else note
+        self.rank_caps[adapter_name] = (
+            f"{self.rank_caps[adapter_name]}; {note}" if adapter_name in self.rank_caps else note
+        )
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -165,7 +170,11 @@ class PetuningTuner(BaseTuner):
         tuner's training hooks on ``model`` (every attach path injects through here)."""
         self._owned_adapters().add(adapter_name)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
-        capped = {name: layer.rank_caps[adapter_name] for name, layer in self.petuning_layers(adapter_name) if adapter_name in layer.rank_caps}
+        capped = {
+            name: layer.rank_caps[adapter_name]
+            for name, layer in self.petuning_layers(adapter_name)
+            if adapter_name in layer.rank_caps
+        }
         if capped:
             listed = "; ".join(f"{name} ({note})" for name, note in capped.items())
             warnings.warn(
@@ -182,7 +191,9 @@ class PetuningTuner(BaseTuner):
     def provides_training_hooks(cls) -> bool:
         """True if the tuner overrides any of petuning's training hooks."""
         hooks = [n for n in vars(TrainingHooksMixin) if n.startswith("petuning_")]
-        return issubclass(cls, TrainingHooksMixin) and any(getattr(cls, n) is not getattr(TrainingHooksMixin, n) for n in hooks)
+        return issubclass(cls, TrainingHooksMixin) and any(
+            getattr(cls, n) is not getattr(TrainingHooksMixin, n) for n in hooks
+        )
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
         unregister_hook_provider(self.model, self)
@@ -202,7 +213,9 @@ class PetuningTuner(BaseTuner):
         """``adapter_name``, or the first active adapter; a clear error if the tuner has no such adapter."""
         name = adapter_name or next(iter(self.active_adapters), None)
         if name is None or name not in self.peft_config:
-            raise ValueError(f"No {self.method_label} adapter named {adapter_name!r}; loaded: {list(self.peft_config)}.")
+            raise ValueError(
+                f"No {self.method_label} adapter named {adapter_name!r}; loaded: {list(self.peft_config)}."
+            )
         return name
 
     def _owned_adapters(self) -> set[str]:
@@ -265,7 +278,10 @@ def check_adapter_shapes(
     """Refuse an adapter state dict (already remapped to the model's keys) whose tensors do not have the model's
     shapes, naming a mismatching tensor: such an adapter was made for a different base model. Compares against
     the model's parameters and buffers (not ``state_dict()``, which would also build every module's extra state)."""
-    expected = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    expected = {
+        **dict(model.named_parameters(remove_duplicate=False)),
+        **dict(model.named_buffers(remove_duplicate=False)),
+    }
     wrong = [
         f"{key}: adapter {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
         for key, value in state_dict.items()

@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from torch.distributed.tensor import DTensor, distribute_tensor
 from peft.utils import resolve_quantization_backend
 from peft.utils.other import get_pattern_key
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers.pytorch_utils import Conv1D
 
 NAN_MESSAGE = "NaNs detected in the merged weights. The adapter {} seems to be broken"
@@ -101,7 +101,10 @@ def linear_fan_in_fan_out(base: nn.Module, key: str, method: str, requested: boo
             "it to exclude_modules)."
         )
     if requested:
-        warnings.warn(f"fan_in_fan_out=True does not fit {key!r} ({type(base).__name__}, (out, in) layout); ignored.")
+        warnings.warn(
+            f"fan_in_fan_out=True does not fit {key!r} ({type(base).__name__}, (out, in) layout); ignored.",
+            stacklevel=2,
+        )
     return False
 
 
@@ -201,10 +204,16 @@ def forward_logits(ctx, feature: str, fix: str) -> torch.Tensor:
     logits = getattr(ctx.output, "logits", None)
     if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.requires_grad:
         return logits
-    why = (" (TRL's SFTTrainer computes its loss with a fused LM head, which returns per-token log-probabilities, "
-           "not logits)" if "fused_lm_head" in ctx.kwargs else "")
-    raise TypeError(f"{feature} compares the model's logits with a reference forward's, but the output of "
-                    f"{type(ctx.model).__name__} has no `logits` that depend on the adapter{why}. {fix}")
+    why = (
+        " (TRL's SFTTrainer computes its loss with a fused LM head, which returns per-token log-probabilities, "
+        "not logits)"
+        if "fused_lm_head" in ctx.kwargs
+        else ""
+    )
+    raise TypeError(
+        f"{feature} compares the model's logits with a reference forward's, but the output of "
+        f"{type(ctx.model).__name__} has no `logits` that depend on the adapter{why}. {fix}"
+    )
 
 
 def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:

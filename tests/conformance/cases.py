@@ -6,13 +6,12 @@ A case is one method on one model kind. ``make_config(init_weights)`` builds a f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from peft.config import PeftConfig
 
-from petuning import FloraConfig, SorsaConfig
-from petuning import MaskTuningConfig
+from petuning import FloraConfig, MaskTuningConfig, SorsaConfig
 
 
 @dataclass(frozen=True)
@@ -80,12 +79,27 @@ CASES = [
     MethodCase("flora", "conv3d", _flora(["conv"], r_kernel=2), "flora_"),
     MethodCase("flora", "llama", _flora("all-linear", "CAUSAL_LM", r=4), "flora_"),
     MethodCase("flora", "opt", _flora(["q_proj", "v_proj", "fc1", "fc2"], "CAUSAL_LM", r=4, scale=1.0), "flora_"),
-    MethodCase("mask_tuning", "mlp", _mask_tuning(["lin0", "lin1", "lin2"]), "mask_tuning_",
-               training_buffers=("mask_tuning_off",)),
-    MethodCase("mask_tuning", "conv1d_gpt2", _mask_tuning(["c_fc", "c_proj"], mask_share=0.3), "mask_tuning_",
-               training_buffers=("mask_tuning_off",)),
-    MethodCase("mask_tuning", "llama", _mask_tuning("all-linear", "CAUSAL_LM", mask_share=0.25), "mask_tuning_",
-               training_buffers=("mask_tuning_off",)),
+    MethodCase(
+        "mask_tuning",
+        "mlp",
+        _mask_tuning(["lin0", "lin1", "lin2"]),
+        "mask_tuning_",
+        training_buffers=("mask_tuning_off",),
+    ),
+    MethodCase(
+        "mask_tuning",
+        "conv1d_gpt2",
+        _mask_tuning(["c_fc", "c_proj"], mask_share=0.3),
+        "mask_tuning_",
+        training_buffers=("mask_tuning_off",),
+    ),
+    MethodCase(
+        "mask_tuning",
+        "llama",
+        _mask_tuning("all-linear", "CAUSAL_LM", mask_share=0.25),
+        "mask_tuning_",
+        training_buffers=("mask_tuning_off",),
+    ),
     MethodCase(
         "mask_tuning",
         "opt",
@@ -107,11 +121,18 @@ def _sparse_low_rank(targets, task_type=None, **extra):
 
 
 CASES += [
-    MethodCase("sparse_low_rank", "mlp", _sparse_low_rank(["lin0", "lin1", "lin2"], support="random"), "sparse_low_rank_"),
     MethodCase(
-        "sparse_low_rank", "conv1d_gpt2", _sparse_low_rank(["c_fc", "c_proj"], support="magnitude", r=2), "sparse_low_rank_"
+        "sparse_low_rank", "mlp", _sparse_low_rank(["lin0", "lin1", "lin2"], support="random"), "sparse_low_rank_"
     ),
-    MethodCase("sparse_low_rank", "llama", _sparse_low_rank("all-linear", "CAUSAL_LM", density=0.05), "sparse_low_rank_"),
+    MethodCase(
+        "sparse_low_rank",
+        "conv1d_gpt2",
+        _sparse_low_rank(["c_fc", "c_proj"], support="magnitude", r=2),
+        "sparse_low_rank_",
+    ),
+    MethodCase(
+        "sparse_low_rank", "llama", _sparse_low_rank("all-linear", "CAUSAL_LM", density=0.05), "sparse_low_rank_"
+    ),
     MethodCase(
         "sparse_low_rank",
         "opt",
@@ -137,7 +158,12 @@ CASES += [
     MethodCase("pat", "llama", _pat(), "pat_", supports_injection=False, training_buffers=("pat_step",)),
     # the self-distillation term runs a second (teacher) forward inside the training forward
     MethodCase(
-        "pat", "llama", _pat(distill_weight=1.0), "pat_", supports_injection=False, training_buffers=("pat_step",),
+        "pat",
+        "llama",
+        _pat(distill_weight=1.0),
+        "pat_",
+        supports_injection=False,
+        training_buffers=("pat_step",),
         variant="distill",
     ),
 ]

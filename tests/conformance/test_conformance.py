@@ -100,7 +100,11 @@ class TestConformance:
         inputs = make_inputs(case.model)
         expected = _out(model, case, inputs)
         model.save_pretrained(tmp_path)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "README.md",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ]
         saved = load_file(tmp_path / "adapter_model.safetensors")
         assert saved and all(case.prefix in k for k in saved), "only adapter tensors belong in the file"
         assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == case.method.upper()

@@ -18,9 +18,10 @@ import inspect
 import itertools
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from _pytest.mark.structures import ParameterSet
@@ -38,7 +39,9 @@ def load_peft_tests() -> tuple[types.ModuleType, types.ModuleType]:
     if str(PEFT_TESTS.parent) not in sys.path:
         sys.path.insert(0, str(PEFT_TESTS.parent))
     if importlib.util.find_spec("diffusers") is None:  # imported by testing_common for its Stable Diffusion tests only
-        sys.modules["diffusers"] = types.SimpleNamespace(StableDiffusionPipeline=type("StableDiffusionPipeline", (), {}))
+        sys.modules["diffusers"] = types.SimpleNamespace(
+            StableDiffusionPipeline=type("StableDiffusionPipeline", (), {})
+        )
     from peft_tests import test_custom_models, test_decoder_models, testing_common
 
     _treat_conv1d_like_lora(testing_common, "_skip_if_conv1d_not_supported")
@@ -146,7 +149,7 @@ def run_or_explain_skip(
     its parametrizations, ``name@model_id`` or ``name@model_id:targets`` for one case. If it skips, the skip stands
     only if ``allowed`` names a reason for it (by the test's name or the start of peft's skip message) or the same
     peft test also skips for LoRA (``reference()``); otherwise the test fails."""
-    for key in test.keys():
+    for key in test.keys():  # noqa: SIM118 (PeftTest.keys() is a method, not a dict's)
         if key in not_applicable:
             pytest.skip(not_applicable[key])
     try:

@@ -62,8 +62,15 @@ NOT_APPLICABLE: dict[type, dict[str, str]] = {
     },
     FloraConfig: {
         **{
-            f"test_parameters_after_loading_model@{case}": _SGD_DIVERGES.format("the Tucker core and one factor per mode")
-            for case in ("MLP:['lin0', 'lin1']", "Conv2d:['conv2d', 'lin0']", "Conv3d:['conv3d', 'lin0']", "Conv2dGroups2")
+            f"test_parameters_after_loading_model@{case}": _SGD_DIVERGES.format(
+                "the Tucker core and one factor per mode"
+            )
+            for case in (
+                "MLP:['lin0', 'lin1']",
+                "Conv2d:['conv2d', 'lin0']",
+                "Conv3d:['conv3d', 'lin0']",
+                "Conv2dGroups2",
+            )
         },
         **{
             f"{name}@Conv2dGroups2": _SGD_DIVERGES.format("the Tucker core and one factor per mode")
@@ -90,7 +97,7 @@ NOT_APPLICABLE: dict[type, dict[str, str]] = {
             "a binary mask changes the output only once a score crosses the threshold, which peft's three SGD steps "
             "on this model's 1-output Conv1D do not reach (the MLP cases pass)"
         ),
-        **{name: _PACKED for name in PACKED_ONLY},
+        **dict.fromkeys(PACKED_ONLY, _PACKED),
     },
     PatConfig: {
         "test_prepare_for_training_parametrized": (

@@ -68,14 +68,28 @@ DECODER_MODELS = {
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
     ),
     "tiny-random-GPTJForCausalLM": lambda: GPTJConfig(
-        vocab_size=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        rotary_dim=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     ),
     "tiny-random-LlamaForCausalLM": lambda: tiny_llama_config(),
     "tiny-dummy-qwen2": lambda: tiny_qwen2_config(),
     "tiny-random-Gemma3ForCausalLM": lambda: Gemma3TextConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=16,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        sliding_window=16,
     ),
 }
 PAT_MODELS = ("tiny-random-LlamaForCausalLM", "tiny-dummy-qwen2")  # PAT prunes Llama-family decoders only
@@ -143,7 +157,7 @@ def _with_lora(test: PeftTest, args: tuple) -> PeftTest:
 
 @pytest.mark.parametrize("test", list(_custom_items()))
 def test_peft_custom_models(test: PeftTest, tmp_path):
-    label, model_id, config_cls, kwargs = test.args
+    _label, model_id, config_cls, kwargs = test.args
     lora = _with_lora(test, (f"LoRA {model_id}", model_id, LoraConfig, kwargs))
     run_or_explain_skip(test, lambda: lora, *_skips(config_cls, kwargs), tmp_path)
 

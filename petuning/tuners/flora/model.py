@@ -35,7 +35,9 @@ class FloraModel(PetuningTuner):
     tuner_layer_cls = FloraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    def _layer_kwargs(self, config: FloraConfig, adapter_name: str, key: str, target_name: str, target: nn.Module) -> dict:
+    def _layer_kwargs(
+        self, config: FloraConfig, adapter_name: str, key: str, target_name: str, target: nn.Module
+    ) -> dict:
         return {
             "r": pattern_value(config.rank_pattern, key, config.r),
             "r_kernel": config.r_kernel,
@@ -69,7 +71,7 @@ class FloraModel(PetuningTuner):
         if isinstance(base, Conv1D):
             return Linear(target, adapter_name, fan_in_fan_out=True, **kwargs)
         if config.fan_in_fan_out and not isinstance(base, nn.Embedding):
-            warnings.warn(f"fan_in_fan_out=True does not fit {key!r} ({type(base).__name__}); ignored.")
+            warnings.warn(f"fan_in_fan_out=True does not fit {key!r} ({type(base).__name__}); ignored.", stacklevel=2)
         if isinstance(base, nn.Linear) or is_quantized_linear(base):
             return Linear(target, adapter_name, **kwargs)
         if resolve_quantization_backend(base) is not None:

@@ -150,8 +150,10 @@ class MaskTuningConfig(PeftConfig):
     )
     save_scores: bool = field(
         default=False,
-        metadata={"help": "Also save the float scores and the scored entries (to resume training); by default only the "
-            "positions the masks zero are saved (what inference needs)."},
+        metadata={
+            "help": "Also save the float scores and the scored entries (to resume training); by default only the "
+            "positions the masks zero are saved (what inference needs)."
+        },
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules to train fully and save, e.g. a classifier head."}
@@ -222,9 +224,7 @@ class MaskTuningConfig(PeftConfig):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"MaskTuningConfig.{name} must be a step count >= 0 or None (auto), got {value!r}.")
         if start is not None and end is not None and end <= start:
-            raise ValueError(
-                f"MaskTuningConfig.budget_end_step ({end}) must be after budget_start_step ({start})."
-            )
+            raise ValueError(f"MaskTuningConfig.budget_end_step ({end}) must be after budget_start_step ({start}).")
 
     def budget_steps(self, max_steps: Optional[int]) -> tuple[int, int]:
         """``(start, end)`` of the budget ramp in optimizer steps, the automatic ones from ``max_steps``."""

@@ -28,7 +28,8 @@ W bit for bit.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,9 @@ def apply_masks(
     return out
 
 
-def _offs(scores: Sequence[torch.Tensor], sets: Sequence[Optional[torch.Tensor]], thresholds: Sequence[Optional[float]]):
+def _offs(
+    scores: Sequence[torch.Tensor], sets: Sequence[Optional[torch.Tensor]], thresholds: Sequence[Optional[float]]
+):
     """Each mask's boolean "masked" tensor: the stored set (budget mode), or ``m <= tau`` computed now (threshold
     mode, so that nothing but the scores themselves is kept for backward)."""
     return [off if t is None else masked_off(s.detach(), t) for s, off, t in zip(scores, sets, thresholds)]
@@ -139,7 +142,7 @@ class MaskedPositions(nn.Module):
     ``load_state_dict``, PEFT, or transformers' ``load_adapter``) makes the layer mask exactly those positions
     (:meth:`MaskTuningLayer.set_masked_positions`), whatever the scores or indices loaded before it."""
 
-    def __init__(self, layer: "MaskTuningLayer", adapter_name: str) -> None:
+    def __init__(self, layer: MaskTuningLayer, adapter_name: str) -> None:
         super().__init__()
         object.__setattr__(self, "_layer", layer)  # the owning layer, deliberately not registered as a child
         self.adapter_name = adapter_name
@@ -175,8 +178,13 @@ class MaskTuningLayer(PetuningLayer):
 
     adapter_layer_names = ("mask_tuning_scores",)
     other_param_names = (
-        "mask_tuning_indices", "mask_tuning_off", "mask_tuning_mask", "mask_tuning_threshold", "mask_tuning_init",
-        "mask_tuning_removed", "mask_tuning_kl_grad",
+        "mask_tuning_indices",
+        "mask_tuning_off",
+        "mask_tuning_mask",
+        "mask_tuning_threshold",
+        "mask_tuning_init",
+        "mask_tuning_removed",
+        "mask_tuning_kl_grad",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -267,7 +275,7 @@ class MaskTuningLayer(PetuningLayer):
             budgeted = self.budgeted(name)
             sets.append(self.mask_tuning_off[name] if budgeted else None)
             thresholds.append(None if budgeted else self.mask_tuning_threshold[name])
-            indices.append(self.mask_tuning_indices[name] if name in self.mask_tuning_indices else None)
+            indices.append(self.mask_tuning_indices[name] if name in self.mask_tuning_indices else None)  # noqa: SIM401 (a BufferDict has no get)
         return scores, sets, thresholds, indices
 
     def mask(self, adapter_name: str) -> torch.Tensor:

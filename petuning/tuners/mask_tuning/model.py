@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -90,7 +91,9 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------ injection
-    def _layer_kwargs(self, config: MaskTuningConfig, adapter_name: str, key: str, target_name: str, target: nn.Module) -> dict:
+    def _layer_kwargs(
+        self, config: MaskTuningConfig, adapter_name: str, key: str, target_name: str, target: nn.Module
+    ) -> dict:
         return {
             "mask_share": config.mask_share,
             "mask_init": config.mask_init,
@@ -253,7 +256,9 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
         return chosen
 
     # ------------------------------------------------------------------------------ training hooks
-    def _trained(self, with_gradient_dropout: bool = False) -> Iterator[tuple[str, MaskTuningConfig, list[MaskTuningLayer]]]:
+    def _trained(
+        self, with_gradient_dropout: bool = False
+    ) -> Iterator[tuple[str, MaskTuningConfig, list[MaskTuningLayer]]]:
         """Active adapters whose scores train (optionally only those with gradient dropout on)."""
         for name in self.active_adapters:
             config = self.peft_config.get(name)
@@ -266,7 +271,8 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
     def petuning_auxiliary_loss(self) -> Optional[torch.Tensor]:
         """``l2_weight * sum over layers of ||m||_2`` for every training adapter."""
         terms = [
-            config.l2_weight * torch.stack([full_tensor(layer.mask_tuning_scores[name].norm()) for layer in layers]).sum()
+            config.l2_weight
+            * torch.stack([full_tensor(layer.mask_tuning_scores[name].norm()) for layer in layers]).sum()
             for name, config, layers in self._trained()
             if config.l2_weight > 0
         ]
@@ -283,8 +289,12 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
         refuse_gradient_edits_under_deepspeed(
             "Masked tuning's gradient dropout", "Set gradient_dropout=False under DeepSpeed, or train with DDP."
         )
-        logits = forward_logits(ctx, "Masked tuning's gradient dropout", "Set gradient_dropout=False, or train with "
-                                "transformers' Trainer or petuning.TrainingHooks and a model whose output has logits.")
+        logits = forward_logits(
+            ctx,
+            "Masked tuning's gradient dropout",
+            "Set gradient_dropout=False, or train with "
+            "transformers' Trainer or petuning.TrainingHooks and a model whose output has logits.",
+        )
         layers = [layer for _, _, ls in adapters for layer in ls]
         params = [layer.mask_tuning_scores[name] for name, _, ls in adapters for layer in ls]
         keys = [(layer, name) for name, _, ls in adapters for layer in ls]
@@ -408,7 +418,9 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
         """Before the first step, the masked counts the mass-flip check compares against; then gradient dropout's
         rule on the (clipped, final) task gradients."""
         if self._masked_counts is None:
-            self._masked_counts = {name: masked for name, (masked, _) in self._count_masked(threshold_only=True).items()}
+            self._masked_counts = {
+                name: masked for name, (masked, _) in self._count_masked(threshold_only=True).items()
+            }
         self._apply_gradient_dropout(ctx)
 
     def _apply_gradient_dropout(self, ctx: StepContext) -> None:
@@ -436,7 +448,9 @@ class MaskTuningModel(TrainingHooksMixin, PetuningTuner):
                 uniform = torch.rand(param.shape, generator=generator, dtype=torch.float32).to(param.device)
                 if param.grad is None:
                     continue
-                new, kept = gradient_dropout(param.grad, g_kl.to(param.grad.dtype), config.gradient_dropout_lambda, uniform)
+                new, kept = gradient_dropout(
+                    param.grad, g_kl.to(param.grad.dtype), config.gradient_dropout_lambda, uniform
+                )
                 param.grad.copy_(new)
                 dropped += int((~kept).sum())
                 total += kept.numel()
@@ -496,9 +510,11 @@ def advance_budget(
 
 def _check_identical_on_every_rank(offs: list[torch.Tensor]) -> None:
     """Raise if the ranks' masked sets differ (their scores should be identical under DDP and FSDP2)."""
-    fingerprint = torch.stack(
-        [torch.stack([o.sum(), (o.reshape(-1).nonzero().squeeze(1) % 1_000_003).sum()]) for o in offs]
-    ).to(torch.float64).cpu()
+    fingerprint = (
+        torch.stack([torch.stack([o.sum(), (o.reshape(-1).nonzero().squeeze(1) % 1_000_003).sum()]) for o in offs])
+        .to(torch.float64)
+        .cpu()
+    )
     low, high = fingerprint.clone(), fingerprint.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
@@ -512,6 +528,7 @@ def _check_identical_on_every_rank(offs: list[torch.Tensor]) -> None:
 def _leading_rows(args: tuple, kwargs: dict, n: int, rows: int) -> tuple[tuple, dict]:
     """The first ``n`` examples of a forward's inputs: every tensor whose first dimension is the batch (``rows``)
     is cut to its first ``n`` rows; everything else is passed as it is."""
+
     def cut(value):
         return value[:n] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows else value
 

@@ -10,12 +10,12 @@ from .prune import prune_and_unload
 register_method("pat", PatConfig, PatModel)
 
 __all__ = [
+    "SUPPORTED_MODEL_TYPES",
     "Embedding",
     "Linear",
     "PatConfig",
     "PatGate",
     "PatLayer",
     "PatModel",
-    "SUPPORTED_MODEL_TYPES",
     "prune_and_unload",
 ]

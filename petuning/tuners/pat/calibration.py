@@ -21,7 +21,8 @@ underrates the rest); the protected channels still follow the RMS.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -142,9 +142,7 @@ class PatConfig(PeftConfig):
     )
     count_loss_weight: float = field(
         default=10.0,
-        metadata={
-            "help": "Factor of the kept-count term |count(m >= 0) - d'| / d' inside the mask loss (paper: 10)."
-        },
+        metadata={"help": "Factor of the kept-count term |count(m >= 0) - d'| / d' inside the mask loss (paper: 10)."},
     )
     identity_loss_weight: float = field(
         default=1.0,
@@ -220,7 +218,9 @@ class PatConfig(PeftConfig):
         if self.schedule_steps != "auto" and (
             isinstance(self.schedule_steps, bool) or not isinstance(self.schedule_steps, int) or self.schedule_steps < 2
         ):
-            raise ValueError(f"PatConfig.schedule_steps must be 'auto' or an integer >= 2, got {self.schedule_steps!r}.")
+            raise ValueError(
+                f"PatConfig.schedule_steps must be 'auto' or an integer >= 2, got {self.schedule_steps!r}."
+            )
         if self.mask_init not in ("activation", "norm_output", "zeros"):
             raise ValueError(
                 f"PatConfig.mask_init must be 'activation', 'norm_output' or 'zeros', got {self.mask_init!r}."

@@ -200,7 +200,11 @@ class PatGate:
 
     def __call__(self, name: str) -> torch.Tensor:
         return gate_values(
-            self.masks[name], self.step(name), self.total(name), self.widths[name], self.hard_when_frozen[name],
+            self.masks[name],
+            self.step(name),
+            self.total(name),
+            self.widths[name],
+            self.hard_when_frozen[name],
             self.protected(name),
         )
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Iterator, Optional
+from typing import ClassVar, Optional
 
 import torch
 from accelerate import init_empty_weights
@@ -13,18 +14,31 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from petuning.training import (
-    ForwardContext, StepContext, TrainingHooksMixin, predicted_labels, refuse_gradient_edits_under_deepspeed
+    ForwardContext,
+    StepContext,
+    TrainingHooksMixin,
+    predicted_labels,
+    refuse_gradient_edits_under_deepspeed,
 )
 from petuning.tuners.base import PetuningTuner
 from petuning.tuners.common import base_of, eval_logits, forward_logits, full_tensor, kl_to_reference, like_parameter
 
 from .calibration import ResidualStatistics, calibrated_mask
 from .config import PRODUCERS, PatConfig
-from .prune import prune_and_unload, ties_embedding
 from .layer import (
-    Embedding, Linear, PatGate, PatLayer, gate_values, identity_loss, mask_loss, mask_phase, polarization_gap,
-    protected_channels, schedule,
+    Embedding,
+    Linear,
+    PatGate,
+    PatLayer,
+    gate_values,
+    identity_loss,
+    mask_loss,
+    mask_phase,
+    polarization_gap,
+    protected_channels,
+    schedule,
 )
+from .prune import prune_and_unload, ties_embedding
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 """transformers ``model_type`` values with the block shape PAT needs (RMSNorm -> attention -> o_proj -> residual,
@@ -63,7 +77,7 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
     method_label = "PAT"
     prefix: str = "pat_"
     tuner_layer_cls = PatLayer
-    target_module_mapping: dict = {}
+    target_module_mapping: ClassVar[dict] = {}
     uses_shared_state = True
 
     # ------------------------------------------------------------------------------------ injection
@@ -98,7 +112,11 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
             )
             if config.strict_rank:
                 raise ValueError(f"{message} Use hsm_rank <= {hidden} (strict_rank=True).")
-            warnings.warn(f"{message} Using hsm_rank={hidden}; pass strict_rank=True to refuse instead.", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"{message} Using hsm_rank={hidden}; pass strict_rank=True to refuse instead.",
+                UserWarning,
+                stacklevel=2,
+            )
         self._hsm_ranks[adapter_name] = min(config.hsm_rank, hidden)
         weight = embedding.weight
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -146,7 +164,9 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
     def _get_tied_target_modules(self, model: nn.Module) -> list[str]:
         return []
 
-    def _layer_kwargs(self, config: PatConfig, adapter_name: str, key: str, target_name: str, target: nn.Module) -> dict:
+    def _layer_kwargs(
+        self, config: PatConfig, adapter_name: str, key: str, target_name: str, target: nn.Module
+    ) -> dict:
         embedding = isinstance(base_of(target), nn.Embedding)
         return {
             "hsm_rank": self._hsm_ranks[adapter_name] if not embedding or self._embedding_low_rank[adapter_name] else 0,
@@ -329,7 +349,9 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         """g_0 (d,) of the current mask and protection, in float64 on the CPU."""
         protected = self._pat_gate.protected(name)
         mask = full_tensor(self.pat_mask[name]).detach().double().cpu()
-        return gate_values(mask, 0, None, self._pat_gate.widths[name], protected=None if protected is None else protected.cpu())
+        return gate_values(
+            mask, 0, None, self._pat_gate.widths[name], protected=None if protected is None else protected.cpu()
+        )
 
     def petuning_prune_and_unload(self, adapter_name: Optional[str] = None):
         """A new, smaller transformers model (hidden size d') that computes the logits of this model with its final
@@ -358,7 +380,9 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         calibrating = self._calibration_pending(name)  # the mask is about to be overwritten: no loss on it
         if config.mask_loss_weight > 0 and self._pat_gate.phase(name) == "learning" and not calibrating:
             mask = full_tensor(self.pat_mask[name])
-            losses["mask"] = config.mask_loss_weight * mask_loss(mask, self._pat_gate.widths[name], config.count_loss_weight)
+            losses["mask"] = config.mask_loss_weight * mask_loss(
+                mask, self._pat_gate.widths[name], config.count_loss_weight
+            )
         downs = [full_tensor(layer.pat_hsm_down[name]) for layer in self.hsm_layers(name) if layer.has_low_rank(name)]
         if config.identity_loss_weight > 0 and any(d.requires_grad for d in downs):
             losses["identity"] = config.identity_loss_weight * identity_loss(downs)
@@ -387,8 +411,11 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         not score, where teacher_p is the next-token distribution of the same forward with every PAT layer bypassed
         (the unpruned original, in eval mode, without gradients). None if there is no such position; an error if the
         output has no logits."""
-        logits = forward_logits(ctx, "PAT's self-distillation (distill_weight > 0)", "Set distill_weight=0, or train "
-                                "with transformers' Trainer or petuning.TrainingHooks.")
+        logits = forward_logits(
+            ctx,
+            "PAT's self-distillation (distill_weight > 0)",
+            "Set distill_weight=0, or train with transformers' Trainer or petuning.TrainingHooks.",
+        )
         positions = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
         attention_mask = ctx.kwargs.get("attention_mask")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == positions.shape:
@@ -406,7 +433,8 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         name = self._training_adapter()
         if name is not None:
             refuse_gradient_edits_under_deepspeed(
-                "PAT (which drops the channel mask's gradient once the mask stops learning)", "Train PAT with DDP or FSDP."
+                "PAT (which drops the channel mask's gradient once the mask stops learning)",
+                "Train PAT with DDP or FSDP.",
             )
             self._start_schedule(name, ctx)
         for name, mask in self.pat_mask.items():
@@ -460,8 +488,12 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
             f"PAT's channel mask stopped learning at step {step} (0.8 x schedule_steps={total}) without polarizing: "
             f"its soft gate is on average {gap:.2f} away from the 0/1 gate of the pruned model, so which channels "
             "are pruned was decided by small differences, and switching to the hard gate "
-            + ("at the end of the schedule will change the model abruptly (use frozen_gate='hard' to train through "
-               "it). " if soft else "now is a large change the remaining steps must repair. ")
+            + (
+                "at the end of the schedule will change the model abruptly (use frozen_gate='hard' to train through "
+                "it). "
+                if soft
+                else "now is a large change the remaining steps must repair. "
+            )
             + "The mask moves about one learning rate per Adam step and needs to reach about ±0.5 (paper: lr 5e-5 "
             "over 10000 steps): use a longer schedule (schedule_steps) and training run, or give the mask "
             f"(model.base_model.pat_mask[{name!r}]) a larger learning rate in its own optimizer parameter group.",
@@ -477,7 +509,9 @@ class PatModel(TrainingHooksMixin, PetuningTuner):
         mask = full_tensor(self.pat_mask[name]).detach()
         metrics = {
             "pat_step": float(step),
-            "pat_gate_gap": polarization_gap(mask, step, total, self._pat_gate.widths[name], self._pat_gate.protected(name)),
+            "pat_gate_gap": polarization_gap(
+                mask, step, total, self._pat_gate.widths[name], self._pat_gate.protected(name)
+            ),
             "pat_tau": schedule(step, total)[0],
             "pat_kept": float((mask >= 0).sum()),
             "pat_final": float(self._pat_gate.phase(name) == "final"),

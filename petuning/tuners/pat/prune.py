@@ -145,7 +145,7 @@ def _active_module(module: nn.Module, adapter: str) -> nn.Module:
     """Look through PEFT's ``modules_to_save`` wrappers: the copy trained for ``adapter``, else the original."""
     copies = getattr(module, "modules_to_save", None)
     if isinstance(copies, nn.ModuleDict):
-        return copies[adapter] if adapter in copies else module.original_module
+        return copies[adapter] if adapter in copies else module.original_module  # noqa: SIM401 (ModuleDict has no get)
     return module
 
 

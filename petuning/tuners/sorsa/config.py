@@ -7,8 +7,8 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from petuning.registry import add_peft_type
 from petuning.linalg import SVD_METHOD, SVD_NITER, SVD_OVERSAMPLING
+from petuning.registry import add_peft_type
 
 SORSA = add_peft_type("SORSA")
 
@@ -103,7 +103,9 @@ class SorsaConfig(PeftConfig):
         default=SVD_NITER,
         metadata={"help": "Power iterations of the randomized SVD (LLM weights have flat spectra: 4 is not enough)."},
     )
-    svd_oversampling: int = field(default=SVD_OVERSAMPLING, metadata={"help": "Extra random directions of the randomized SVD."})
+    svd_oversampling: int = field(
+        default=SVD_OVERSAMPLING, metadata={"help": "Extra random directions of the randomized SVD."}
+    )
     svd_cache_dir: Optional[str] = field(
         default=None,
         metadata={

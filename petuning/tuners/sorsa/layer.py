@@ -139,8 +139,10 @@ class SorsaLayer(AdditiveLayerMixin, PetuningLayer):
         a = self.sorsa_A[adapter_name]
         x = self.sorsa_dropout[adapter_name](self._cast_input_dtype(x, a.dtype))
         tuned = F.linear(F.linear(x, a) * self.sorsa_S[adapter_name], self.sorsa_B[adapter_name])
-        a0, s0, b0 = (t.to(a.dtype) for t in (self.sorsa_A0[adapter_name], self.sorsa_S0[adapter_name],
-                                               self.sorsa_B0[adapter_name]))
+        a0, s0, b0 = (
+            t.to(a.dtype)
+            for t in (self.sorsa_A0[adapter_name], self.sorsa_S0[adapter_name], self.sorsa_B0[adapter_name])
+        )
         start = F.linear(F.linear(x, a0) * s0, b0)
         delta = tuned - start
         scale = self.sorsa_scaling[adapter_name]
@@ -158,7 +160,6 @@ class SorsaLayer(AdditiveLayerMixin, PetuningLayer):
         )
         delta = (b @ sa) * self.sorsa_scaling[adapter_name]
         return delta.T if self.fan_in_fan_out else delta
-
 
 
 def _creating_on_meta() -> bool:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
@@ -30,7 +31,9 @@ class SorsaModel(TrainingHooksMixin, PetuningTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     # ------------------------------------------------------------------------------------ injection
-    def _layer_kwargs(self, config: SorsaConfig, adapter_name: str, key: str, target_name: str, target: nn.Module) -> dict:
+    def _layer_kwargs(
+        self, config: SorsaConfig, adapter_name: str, key: str, target_name: str, target: nn.Module
+    ) -> dict:
         r = pattern_value(config.rank_pattern, key, config.r)
         return {
             "r": r,
@@ -82,7 +85,8 @@ class SorsaModel(TrainingHooksMixin, PetuningTuner):
         regularizer needs all rows) and keeps its shard of the gradient."""
         for _, config, factors in self._adapters_in_mode(mode):
             refuse_gradient_edits_under_deepspeed(
-                f"SORSA's ortho_mode={mode!r}", "Use ortho_mode='loss' with DeepSpeed (autograd carries it), or DDP / FSDP."
+                f"SORSA's ortho_mode={mode!r}",
+                "Use ortho_mode='loss' with DeepSpeed (autograd carries it), or DDP / FSDP.",
             )
             with torch.no_grad():
                 whole = [full_tensor(f) for f in factors]
@@ -92,7 +96,8 @@ class SorsaModel(TrainingHooksMixin, PetuningTuner):
     # ------------------------------------------------------------------------------ training hooks
     def petuning_auxiliary_loss(self) -> Optional[torch.Tensor]:
         terms = [
-            config.gamma * orthonormal_regularizer(_as_rows([full_tensor(f) for f in factors]), config.ortho_norm == "fro2")
+            config.gamma
+            * orthonormal_regularizer(_as_rows([full_tensor(f) for f in factors]), config.ortho_norm == "fro2")
             for _, config, factors in self._adapters_in_mode("loss")
         ]
         return torch.stack(terms).sum() if terms else None

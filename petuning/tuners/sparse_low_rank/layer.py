@@ -17,7 +17,8 @@ with Sᵀ (a second CSR structure over the same values), and the values' gradien
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -314,7 +315,6 @@ class SparseLowRankLayer(AdditiveLayerMixin, PetuningLayer):
         """Dense update in the base weight's layout ((in, out) for Conv1D), in the adapter's float32/float64."""
         delta = self.delta_weight_out_in(adapter_name)
         return delta.T if self.fan_in_fan_out else delta
-
 
 
 class Linear(nn.Module, SparseLowRankLayer):

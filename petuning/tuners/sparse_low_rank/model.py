@@ -3,7 +3,8 @@ gradient-based supports, and applies the optional nuclear-norm regularizer throu
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,9 @@ class SparseLowRankModel(TrainingHooksMixin, PetuningTuner):
         super().__init__(model, config, adapter_name, **kwargs)
 
     # ------------------------------------------------------------------------------------ injection
-    def _layer_kwargs(self, config: SparseLowRankConfig, adapter_name: str, key: str, target_name: str, target: nn.Module) -> dict:
+    def _layer_kwargs(
+        self, config: SparseLowRankConfig, adapter_name: str, key: str, target_name: str, target: nn.Module
+    ) -> dict:
         return {
             "r": config.r,
             "scaling": config.scaling,
