@@ -1,4 +1,4 @@
-"""Shared test set-up: offline, CPU, petuning registered, GPU tests skipped cleanly."""
+"""Shared test set-up: offline, CPU, petuning registered, GPU tests skipped cleanly; shared fixtures."""
 
 import os
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import petuning  # noqa: F401  (registers the methods)
+from petuning.models import build_tiny_model
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,3 +25,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A saved tiny Llama (``build_tiny_model("llama", seed=0)``, float32), built once per session. Read-only: a
+    test that writes next to a base builds its own."""
+    path = tmp_path_factory.mktemp("tiny-llama-base") / "tiny-llama"
+    build_tiny_model("llama", save_dir=path, seed=0)
+    return path

@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import petuning
 from petuning import FloraConfig, MaskTuningConfig, PatConfig, SorsaConfig, SparseLowRankConfig
-from petuning.models import build_tiny_model
 from petuning.training import hook_providers
 
 # Every method at small sizes on the tiny Llama, without dropout, so that two runs from the same seed agree exactly.
@@ -35,13 +34,6 @@ METHODS = {
     ),
     "pat": lambda: PatConfig(hsm_rank=8, lora_r=4, lora_dropout=0.0, schedule_steps=6, task_type="CAUSAL_LM"),
 }
-
-
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("attach") / "tiny-llama"
-    build_tiny_model("llama", save_dir=path, seed=0)
-    return path
 
 
 def _base(path, dtype=torch.float32):
@@ -85,8 +77,8 @@ def _adapter_state(model) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------- 1. hooks on every path
-def test_add_adapter_keeps_the_training_hooks_reachable(llama_path, tmp_path):
-    model = _base(llama_path)
+def test_add_adapter_keeps_the_training_hooks_reachable(tiny_llama_dir, tmp_path):
+    model = _base(tiny_llama_dir)
     model.add_adapter(SorsaConfig(r=4, target_modules=["q_proj", "v_proj"], gamma=0.1), adapter_name="sorsa")
     assert [type(p).__name__ for p in hook_providers(model)] == ["SorsaModel"]
     trainer = _train(model, tmp_path, steps=2)
@@ -95,11 +87,11 @@ def test_add_adapter_keeps_the_training_hooks_reachable(llama_path, tmp_path):
     assert logged and all("sorsa_orthonormality" in entry for entry in logged)
 
 
-def test_the_regularizer_acts_under_add_adapter(llama_path, tmp_path):
+def test_the_regularizer_acts_under_add_adapter(tiny_llama_dir, tmp_path):
     """The same training run with and without gamma differs: the hook really edits the gradients."""
     finals = []
     for gamma in (0.0, 1.0):
-        model = _base(llama_path)
+        model = _base(tiny_llama_dir)
         torch.manual_seed(0)
         model.add_adapter(SorsaConfig(r=4, target_modules=["q_proj"], gamma=gamma, init_weights=False))
         _train(model, tmp_path / str(gamma), steps=2).train()
@@ -107,10 +99,12 @@ def test_the_regularizer_acts_under_add_adapter(llama_path, tmp_path):
     assert any(not torch.equal(finals[0][n], finals[1][n]) for n in finals[0])
 
 
-def test_load_adapter_is_trainable_keeps_the_training_hooks(llama_path, tmp_path):
-    peft_model = get_peft_model(_base(llama_path), MaskTuningConfig(target_modules=["q_proj"], gradient_dropout=True))
+def test_load_adapter_is_trainable_keeps_the_training_hooks(tiny_llama_dir, tmp_path):
+    peft_model = get_peft_model(
+        _base(tiny_llama_dir), MaskTuningConfig(target_modules=["q_proj"], gradient_dropout=True)
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
-    model = _base(llama_path)
+    model = _base(tiny_llama_dir)
     model.load_adapter(str(tmp_path / "adapter"), adapter_name="masks", is_trainable=True)
     assert [type(p).__name__ for p in hook_providers(model)] == ["MaskTuningModel"]
     trainer = _train(model, tmp_path / "run", steps=2)
@@ -118,8 +112,8 @@ def test_load_adapter_is_trainable_keeps_the_training_hooks(llama_path, tmp_path
     assert any("mask_tuning_gradient_dropped_share" in entry for entry in trainer.state.log_history)
 
 
-def test_two_adapters_added_through_transformers_each_run_their_own_hooks(llama_path):
-    model = _base(llama_path)
+def test_two_adapters_added_through_transformers_each_run_their_own_hooks(tiny_llama_dir):
+    model = _base(tiny_llama_dir)
     model.add_adapter(SorsaConfig(r=2, target_modules=["q_proj"]), adapter_name="a")
     model.add_adapter(SorsaConfig(r=2, target_modules=["v_proj"]), adapter_name="b")
     providers = hook_providers(model)
@@ -129,13 +123,13 @@ def test_two_adapters_added_through_transformers_each_run_their_own_hooks(llama_
     assert [sorted(p.petuning_metrics()) for p in providers] == [[], ["sorsa_orthonormality"]]  # b's hooks run once
 
 
-def test_pat_refuses_transformers_add_adapter_naming_get_peft_model(llama_path):
+def test_pat_refuses_transformers_add_adapter_naming_get_peft_model(tiny_llama_dir):
     with pytest.raises(ValueError, match=r"shared state.*get_peft_model"):
-        _base(llama_path).add_adapter(PatConfig(hsm_rank=8))
+        _base(tiny_llama_dir).add_adapter(PatConfig(hsm_rank=8))
 
 
-def test_unload_removes_the_registered_hooks(llama_path):
-    model = get_peft_model(_base(llama_path), SorsaConfig(r=2, target_modules=["q_proj"]))
+def test_unload_removes_the_registered_hooks(tiny_llama_dir):
+    model = get_peft_model(_base(tiny_llama_dir), SorsaConfig(r=2, target_modules=["q_proj"]))
     assert hook_providers(model)
     plain = model.unload()
     assert not hook_providers(plain)
@@ -145,8 +139,8 @@ def test_unload_removes_the_registered_hooks(llama_path):
 # -------------------------------------------------------------------------------- 2. adapter dtypes
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_adapter_dtype_false_keeps_the_base_dtype(llama_path, tmp_path, method, dtype):
-    model = get_peft_model(_base(llama_path, dtype), METHODS[method](), autocast_adapter_dtype=False)
+def test_autocast_adapter_dtype_false_keeps_the_base_dtype(tiny_llama_dir, tmp_path, method, dtype):
+    model = get_peft_model(_base(tiny_llama_dir, dtype), METHODS[method](), autocast_adapter_dtype=False)
     model.add_adapter("other", METHODS[method](), autocast_adapter_dtype=False)
     prefix = model.prefix
 
@@ -167,20 +161,20 @@ def test_autocast_adapter_dtype_false_keeps_the_base_dtype(llama_path, tmp_path,
             assert set(found.values()) == {dtype}, found
     model.save_pretrained(tmp_path)
     loaded = dtypes(
-        PeftModel.from_pretrained(_base(llama_path, dtype), tmp_path, autocast_adapter_dtype=False), "default"
+        PeftModel.from_pretrained(_base(tiny_llama_dir, dtype), tmp_path, autocast_adapter_dtype=False), "default"
     )
     expected = {n: torch.float32 if "mask_tuning_scores" in n else dtype for n in loaded}
     assert loaded == expected
-    upcast = get_peft_model(_base(llama_path, dtype), METHODS[method]())
+    upcast = get_peft_model(_base(tiny_llama_dir, dtype), METHODS[method]())
     assert set(dtypes(upcast, "default").values()) == {torch.float32}
 
 
 # ------------------------------------------------------------------------------------ 3. exact resume
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_a_trainer_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(llama_path, tmp_path, method):
+def test_a_trainer_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(tiny_llama_dir, tmp_path, method):
     def fresh():
         torch.manual_seed(0)
-        return get_peft_model(_base(llama_path), METHODS[method]())
+        return get_peft_model(_base(tiny_llama_dir), METHODS[method]())
 
     steps = 6
     straight = fresh()
@@ -255,16 +249,16 @@ def test_a_density_that_selects_nothing_keeps_one_entry():
     assert model.base_model.model.router.sparse_low_rank_values["default"].numel() == 1
 
 
-def test_pat_defaults_are_valid_and_its_hsm_rank_is_capped_at_the_hidden_size(llama_path):
+def test_pat_defaults_are_valid_and_its_hsm_rank_is_capped_at_the_hidden_size(tiny_llama_dir):
     config = PatConfig()
     assert config.pruning_ratio == 0.25 and config.target_width is None
     with pytest.warns(UserWarning, match=r"hsm_rank=200 exceeds the hidden size 64.*Using hsm_rank=64"):
-        model = get_peft_model(_base(llama_path), config)
+        model = get_peft_model(_base(tiny_llama_dir), config)
     downs = [p for n, p in model.named_parameters() if "pat_hsm_down" in n]
     assert downs and all(p.shape == (64, 64) for p in downs)
     assert model.base_model.pat_kept_channels().numel() == 48
     with pytest.raises(ValueError, match="strict_rank=True"):
-        get_peft_model(_base(llama_path), PatConfig(strict_rank=True))
+        get_peft_model(_base(tiny_llama_dir), PatConfig(strict_rank=True))
 
 
 def test_a_config_with_a_fitting_rank_warns_nothing():

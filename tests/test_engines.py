@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from petuning import SorsaConfig
-from petuning.models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "engine_worker.py"
@@ -43,15 +42,8 @@ REFUSALS = {  # engine -> method -> what the error must say
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("engines") / "tiny-llama"
-    build_tiny_model("llama", save_dir=path, seed=0)
-    return path
-
-
 @pytest.fixture(scope="module", params=["fsdp2", "zero2", "zero3"])
-def engine_run(request, model_dir, tmp_path_factory):
+def engine_run(request, tiny_llama_dir, tmp_path_factory):
     engine = request.param
     if engine.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("DeepSpeed is not installed (make installs it)")
@@ -66,18 +58,18 @@ def engine_run(request, model_dir, tmp_path_factory):
         "--num_processes",
         "2",
         str(WORKER),
-        str(model_dir),
+        str(tiny_llama_dir),
         str(out),
         *METHODS,
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    return engine, out, model_dir
+    return engine, out, tiny_llama_dir
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_under_engine(engine_run, method):
-    engine, out, model_dir = engine_run
+    engine, out, tiny_llama_dir = engine_run
     ranks = [torch.load(out / method / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     refusal = REFUSALS.get(engine, {}).get(method)
@@ -94,7 +86,7 @@ def test_method_under_engine(engine_run, method):
         assert rank0["partitioned_at_load"]
     if rank0.get("singular_values"):  # SORSA's SVD of the (gathered) weights equals the single-process one
         single = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(model_dir), SorsaConfig(r=4, target_modules="all-linear")
+            AutoModelForCausalLM.from_pretrained(tiny_llama_dir), SorsaConfig(r=4, target_modules="all-linear")
         )
         expected = {n: b for n, b in single.named_buffers() if "sorsa_S0" in n}
         assert expected.keys() == rank0["singular_values"].keys()
@@ -103,7 +95,7 @@ def test_method_under_engine(engine_run, method):
 
     saved = load_file(out / method / "adapter" / "adapter_model.safetensors")
     assert saved and all(t.numel() > 0 for t in saved.values()), "empty tensors in the saved adapter"
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / method / "adapter")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out / method / "adapter")
     params = dict(loaded.named_parameters())
     for name, value in rank0["params"].items():
         torch.testing.assert_close(params[name], value, rtol=0, atol=0, msg=name)  # full size, the trained values

@@ -14,17 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import petuning
-from petuning.models import build_tiny_model
 from petuning.tuners.flora import FloraLayer
 
 LORA_TARGETS = ["q_proj", "v_proj"]
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("coexist") / "tiny-llama"
-    build_tiny_model("llama", save_dir=path, seed=0)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +67,15 @@ def _both(path, flora_targets, flora_first: bool):
     ],
     ids=["disjoint-lora-first", "disjoint-flora-first", "shared-modules-flora-first"],
 )
-def test_lora_and_flora_save_load_switch_and_delete(base_path, inputs, tmp_path, flora_targets, flora_first):
-    base_out = _logits(_base(base_path), inputs)
+def test_lora_and_flora_save_load_switch_and_delete(tiny_llama_dir, inputs, tmp_path, flora_targets, flora_first):
+    base_out = _logits(_base(tiny_llama_dir), inputs)
     expected = {
-        "lora": _single(base_path, _lora(), "lora", inputs),
-        "flora": _single(base_path, _flora(flora_targets), "flora", inputs),
+        "lora": _single(tiny_llama_dir, _lora(), "lora", inputs),
+        "flora": _single(tiny_llama_dir, _flora(flora_targets), "flora", inputs),
     }
     assert not torch.allclose(expected["lora"], expected["flora"])
 
-    model = _both(base_path, flora_targets, flora_first)
+    model = _both(tiny_llama_dir, flora_targets, flora_first)
     for name in ("lora", "flora", "lora"):  # switching back and forth
         model.set_adapter(name)
         torch.testing.assert_close(_logits(model, inputs), expected[name], atol=1e-6, rtol=1e-6)
@@ -100,7 +92,7 @@ def test_lora_and_flora_save_load_switch_and_delete(base_path, inputs, tmp_path,
     shared = set(flora_targets) & set(LORA_TARGETS)
     load_orders = [("flora", "lora")] if shared else [("flora", "lora"), ("lora", "flora")]  # shared: FLoRA first
     for order in load_orders:
-        fresh = _base(base_path)
+        fresh = _base(tiny_llama_dir)
         for name in order:
             fresh.load_adapter(str(tmp_path / name), adapter_name=name)
         for name in ("flora", "lora"):
@@ -119,9 +111,9 @@ def test_lora_and_flora_save_load_switch_and_delete(base_path, inputs, tmp_path,
     torch.testing.assert_close(_logits(model, inputs), base_out, atol=1e-6, rtol=1e-6)
 
 
-def test_deleting_lora_keeps_flora(base_path, inputs):
-    expected = _single(base_path, _flora(LORA_TARGETS), "flora", inputs)
-    model = _both(base_path, LORA_TARGETS, flora_first=True)
+def test_deleting_lora_keeps_flora(tiny_llama_dir, inputs):
+    expected = _single(tiny_llama_dir, _flora(LORA_TARGETS), "flora", inputs)
+    model = _both(tiny_llama_dir, LORA_TARGETS, flora_first=True)
     model.delete_adapter("lora")
     assert not [k for k in model.state_dict() if ".lora_" in k]
     assert [k for k in model.state_dict() if ".flora_" in k]
@@ -131,16 +123,16 @@ def test_deleting_lora_keeps_flora(base_path, inputs):
     assert all("lora" not in getattr(m, attr) for m in layers for attr in m.adapter_layer_names + m.other_param_names)
 
 
-def test_flora_refuses_to_wrap_a_module_that_already_holds_lora(base_path):
-    model = _base(base_path)
+def test_flora_refuses_to_wrap_a_module_that_already_holds_lora(tiny_llama_dir):
+    model = _base(tiny_llama_dir)
     model.add_adapter(_lora(), adapter_name="lora")
     message = r"q_proj.*already holds an adapter of another PEFT method.*Add the FLoRA adapter first"
     with pytest.raises(ValueError, match=message):
         model.add_adapter(_flora(["q_proj"]), adapter_name="flora")
 
 
-def test_second_flora_adapter_reaches_the_flora_layer_inside_a_lora_layer(base_path, inputs):
-    model = _both(base_path, LORA_TARGETS, flora_first=True)
+def test_second_flora_adapter_reaches_the_flora_layer_inside_a_lora_layer(tiny_llama_dir, inputs):
+    model = _both(tiny_llama_dir, LORA_TARGETS, flora_first=True)
     model.add_adapter(_flora(LORA_TARGETS), adapter_name="flora2")
     q_proj = model.model.layers[0].self_attn.q_proj
     inner = q_proj.base_layer

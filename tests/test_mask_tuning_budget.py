@@ -13,18 +13,10 @@ from transformers import AutoModelForCausalLM
 
 import petuning
 from petuning import MaskTuningConfig
-from petuning.models import build_tiny_model
 from petuning.tuners.mask_tuning.layer import MaskTuningLayer
 from petuning.tuners.mask_tuning.model import advance_budget
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mask_budget") / "tiny-llama"
-    build_tiny_model("llama", save_dir=path, seed=0)
-    return path
 
 
 def _model(path, **config):
@@ -125,9 +117,9 @@ def test_only_eligible_entries_are_masked_and_reversals_unmask():
 
 
 # ---------------------------------------------------------------------------------------- plain loop
-def test_every_step_masks_exactly_k_t_and_flips_no_more_than_the_schedule_allows(llama_path):
+def test_every_step_masks_exactly_k_t_and_flips_no_more_than_the_schedule_allows(tiny_llama_dir):
     steps = 12
-    model = _model(llama_path, budget_start_step=2, budget_end_step=8)
+    model = _model(tiny_llama_dir, budget_start_step=2, budget_end_step=8)
     config = model.peft_config["default"]
     layers = _layers(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -163,8 +155,8 @@ def test_every_step_masks_exactly_k_t_and_flips_no_more_than_the_schedule_allows
     )
 
 
-def test_training_without_a_driver_is_refused_once_the_optimizer_has_stepped(llama_path):
-    model = _model(llama_path)
+def test_training_without_a_driver_is_refused_once_the_optimizer_has_stepped(tiny_llama_dir):
+    model = _model(tiny_llama_dir)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     model(**_batch(0)).loss.backward()  # a forward in training mode alone is fine
@@ -173,8 +165,8 @@ def test_training_without_a_driver_is_refused_once_the_optimizer_has_stepped(lla
         model(**_batch(1))
 
 
-def test_a_driver_without_the_run_length_is_refused_at_the_first_step(llama_path):
-    model = _model(llama_path)
+def test_a_driver_without_the_run_length_is_refused_at_the_first_step(tiny_llama_dir):
+    model = _model(tiny_llama_dir)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     with petuning.TrainingHooks(model, optimizer):
@@ -212,8 +204,8 @@ def _state(model):
     } | {f"{i}.off": layer.mask_tuning_off["default"].clone() for i, layer in enumerate(_layers(model))}
 
 
-def test_trainer_takes_max_steps_and_resumes_exactly(llama_path, tmp_path):
-    full = _model(llama_path)
+def test_trainer_takes_max_steps_and_resumes_exactly(tiny_llama_dir, tmp_path):
+    full = _model(tiny_llama_dir)
     trainer = _trainer(full, tmp_path / "full", 8)
     trainer.train()
     shares = [entry["mask_tuning_masked_share"] for entry in trainer.state.log_history if "loss" in entry]
@@ -223,7 +215,7 @@ def test_trainer_takes_max_steps_and_resumes_exactly(llama_path, tmp_path):
     assert 0.9 * config.budget_share(3, 8) < shares[2] <= config.budget_share(3, 8), "auto ramp over max_steps"
     expected = _state(full)
 
-    resumed = _model(llama_path)
+    resumed = _model(tiny_llama_dir)
     _trainer(resumed, tmp_path / "full", 8).train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
     got = _state(resumed)
     assert got.keys() == expected.keys()

@@ -11,7 +11,6 @@ from torch import nn
 
 import petuning
 from petuning import MaskTuningConfig
-from petuning.models import build_tiny_model
 from petuning.tuners.mask_tuning import gradient_dropout
 from petuning.tuners.mask_tuning import model as mask_tuning_model
 from petuning.tuners.mask_tuning.layer import MaskTuningLayer
@@ -23,13 +22,6 @@ PAPER = {"mask_mode": "threshold", "mask_share": 1.0}  # the paper's rule on eve
 def _paper(**config) -> MaskTuningConfig:
     """A threshold-mode config scoring every entry (these tests check R-AMT's own terms on plain loops)."""
     return MaskTuningConfig(**{**PAPER, **config})
-
-
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mask_tuning") / "tiny-llama"
-    build_tiny_model("llama", save_dir=path, seed=0)
-    return path
 
 
 def _base(path):
@@ -80,7 +72,7 @@ def _reference_gradients(model, batch, l2_weight, kl_rows=None):
 
 
 @pytest.mark.parametrize("batch_share", [1.0, 0.5], ids=["whole-batch", "first-row"])
-def test_gradient_dropout_step_applies_the_rule_to_task_and_kl_gradients(llama_path, batch_share):
+def test_gradient_dropout_step_applies_the_rule_to_task_and_kl_gradients(tiny_llama_dir, batch_share):
     lam, l2 = 0.6, 1e-3
     torch.manual_seed(0)
     config = _paper(
@@ -92,7 +84,7 @@ def test_gradient_dropout_step_applies_the_rule_to_task_and_kl_gradients(llama_p
         l2_weight=l2,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(_base(llama_path), config)
+    model = get_peft_model(_base(tiny_llama_dir), config)
     batch = _batch()
     g_task, g_kl = _reference_gradients(model, batch, l2, kl_rows=None if batch_share == 1 else 1)
 
@@ -123,10 +115,10 @@ def test_gradient_dropout_step_applies_the_rule_to_task_and_kl_gradients(llama_p
     )
 
 
-def test_gradient_dropout_off_leaves_gradients_alone_and_runs_no_reference(llama_path, monkeypatch):
+def test_gradient_dropout_off_leaves_gradients_alone_and_runs_no_reference(tiny_llama_dir, monkeypatch):
     torch.manual_seed(0)
     model = get_peft_model(
-        _base(llama_path), _paper(target_modules=TARGETS, init_weights=False, l2_weight=0.0, task_type="CAUSAL_LM")
+        _base(tiny_llama_dir), _paper(target_modules=TARGETS, init_weights=False, l2_weight=0.0, task_type="CAUSAL_LM")
     )
     calls = []
     monkeypatch.setattr(mask_tuning_model, "eval_logits", lambda *a, **k: calls.append(1))
@@ -140,12 +132,12 @@ def test_gradient_dropout_off_leaves_gradients_alone_and_runs_no_reference(llama
         torch.testing.assert_close(param.grad, gt, atol=1e-12, rtol=1e-6)
 
 
-def test_gradient_dropout_under_trainer_with_accumulation_logs_its_metrics(llama_path, tmp_path):
+def test_gradient_dropout_under_trainer_with_accumulation_logs_its_metrics(tiny_llama_dir, tmp_path):
     from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(0)
     model = get_peft_model(
-        _base(llama_path).float(),
+        _base(tiny_llama_dir).float(),
         # init_weights=False: some masks start off, so the KL gradient is not 0 (at the all-ones start it is)
         _paper(target_modules=TARGETS, init_weights=False, gradient_dropout=True, task_type="CAUSAL_LM"),
     )
@@ -171,11 +163,11 @@ def test_gradient_dropout_under_trainer_with_accumulation_logs_its_metrics(llama
 
 
 # ---------------------------------------------------------------------------------- L2 and masked share
-def test_l2_term_is_added_in_training_and_its_gradient_reaches_the_scores(llama_path):
+def test_l2_term_is_added_in_training_and_its_gradient_reaches_the_scores(tiny_llama_dir):
     l2 = 0.05
     torch.manual_seed(0)
     model = get_peft_model(
-        _base(llama_path), _paper(target_modules=TARGETS, init_weights=False, l2_weight=l2, task_type="CAUSAL_LM")
+        _base(tiny_llama_dir), _paper(target_modules=TARGETS, init_weights=False, l2_weight=l2, task_type="CAUSAL_LM")
     )
     params, batch = _scores(model), _batch()
     model.eval()
@@ -189,10 +181,10 @@ def test_l2_term_is_added_in_training_and_its_gradient_reaches_the_scores(llama_
         torch.testing.assert_close(g - g0, l2 * p.detach() / p.detach().norm(), atol=1e-12, rtol=1e-9)
 
 
-def test_masked_share_is_reported_and_counts_masked_entries(llama_path):
+def test_masked_share_is_reported_and_counts_masked_entries(tiny_llama_dir):
     torch.manual_seed(0)
     model = get_peft_model(
-        _base(llama_path), _paper(target_modules=TARGETS, init_weights=False, mask_share=0.5, task_type="CAUSAL_LM")
+        _base(tiny_llama_dir), _paper(target_modules=TARGETS, init_weights=False, mask_share=0.5, task_type="CAUSAL_LM")
     )
     layers = [m for m in model.modules() if isinstance(m, MaskTuningLayer)]
     total = sum(m.get_base_layer().weight.numel() for m in layers)
@@ -211,10 +203,10 @@ def test_masked_share_is_reported_and_counts_masked_entries(llama_path):
 
 
 # ---------------------------------------------------------------------------------------- selection
-def test_gradient_selection_picks_the_entries_with_largest_first_order_effect(llama_path):
+def test_gradient_selection_picks_the_entries_with_largest_first_order_effect(tiny_llama_dir):
     batches = [_batch(1), _batch(2)]
     # independent: |(sum of dL/dW over the batches) ⊙ W| on the plain base model
-    base = _base(llama_path).eval()
+    base = _base(tiny_llama_dir).eval()
     for p in base.parameters():
         p.requires_grad_(False)
     weights = {n: mod.weight for n, mod in base.named_modules() if n.split(".")[-1] in TARGETS}
@@ -225,7 +217,7 @@ def test_gradient_selection_picks_the_entries_with_largest_first_order_effect(ll
     importance = {n: (w.grad * w.detach()).abs().reshape(-1) for n, w in weights.items()}
 
     model = get_peft_model(
-        _base(llama_path), MaskTuningConfig(target_modules=TARGETS, mask_share=0.1, task_type="CAUSAL_LM")
+        _base(tiny_llama_dir), MaskTuningConfig(target_modules=TARGETS, mask_share=0.1, task_type="CAUSAL_LM")
     )
     model.train()
     chosen = model.select_masked_weights(batches)
@@ -288,10 +280,10 @@ def test_gradient_dropout_without_logits_and_selection_without_share_are_refused
         model.select_masked_weights([torch.tensor([[1, 2]])], loss_fn=lambda m, b: m(b).sum())
 
 
-def test_gradient_dropout_under_reentrant_checkpointing_is_refused_with_the_fix(llama_path):
+def test_gradient_dropout_under_reentrant_checkpointing_is_refused_with_the_fix(tiny_llama_dir):
     """The whole-batch KL gradient differentiates the training forward, which reentrant checkpointing hides (the
     sub-batch one runs its own forward in eval mode, where transformers does not checkpoint)."""
-    base = _base(llama_path)
+    base = _base(tiny_llama_dir)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model = get_peft_model(
         base,
@@ -310,10 +302,10 @@ def test_gradient_dropout_under_reentrant_checkpointing_is_refused_with_the_fix(
 
 @pytest.mark.parametrize("gradient_dropout", [True, False])
 def test_gradient_dropout_is_refused_under_deepspeed_and_plain_masked_tuning_is_not(
-    llama_path, monkeypatch, gradient_dropout
+    tiny_llama_dir, monkeypatch, gradient_dropout
 ):
     model = get_peft_model(
-        _base(llama_path),
+        _base(tiny_llama_dir),
         _paper(target_modules=TARGETS, gradient_dropout=gradient_dropout, task_type="CAUSAL_LM"),
     )
     optimizer = torch.optim.SGD(_scores(model), lr=0.1)
@@ -330,11 +322,11 @@ def test_gradient_dropout_is_refused_under_deepspeed_and_plain_masked_tuning_is_
 
 
 @pytest.mark.parametrize("lr,warns", [(1e-4, False), (1e-2, True)])
-def test_a_step_that_masks_many_weights_at_once_is_warned_about_once(llama_path, lr, warns):
+def test_a_step_that_masks_many_weights_at_once_is_warned_about_once(tiny_llama_dir, lr, warns):
     """Adam moves every score by ~lr per step: with lr above the 5e-3 margin, one step masks about half the scores."""
     import warnings
 
-    model = get_peft_model(_base(llama_path), _paper(target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model = get_peft_model(_base(tiny_llama_dir), _paper(target_modules=TARGETS, task_type="CAUSAL_LM"))
     optimizer = torch.optim.Adam(_scores(model), lr=lr)
     petuning.TrainingHooks(model, optimizer)
     model.train()

@@ -6,8 +6,11 @@ L_reg = mean over layers of (||A Aᵀ - I||_F, ||Bᵀ B - I||_F), never from pet
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+import toy_models
 from peft import get_peft_model
 from torch import nn
 
@@ -19,14 +22,7 @@ ADAPTER = "default"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-class MLP(nn.Module):
-    def __init__(self, dtype: torch.dtype = torch.float64):
-        super().__init__()
-        self.lin1 = nn.Linear(12, 16, dtype=dtype)
-        self.lin2 = nn.Linear(16, 6, dtype=dtype)
-
-    def forward(self, x):
-        return self.lin2(torch.tanh(self.lin1(x)))
+MLP = functools.partial(toy_models.MLP, widths=(12, 16, 6))
 
 
 def sorsa_mlp(dtype=torch.float64, **kwargs):

@@ -3,11 +3,13 @@ nuclear-norm regularizer's gradient, quantized bases and the errors for bad inpu
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
 import pytest
 import torch
+import toy_models
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -23,15 +25,7 @@ from petuning.tuners.sparse_low_rank import SparseLowRankLayer, select_support_f
 ADAPTER = "default"
 
 
-class MLP(nn.Module):
-    def __init__(self, dtype=torch.float32):
-        super().__init__()
-        self.lin1 = nn.Linear(12, 16, dtype=dtype)
-        self.lin2 = nn.Linear(16, 16, dtype=dtype)
-        self.lin3 = nn.Linear(16, 5, dtype=dtype)
-
-    def forward(self, x):
-        return self.lin3(torch.tanh(self.lin2(torch.tanh(self.lin1(x)))))
+MLP = functools.partial(toy_models.MLP, widths=(12, 16, 16, 5))
 
 
 def layers(model) -> dict[str, SparseLowRankLayer]:

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 
 class MLP(nn.Module):
-    """12 -> 10 -> 8 with biases: ``lin2(tanh(lin1(x)))``."""
+    """``widths[0] -> ... -> widths[-1]`` with biases and tanh between: layers ``lin1 .. lin{n}``. Default
+    12 -> 10 -> 8, i.e. ``lin2(tanh(lin1(x)))``."""
 
-    def __init__(self, dtype: torch.dtype = torch.float32):
+    def __init__(self, dtype: torch.dtype = torch.float32, widths: tuple[int, ...] = (12, 10, 8)):
         super().__init__()
-        self.lin1 = nn.Linear(12, 10, dtype=dtype)
-        self.lin2 = nn.Linear(10, 8, dtype=dtype)
+        self.depth = len(widths) - 1
+        for index, (fan_in, fan_out) in enumerate(itertools.pairwise(widths), start=1):
+            setattr(self, f"lin{index}", nn.Linear(fan_in, fan_out, dtype=dtype))
 
     def forward(self, x):
-        return self.lin2(torch.tanh(self.lin1(x)))
+        for index in range(1, self.depth):
+            x = torch.tanh(getattr(self, f"lin{index}")(x))
+        return getattr(self, f"lin{self.depth}")(x)
 
 
 class Conv1DNet(nn.Module):
