@@ -16,7 +16,7 @@ Workloads (each variant holds its own copy of the same base weights):
 
 * ``tiny_llama``: a Llama built from a config (hidden 512, MLP 1376, 4 layers, 8 heads / 4 KV heads, vocabulary
   4096), batch 8 x 128 random token ids (used as labels too); targets q/k/v/o/gate/up/down_proj.
-* ``smollm2_135m``: the embedded SmolLM2-135M-Instruct (``petuning.models.load_smollm2``), batch 4 x 128, the
+* ``smollm2_135m``: the embedded SmolLM2-135M-Instruct (``petuning.smollm2.load_smollm2``), batch 4 x 128, the
   same targets.
 * ``convnet``: a small CNN on 32 x 32 RGB images (stem 3->32, then 3x3 32->64, 3x3 64->64, 3x3 stride-2 64->128,
   1x1 128->128, global pooling, linear head), batch 32, cross-entropy on random labels; the four convolutions
@@ -76,7 +76,8 @@ from peft import PeftConfig, get_peft_model
 from torch import nn
 
 import petuning
-from petuning.models import build_tiny_model, load_smollm2
+from petuning.smollm2 import load_smollm2
+from petuning.testing import build_tiny_model
 
 RESULTS = RESULTS_DIR / "flora_speed.json"
 WORKLOADS = ("tiny_llama", "smollm2_135m", "convnet")

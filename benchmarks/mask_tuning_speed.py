@@ -16,7 +16,7 @@ Variants, all on every linear layer of the attention and MLP blocks (q/k/v/o/gat
 * ``mask_full_gd``   the same with the paper's whole-batch gradient dropout (``gradient_dropout_batch_share=1``)
 
 Models: (a) a Llama built from a config (hidden 512, MLP 1376, 4 layers, 8 heads / 4 KV heads, vocabulary
-4096), batch 8 x 128 tokens; (b) the embedded SmolLM2-135M-Instruct (``petuning.models.load_smollm2``),
+4096), batch 8 x 128 tokens; (b) the embedded SmolLM2-135M-Instruct (``petuning.smollm2.load_smollm2``),
 batch 4 x 128 tokens. The batch is fixed random token ids, used as labels too.
 
 One train step, timed from the forward to the end of ``zero_grad``: forward + backward, ``clip_grad_norm_``,
@@ -61,7 +61,8 @@ from _common import (  # benchmarks/_common.py; also makes petuning importable f
 from peft import PeftConfig, get_peft_model
 
 import petuning
-from petuning.models import build_tiny_model, load_smollm2
+from petuning.smollm2 import load_smollm2
+from petuning.testing import build_tiny_model
 from petuning.training import set_training_run
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -30,7 +30,7 @@ attention and MLP blocks: q/k/v/o/gate/up/down_proj):
                        the paper's LoRA, mask schedule running
 
 Models: (a) a Llama built from a config (hidden 512, MLP 1376, 4 layers, 8 heads / 4 KV heads, vocabulary
-4096), batch 8 x 128 tokens; (b) the embedded SmolLM2-135M-Instruct (``petuning.models.load_smollm2``),
+4096), batch 8 x 128 tokens; (b) the embedded SmolLM2-135M-Instruct (``petuning.smollm2.load_smollm2``),
 batch 4 x 128 tokens. The batch is fixed random token ids, used as labels too.
 
 One train step, timed with ``time.perf_counter`` from the forward to the end of ``zero_grad``::
@@ -107,7 +107,8 @@ from _common import (  # benchmarks/_common.py; also makes petuning importable f
 from peft import PeftConfig, get_peft_model
 
 import petuning
-from petuning.models import build_tiny_model, load_smollm2
+from petuning.smollm2 import load_smollm2
+from petuning.testing import build_tiny_model
 
 TARGET_MODULES = LM_TARGETS
 GAMMA = 4e-4  # SORSA paper's regularizer strength

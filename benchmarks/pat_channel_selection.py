@@ -32,7 +32,7 @@ from _common import RESULTS_DIR, machine_info, write_json  # also makes petuning
 from method_comparison.real import general_text_loss
 
 from petuning.data import SFTCollator, load_embedded_task, tokenize_for_sft
-from petuning.models import load_smollm2
+from petuning.smollm2 import load_smollm2
 
 KEEP, CALIBRATION_PROMPTS = 432, 64
 RESULTS = RESULTS_DIR / "pat_channel_selection.json"

@@ -72,7 +72,7 @@ from peft import get_peft_model
 from torch.profiler import ProfilerActivity, profile
 
 import petuning
-from petuning.models import load_smollm2
+from petuning.smollm2 import load_smollm2
 
 TARGETS = LM_TARGETS
 RESULTS = RESULTS_DIR / "pat_speed.json"

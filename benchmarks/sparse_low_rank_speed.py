@@ -25,7 +25,7 @@ Step time is measured for ``lora``, ``slr_0.01`` and ``dense_masked_0.01``; memo
 ``slr`` / ``dense_masked`` at the other densities of ``--densities``.
 
 Models: (a) a Llama built from a config (hidden 512, MLP 1376, 4 layers, 8 heads / 4 KV heads, vocabulary
-4096), batch 8 x 128 tokens; (b) SmolLM2-135M-Instruct (``petuning.models.load_smollm2``), batch 4 x 128.
+4096), batch 8 x 128 tokens; (b) SmolLM2-135M-Instruct (``petuning.smollm2.load_smollm2``), batch 4 x 128.
 Fixed random token ids serve as inputs and labels.
 
 One train step, timed with ``time.perf_counter``: ``loss = model(input_ids=x, labels=x).loss; loss.backward();
@@ -71,7 +71,8 @@ from _common import (  # benchmarks/_common.py; also makes petuning importable f
 from peft import PeftConfig, get_peft_model
 
 import petuning
-from petuning.models import build_tiny_model, load_smollm2
+from petuning.smollm2 import load_smollm2
+from petuning.testing import build_tiny_model
 from petuning.tuners.sparse_low_rank import SparseLowRankLayer
 
 TARGET_MODULES = LM_TARGETS

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import petuning  # noqa: F401  (registers the methods)
-from petuning.models import build_tiny_model
+from petuning.testing import build_tiny_model
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,7 +18,7 @@ from conformance.cases import MethodCase
 from conformance.models import build_base, make_inputs, train_steps
 from peft import PeftModel, get_peft_model
 
-from petuning.models import build_tiny_tokenizer
+from petuning.testing import build_tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -100,7 +100,7 @@ def test_adapter_folder_is_merged_into_base_first(tmp_path):
     from peft import get_peft_model
 
     import petuning
-    from petuning.models import build_tiny_model
+    from petuning.testing import build_tiny_model
 
     build_tiny_model("llama", save_dir=tmp_path / "base")
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from peft import get_peft_model
 
 from petuning import PatConfig, sample_teacher_rows
 from petuning.data import SFTCollator
-from petuning.models import build_tiny_model, build_tiny_tokenizer
+from petuning.testing import build_tiny_model, build_tiny_tokenizer
 from petuning.training import collect_metrics
 
 TOKENIZER = build_tiny_tokenizer()

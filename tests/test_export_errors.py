@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 import petuning.export as export
 from petuning.cli import main
 from petuning.export import check_safetensors, convert_to_lora, export_adapter, load_adapter_model, merge
-from petuning.models import build_tiny_model
+from petuning.testing import build_tiny_model
 
 LM_CASES = [c for c in CASES if c.model in ("llama", "opt")]
 SORSA = next(c for c in CASES if c.id == "sorsa-llama")

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from petuning import PatConfig, SorsaConfig, cli
 from petuning.export import export_adapter
 from petuning.export.llama_cpp import CONVERTER, find_converter
-from petuning.models import SMOLLM2_HUB_ID, build_tiny_model, load_smollm2
+from petuning.smollm2 import SMOLLM2_HUB_ID, load_smollm2
+from petuning.testing import build_tiny_model
 
 try:
     find_converter()
@@ -152,7 +153,7 @@ def test_unsupported_architecture_is_refused_before_anything_is_written(tmp_path
 
 def test_unknown_tokenizer_and_missing_converter_are_clear_errors(tmp_path):
     build_tiny_model("llama", save_dir=tmp_path / "base")
-    from petuning.models import build_tiny_tokenizer
+    from petuning.testing import build_tiny_tokenizer
 
     build_tiny_tokenizer().save_pretrained(tmp_path / "base")  # a character-level test tokenizer llama.cpp lacks
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")

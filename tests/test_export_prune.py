@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from petuning import PatConfig
 from petuning.export import export_adapter
-from petuning.models import build_tiny_model, build_tiny_tokenizer
+from petuning.testing import build_tiny_model, build_tiny_tokenizer
 
 WIDTH = 48
 

@@ -258,7 +258,7 @@ def test_embed_tokens_of_a_language_model_merges_into_the_same_logits():
     from peft import get_peft_model
 
     from petuning import FloraConfig
-    from petuning.models import build_tiny_model
+    from petuning.testing import build_tiny_model
 
     base = build_tiny_model("llama", seed=0, dtype=torch.float64)
     ids = torch.randint(4, 100, (2, 7))

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
 import petuning
-from petuning.models import build_tiny_model
+from petuning.testing import build_tiny_model
 
 STEPS = 3
 

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 import petuning
 from petuning import MaskTuningConfig
-from petuning.models import build_tiny_model
+from petuning.testing import build_tiny_model
 from petuning.tuners.mask_tuning.encoding import (
     BITMAP,
     DELTAS,

@@ -7,22 +7,22 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import petuning
-from petuning import models
+from petuning import smollm2, testing
 
 
 def test_tiny_models_are_seeded_and_keep_the_global_rng(tmp_path):
     state = torch.random.get_rng_state()
-    a = models.build_tiny_model("llama", seed=3)
+    a = testing.build_tiny_model("llama", seed=3)
     assert torch.equal(torch.random.get_rng_state(), state)
-    b = models.build_tiny_model("llama", seed=3)
-    c = models.build_tiny_model("llama", seed=4)
+    b = testing.build_tiny_model("llama", seed=3)
+    c = testing.build_tiny_model("llama", seed=4)
     first = next(iter(a.state_dict()))
     assert torch.equal(a.state_dict()[first], b.state_dict()[first])
     assert not torch.equal(a.state_dict()[first], c.state_dict()[first])
-    saved = models.build_tiny_model("opt", save_dir=tmp_path / "opt")
+    saved = testing.build_tiny_model("opt", save_dir=tmp_path / "opt")
     assert saved.name_or_path == str(tmp_path / "opt")
     with pytest.raises(ValueError, match="unknown tiny model kind"):
-        models.build_tiny_model("gpt9")
+        testing.build_tiny_model("gpt9")
 
 
 def test_smollm2_conversion_is_atomic(tmp_path, monkeypatch):
@@ -33,14 +33,14 @@ def test_smollm2_conversion_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr("transformers.PreTrainedTokenizerBase.save_pretrained", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        models.smollm2_path(tmp_path)
+        smollm2.smollm2_path(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
 def test_smollm2_loads_from_cache_and_takes_a_sorsa_adapter(tmp_path):
-    model, tokenizer = models.load_smollm2()
-    assert model.name_or_path == str(models.smollm2_path())
+    model, tokenizer = smollm2.load_smollm2()
+    assert model.name_or_path == str(smollm2.smollm2_path())
     assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False
@@ -54,7 +54,7 @@ def test_smollm2_loads_from_cache_and_takes_a_sorsa_adapter(tmp_path):
     with torch.no_grad():
         assert torch.equal(peft_model(ids).logits, base_logits)  # the adapter starts as the base model
     peft_model.save_pretrained(tmp_path)
-    base, _ = models.load_smollm2()
+    base, _ = smollm2.load_smollm2()
     reloaded = PeftModel.from_pretrained(base, tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, base_logits)

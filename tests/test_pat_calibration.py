@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import petuning
 from petuning import PatConfig
-from petuning.models import build_tiny_model
+from petuning.testing import build_tiny_model
 
 WIDTH, MASSIVE = 48, 5  # kept channels of 64; the residual channel given a massive activation
 

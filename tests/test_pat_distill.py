@@ -12,7 +12,7 @@ from peft import get_peft_model
 
 import petuning
 from petuning import PatConfig
-from petuning.models import build_tiny_model
+from petuning.testing import build_tiny_model
 from petuning.training import collect_metrics
 from petuning.tuners.pat.layer import PatLayer
 

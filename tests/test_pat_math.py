@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from petuning import PatConfig
-from petuning.models import build_tiny_model
+from petuning.testing import build_tiny_model
 from petuning.tuners.pat.layer import gate_values, mask_loss, schedule
 
 HIDDEN, WIDTH, RANK, LORA = 64, 48, 8, 4

@@ -18,7 +18,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from petuning import PatConfig
-from petuning.models import build_tiny_model
+from petuning.testing import build_tiny_model
 
 WIDTH = 48
 
@@ -183,7 +183,7 @@ def test_kept_channels_are_the_top_of_the_mask_and_pruned_weights_fold_the_hsm(t
 
 @pytest.mark.slow
 def test_smollm2_pruned_by_a_quarter_matches_the_masked_model():
-    from petuning.models import load_smollm2
+    from petuning.smollm2 import load_smollm2
 
     base, tokenizer = load_smollm2()
     assert base.config.tie_word_embeddings

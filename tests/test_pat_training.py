@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import petuning
 from petuning import PatConfig
-from petuning.models import build_tiny_model
+from petuning.testing import build_tiny_model
 
 WIDTH = 48
 

@@ -181,8 +181,8 @@ def test_chat_template_and_pad_token(tmp_path):
 def test_trainable_summary_groups_by_tensor_kind():
     from peft import get_peft_model
 
-    from petuning.models import build_tiny_model
     from petuning.recipe.run import trainable_summary
+    from petuning.testing import build_tiny_model
 
     model = get_peft_model(
         build_tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])

@@ -11,8 +11,8 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from petuning.data import IGNORE_INDEX, load_embedded_task
-from petuning.models import build_tiny_model, build_tiny_tokenizer
 from petuning.recipe.data import check_layout, load_splits, prompts_and_references, split
+from petuning.testing import build_tiny_model, build_tiny_tokenizer
 
 datasets = pytest.importorskip("datasets")
 TOK = build_tiny_tokenizer()

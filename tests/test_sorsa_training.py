@@ -16,7 +16,7 @@ from torch import nn
 
 import petuning
 from petuning import SorsaConfig
-from petuning.models import build_tiny_model
+from petuning.testing import build_tiny_model
 
 ADAPTER = "default"
 

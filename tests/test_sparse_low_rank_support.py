@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 import petuning
 from petuning import SparseLowRankConfig
-from petuning.models import build_tiny_model
+from petuning.testing import build_tiny_model
 from petuning.training import auxiliary_loss
 from petuning.tuners.sparse_low_rank import SparseLowRankLayer, select_support_from_gradients
 

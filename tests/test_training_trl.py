@@ -9,7 +9,7 @@ import torch
 
 import petuning
 import petuning.training
-from petuning.models import build_tiny_model, build_tiny_tokenizer
+from petuning.testing import build_tiny_model, build_tiny_tokenizer
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")

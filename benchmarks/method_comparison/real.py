@@ -37,7 +37,7 @@ class RealTier:
     def __init__(self, args) -> None:
         from transformers import AutoTokenizer
 
-        from petuning.models import smollm2_path
+        from petuning.smollm2 import smollm2_path
 
         self.path = smollm2_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)

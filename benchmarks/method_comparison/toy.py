@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from petuning.models import build_tiny_model, build_tiny_tokenizer
+from petuning.testing import build_tiny_model, build_tiny_tokenizer
 
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4)
 

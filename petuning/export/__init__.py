@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 
 import petuning.tuners  # noqa: F401  (registers every petuning method with PEFT)
 from petuning.export.llama_cpp import GGUF_TYPES, check_convertible, convert_to_gguf, find_converter
-from petuning.models import SMOLLM2_HUB_ID, SMOLLM2_NAME, default_cache_dir
+from petuning.smollm2 import SMOLLM2_HUB_ID, SMOLLM2_NAME, default_cache_dir
 
 PathLike = Union[str, os.PathLike]
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import petuning
-from petuning.models import build_tiny_model
+from petuning.testing import build_tiny_model
 
 LANGUAGE_MODELS = ("llama", "opt")
 

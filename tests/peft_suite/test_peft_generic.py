@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from petuning import FloraConfig, MaskTuningConfig, PatConfig, SorsaConfig, SparseLowRankConfig
-from petuning.models import build_tiny_tokenizer, tiny_llama_config, tiny_opt_config, tiny_qwen2_config
+from petuning.testing import build_tiny_tokenizer, tiny_llama_config, tiny_opt_config, tiny_qwen2_config
 
 from . import harness
 from .harness import PeftTest, case_tests, load_peft_tests, run_or_explain_skip
