@@ -5,31 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model
+from test_pat_distill import student as pat_student
 
-from petuning import PatConfig, sample_teacher_rows
+from petuning import sample_teacher_rows
 from petuning.data import SFTCollator
 from petuning.testing import build_tiny_model, build_tiny_tokenizer
 from petuning.training import collect_metrics
 
 TOKENIZER = build_tiny_tokenizer()
-
-
-def pat_student(distill_weight: float = 1.0):
-    config = PatConfig(
-        target_width=48,
-        hsm_rank=8,
-        lora_r=4,
-        lora_dropout=0.0,
-        schedule_steps=20,
-        mask_loss_weight=0.0,
-        identity_loss_weight=0.0,
-        init_weights=False,
-        distill_weight=distill_weight,
-        task_type="CAUSAL_LM",
-    )
-    torch.manual_seed(0)
-    return get_peft_model(build_tiny_model("llama", seed=0, dtype=torch.float64), config)
 
 
 def test_rows_are_unscored_samples_cut_at_the_first_eos_and_seeded():
@@ -54,7 +37,7 @@ def test_rows_are_unscored_samples_cut_at_the_first_eos_and_seeded():
 
 
 def test_a_peft_model_samples_as_its_original_and_keeps_its_adapter_enabled():
-    student = pat_student()
+    student = pat_student(1.0)
     original = build_tiny_model("llama", seed=0, dtype=torch.float64)
     probe = torch.arange(4, 14)[None]
     with torch.no_grad():
@@ -68,7 +51,7 @@ def test_a_peft_model_samples_as_its_original_and_keeps_its_adapter_enabled():
 def test_pat_distils_every_position_of_a_teacher_row():
     """A batch of one task row (last 3 tokens scored) and two teacher rows: the distillation term is the mean KL over
     the task row's 7 unscored positions and all of the teacher rows' kept positions, against the original."""
-    student = pat_student(distill_weight=1.0).train()
+    student = pat_student(1.0).train()
     original = build_tiny_model("llama", seed=0, dtype=torch.float64)
     task_ids = list(range(10, 20))
     task = {"input_ids": task_ids, "attention_mask": [1] * 10, "labels": [-100] * 7 + task_ids[7:]}
