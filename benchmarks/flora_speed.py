@@ -7,7 +7,7 @@ Usage::
     python benchmarks/flora_speed.py --no-smollm2 --repeats 6
     python benchmarks/flora_speed.py --only tiny_llama convnet --threads 1   # re-measure some, keep the others
 
-Results are printed and written to ``benchmarks/results/flora_speed.json``. The issue's target is a FLoRA train
+Results are printed and written to ``benchmarks/results/flora_speed.json``. The target is a FLoRA train
 step of at most 1.1x LoRA's on linear targets.
 
 Method

@@ -2,8 +2,8 @@
 
 Usage::
 
-    flock /tmp/petuning-heavy.lock python benchmarks/mask_tuning_speed.py            # tiny Llama + SmolLM2-135M
-    flock /tmp/petuning-heavy.lock python benchmarks/mask_tuning_speed.py --quick    # tiny Llama only
+    python benchmarks/mask_tuning_speed.py            # tiny Llama + SmolLM2-135M
+    python benchmarks/mask_tuning_speed.py --quick    # tiny Llama only
 
 Results are printed and written to ``benchmarks/results/mask_tuning_speed.json``.
 

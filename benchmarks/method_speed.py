@@ -115,7 +115,7 @@ GAMMA = 4e-4  # SORSA paper's regularizer strength
 LR = 1e-4
 MAX_STEPS = 1000  # schedule length given to the training hooks (PAT's mask schedule)
 RESULTS = RESULTS_DIR / "method_speed.json"
-STEP_TIME_TARGETS = {"sorsa": 1.1, "flora": 1.1, "sparse_low_rank": 1.25}  # the issues' targets vs LoRA
+STEP_TIME_TARGETS = {"sorsa": 1.1, "flora": 1.1, "sparse_low_rank": 1.25}  # the step-time targets vs LoRA
 ADAPTER_PREFIXES = ("lora_", "sorsa_", "flora_", "sparse_low_rank_", "mask_tuning_", "pat_")
 
 

@@ -2,8 +2,8 @@
 
 Usage::
 
-    flock /tmp/petuning-heavy.lock python benchmarks/pat_speed.py            # about 4 minutes on 2 idle cores
-    flock /tmp/petuning-heavy.lock python benchmarks/pat_speed.py --quick    # fewer repeats
+    python benchmarks/pat_speed.py            # about 4 minutes on 2 idle cores
+    python benchmarks/pat_speed.py --quick    # fewer repeats
 
 Results are printed and written to ``benchmarks/results/pat_speed.json``. Paper anchor: 1.33x faster inference
 for Llama-2-7B pruned by 25% (hidden 4096 -> 3072), measured by the authors on GPUs.

@@ -6,7 +6,7 @@ Usage::
     python benchmarks/sparse_low_rank_speed.py             # tiny Llama + SmolLM2-135M, a few minutes on 2 cores
     python benchmarks/sparse_low_rank_speed.py --quick     # tiny Llama only, fewer repeats
 
-Results are printed and written to ``benchmarks/results/sparse_low_rank_speed.json``. The issue's targets: a
+Results are printed and written to ``benchmarks/results/sparse_low_rank_speed.json``. The targets: a
 step at δ = 1% within 1.25x LoRA's step time, and peak memory clearly below the dense-masked variant.
 
 Method

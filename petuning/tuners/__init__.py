@@ -6,6 +6,15 @@ from .pat import PatConfig, PatModel
 from .sorsa import SorsaConfig, SorsaModel
 from .sparse_low_rank import SparseLowRankConfig, SparseLowRankModel
 
-__all__ = ["FloraConfig", "FloraModel", "MaskTuningConfig", "MaskTuningModel", "SorsaConfig", "SorsaModel"]
-__all__ += ["SparseLowRankConfig", "SparseLowRankModel"]
-__all__ += ["PatConfig", "PatModel"]
+__all__ = [
+    "FloraConfig",
+    "FloraModel",
+    "MaskTuningConfig",
+    "MaskTuningModel",
+    "PatConfig",
+    "PatModel",
+    "SorsaConfig",
+    "SorsaModel",
+    "SparseLowRankConfig",
+    "SparseLowRankModel",
+]
