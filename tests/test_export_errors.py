@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import petuning.export as export
 from petuning.cli import main
-from petuning.export import check_safetensors, convert_to_lora, export_adapter, load_adapter_model, merge
+from petuning.export import adapter_to_lora, check_safetensors, export_adapter, load_adapter_model, merge
 from petuning.testing import build_tiny_model
 
 LM_CASES = [c for c in CASES if c.model in ("llama", "opt")]
@@ -144,7 +144,7 @@ def test_non_additive_adapter_is_not_converted_to_lora(tuned, tmp_path):
     with pytest.raises(
         ValueError, match="--format lora needs an additive adapter.*of this IA3 adapter does not declare one"
     ):
-        convert_to_lora(ia3)
+        adapter_to_lora(ia3)
 
 
 def test_inconsistent_options(tuned, tmp_path):

@@ -1,4 +1,4 @@
-"""``convert_to_lora`` on every other layer type of the conformance matrix (linear, GPT-2 Conv1D, embedding,
+"""``adapter_to_lora`` on every other layer type of the conformance matrix (linear, GPT-2 Conv1D, embedding,
 Conv1d/2d/3d): the LoRA adapter it writes, loaded into a fresh base by peft, gives the tuned model's outputs; layers
 peft's LoRA cannot express (grouped or dilated convolutions, non-zero padding modes) are refused by name."""
 
@@ -13,7 +13,7 @@ from peft import get_peft_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from petuning.export import convert_to_lora
+from petuning.export import adapter_to_lora
 
 OTHER_CASES = [c for c in CASES if c.model not in LANGUAGE_MODELS]
 LAYOUT_CASES = [
@@ -33,14 +33,14 @@ def _check_conversion(case, model, root) -> str:
     layers = {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, BaseTunerLayer)}
     if not all(m.supports_lora_conversion("default") for m in layers.values()):
         with pytest.raises(ValueError, match="needs an additive adapter"):
-            convert_to_lora(model)
+            adapter_to_lora(model)
         return "not additive"
     blocked = [n for n, m in layers.items() if not _lora_expressible(m.get_base_layer())]
     if blocked:
         with pytest.raises(ValueError, match=f"{blocked[0]}.*peft's LoRA conv layers do not reproduce"):
-            convert_to_lora(model)
+            adapter_to_lora(model)
         return "not expressible"
-    conversion = convert_to_lora(model)
+    conversion = adapter_to_lora(model)
     assert conversion.exact
     assert {layer.module for layer in conversion.layers} == set(layers)
     lora = get_peft_model(build_base(case.model, root), conversion.config)
@@ -75,7 +75,7 @@ def test_embedding_and_conv_layouts(case, tmp_path, monkeypatch):
 def test_high_rank_updates_warn_that_lora_is_larger_than_dense(tmp_path):
     case = next(c for c in CASES if c.id == "sparse_low_rank-mlp")
     with pytest.warns(UserWarning, match="hold more numbers than the dense update") as record:
-        conversion = convert_to_lora(tuned_model(case, tmp_path))
+        conversion = adapter_to_lora(tuned_model(case, tmp_path))
     larger = [x.module for x in conversion.layers if x.lora_rank * (x.shape[0] + x.shape[1]) > x.shape[0] * x.shape[1]]
     assert larger and f"The LoRA factors of {len(larger)} layer(s) (e.g. {larger[0]!r})" in str(record[0].message)
     assert conversion.exact

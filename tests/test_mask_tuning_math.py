@@ -203,11 +203,11 @@ def test_half_precision_base_with_float32_scores():
 
 
 def test_export_converts_the_delta_weight_to_an_exact_full_rank_lora():
-    from petuning.export import convert_to_lora
+    from petuning.export import adapter_to_lora
 
     model = _model(dtype=torch.float32)
     with pytest.warns(UserWarning, match="high rank"):  # a scattered mask gives a full-rank update
-        conversion = convert_to_lora(model)
+        conversion = adapter_to_lora(model)
     assert conversion.exact
     layer = _layer(model)
     weight = layer.get_base_layer().weight.detach()
