@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from petuning import data, models
+from petuning import data, testing
 
 
 def test_shipped_files_are_what_the_generator_makes():
@@ -15,7 +15,7 @@ def test_shipped_files_are_what_the_generator_makes():
 
 
 def test_answer_only_labels_and_padding():
-    tokenizer = models.build_tiny_tokenizer()
+    tokenizer = testing.build_tiny_tokenizer()
     example = data.make_arithmetic_split(1, seed=0)[0]
     features = data.tokenize_for_sft(example, tokenizer)
     learned = [t for t in features["labels"] if t != data.IGNORE_INDEX]
@@ -32,8 +32,8 @@ def test_answer_only_labels_and_padding():
 
 def test_exact_match_matches_unbatched_generation():
     """Left padding in batches gives the same greedy answers as one prompt at a time."""
-    tokenizer = models.build_tiny_tokenizer()
-    model = models.build_tiny_model("llama", seed=0)
+    tokenizer = testing.build_tiny_tokenizer()
+    model = testing.build_tiny_model("llama", seed=0)
     examples = data.make_arithmetic_split(5, seed=0)
     examples[0]["messages"][-2]["content"] = "What is 1 + 100?"  # a shorter prompt, so padding is needed
     accuracy, batched = data.exact_match_accuracy(model, tokenizer, examples, max_new_tokens=4, batch_size=5)

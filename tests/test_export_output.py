@@ -110,7 +110,7 @@ def test_dtype_and_tokenizer(tuned, tmp_path):
     shards = [f for f in result.files if f.endswith(".safetensors")]
     for shard in shards:
         with safe_open(result.folder / shard, "pt") as handle:
-            assert {handle.get_slice(k).get_dtype() for k in handle.keys()}  # noqa: SIM118 (safe_open is not iterable) == {"BF16"}
+            assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}  # noqa: SIM118 (safe_open is not iterable)
     assert AutoConfig.from_pretrained(result.folder).dtype in ("bfloat16", torch.bfloat16)
     assert "| note | given |" in (result.folder / "README.md").read_text()
     original, exported = AutoTokenizer.from_pretrained(tuned[2]), AutoTokenizer.from_pretrained(result.folder)

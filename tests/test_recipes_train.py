@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from petuning import data, models
+from petuning import data, testing
 from petuning.recipe import check_reload, parse_recipe_args, run_sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +27,8 @@ def setup(tmp_path_factory) -> Path:
     """A tiny Llama with the character-level ChatML tokenizer, 64 training and 8 held-out arithmetic questions,
     and a SORSA recipe config over them."""
     root = tmp_path_factory.mktemp("recipe")
-    models.build_tiny_model("llama", root / "tiny", seed=0)
-    models.build_tiny_tokenizer().save_pretrained(root / "tiny")
+    testing.build_tiny_model("llama", root / "tiny", seed=0)
+    testing.build_tiny_tokenizer().save_pretrained(root / "tiny")
     (root / "data").mkdir()
     for name, (n, seed) in {"train": (64, 0), "test": (8, 1)}.items():
         lines = "".join(json.dumps(ex) + "\n" for ex in data.make_arithmetic_split(n, seed))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from petuning import SorsaConfig, models
+from petuning import SorsaConfig
 from petuning.linalg import top_singular_triplets
+from petuning.smollm2 import load_smollm2
 
 R = 16
 LAYERS = [
@@ -26,7 +27,7 @@ LAYERS = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    model, _ = models.load_smollm2()
+    model, _ = load_smollm2()
     return model
 
 
