@@ -29,15 +29,22 @@ def sample_teacher_rows(
     temperature: float = 1.0,
     top_p: float = 0.95,
 ) -> list[dict]:
-    """Sample ``num_rows`` texts of at most ``length`` tokens from ``model``, each started at the BOS token.
+    """Sample ``num_rows`` texts of at most ``length`` new tokens from ``model``, each started at the BOS token.
 
-    ``model`` is the original: a transformers model, or a ``PeftModel`` whose adapters are bypassed for the call
-    (``disable_adapter``). Sampling is nucleus sampling at ``temperature`` / ``top_p`` under ``torch.manual_seed(seed)``
-    (the global RNG is restored afterwards), in eval mode (the training flag is restored). Each row holds the sampled
-    tokens after the start token, up to and including the first EOS: ``{"input_ids": [...], "attention_mask": [1, ...],
-    "labels": [-100, ...]}`` (the features :class:`petuning.data.SFTCollator` pads), so a task loss ignores them and a
-    distillation term covers every position.
+    ``model`` is the original: a transformers model without adapters, or a ``PeftModel``, whose adapters are
+    bypassed for the call (``disable_adapter``); a model with adapters it cannot bypass is refused. Sampling is pure
+    nucleus sampling at ``temperature`` / ``top_p`` (an explicit ``GenerationConfig``: no top-k, no repetition
+    penalty from the model's defaults) under ``torch.manual_seed(seed)``, with every RNG restored afterwards, in eval
+    mode (the training flag is restored). A row ends at its first stop token (the tokenizer's EOS or any of the
+    generation config's), which it keeps. Rows keep the start token only if the tokenizer itself starts encoded
+    text with it (Llama's does, SmolLM2's does not), so they look like the text the model is evaluated on.
+
+    Returns ``{"input_ids": [...], "attention_mask": [1, ...], "labels": [-100, ...]}`` per row (the features
+    :class:`petuning.data.SFTCollator` pads): a task loss ignores them and a distillation term covers every position.
     """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import GenerationConfig
+
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError(
@@ -46,38 +53,50 @@ def sample_teacher_rows(
         )
     if num_rows < 1 or length < 1:
         raise ValueError(f"sample_teacher_rows needs num_rows >= 1 and length >= 1, got {num_rows} and {length}.")
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
-    bypass = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    bypassable = hasattr(model, "disable_adapter")
+    if not bypassable and any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        raise ValueError(
+            "sample_teacher_rows samples the original model, and this one carries adapters it cannot bypass (added "
+            "with add_adapter / load_adapter, or the inner model of a PeftModel). Pass the PeftModel itself, or the "
+            "base model before the adapter is attached."
+        )
+    stops = _stop_ids(tokenizer, model)
+    keep_start = tokenizer("a").input_ids[:1] == [start]
+    config = GenerationConfig(
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=length,
+        eos_token_id=sorted(stops) or None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start,
+    )  # fmt: skip
+    bypass = model.disable_adapter() if bypassable else contextlib.nullcontext()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     was_training = model.training
     model.eval()
     rows = []
     try:
-        devices = [model.device] if model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), bypass:
             torch.manual_seed(seed)
             for first in range(0, num_rows, batch_size):
                 count = min(batch_size, num_rows - first)
                 input_ids = torch.full((count, 1), start, dtype=torch.long, device=model.device)
                 output = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    do_sample=True,
-                    temperature=temperature,
-                    top_p=top_p,
-                    max_new_tokens=length,
-                    pad_token_id=pad,
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
                 )
                 for sampled in output[:, 1:].tolist():
-                    if eos is not None and eos in sampled:
-                        sampled = sampled[: sampled.index(eos) + 1]
+                    end = next((i for i, token in enumerate(sampled) if token in stops), None)
+                    sampled = sampled if end is None else sampled[: end + 1]
+                    ids = [start, *sampled] if keep_start else sampled
                     rows.append(
-                        {
-                            "input_ids": sampled,
-                            "attention_mask": [1] * len(sampled),
-                            "labels": [IGNORE_INDEX] * len(sampled),
-                        }
+                        {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(ids)}
                     )
     finally:
         model.train(was_training)
     return rows
+
+
+def _stop_ids(tokenizer, model) -> set[int]:
+    """The tokenizer's EOS and every EOS id of the model's generation config."""
+    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        stops |= set(configured) if isinstance(configured, (list, tuple)) else {configured}
+    return stops

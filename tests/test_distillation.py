@@ -71,6 +71,47 @@ def test_pat_distils_every_position_of_a_teacher_row():
     assert measured == pytest.approx(float((log_p.exp() * (log_p - log_q)).sum(-1).mean()), rel=1e-9)
 
 
+def test_rows_end_at_any_stop_token_of_the_generation_config():
+    """An instruct model stops at several ids (Llama 3: <|eot_id|> and <|end_of_text|>); generate pads after any of
+    them, so a row cut only at the tokenizer's EOS would carry padding that then gets distilled."""
+    model = build_tiny_model("llama", seed=0)
+    model.generation_config.eos_token_id = [TOKENIZER.eos_token_id, 5]
+    rows = sample_teacher_rows(model, TOKENIZER, 40, length=12, seed=5)
+    ended = 0
+    for row in rows:
+        ids = row["input_ids"]
+        assert not {TOKENIZER.eos_token_id, 5} & set(ids[:-1])
+        ended += ids[-1] == 5
+    assert ended > 0  # the second stop id is exercised
+
+
+def test_the_start_token_is_kept_where_the_tokenizer_starts_text_with_it():
+    from tokenizers import processors
+
+    model = build_tiny_model("llama", seed=0)
+    with_bos = build_tiny_tokenizer()
+    bos = with_bos.bos_token_id
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{with_bos.bos_token} $A", special_tokens=[(with_bos.bos_token, bos)]
+    )
+    assert with_bos("a").input_ids[0] == bos
+    plain = sample_teacher_rows(model, TOKENIZER, 4, length=6, seed=1)
+    started = sample_teacher_rows(model, with_bos, 4, length=6, seed=1)
+    assert started == [
+        {
+            "input_ids": [bos, *r["input_ids"]],
+            "attention_mask": [1, *r["attention_mask"]],
+            "labels": [-100, *r["labels"]],
+        }
+        for r in plain
+    ]
+
+
+def test_an_adapted_model_it_cannot_bypass_is_refused():
+    with pytest.raises(ValueError, match="cannot bypass"):
+        sample_teacher_rows(pat_student(1.0).base_model.model, TOKENIZER, 2)
+
+
 def test_bad_arguments_are_refused_by_name():
     model = build_tiny_model("llama", seed=0)
     with pytest.raises(ValueError, match="num_rows >= 1"):

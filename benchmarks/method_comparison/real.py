@@ -56,9 +56,11 @@ class RealTier:
 
     def teacher_rows(self, model, cache: Path, seed: int) -> list[dict]:
         """The pool of :data:`TEACHER_POOL` texts sampled from the original ``model`` (cached under ``cache``)."""
-        path = cache / f"smollm2_teacher_rows_{TEACHER_POOL}x{TEACHER_LENGTH}_seed{seed}.json"
+        settings = dict(num_rows=TEACHER_POOL, length=TEACHER_LENGTH, seed=seed, temperature=1.0, top_p=0.95)
+        name = "_".join(f"{key}{value}" for key, value in settings.items())
+        path = cache / f"teacher_rows_{self.path.name}_{name}_v2.json"  # v2: pure nucleus sampling, all stop ids
         if not path.exists():
-            rows = sample_teacher_rows(model, self.tokenizer, TEACHER_POOL, TEACHER_LENGTH, seed=seed)
+            rows = sample_teacher_rows(model, self.tokenizer, **settings)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(rows))
         return json.loads(path.read_text())
@@ -66,11 +68,11 @@ class RealTier:
     def batches(self, batch_size: int, seed: int, teacher_rows: list[dict] = (), per_batch: int = 0):
         """Batches of ``batch_size`` training questions, plus ``per_batch`` rows drawn from ``teacher_rows``."""
         features = [tokenize_for_sft(example, self.tokenizer) for example in load_embedded_task("train")]
-        rng = random.Random(seed)
+        rng, teacher_rng = random.Random(seed), random.Random(seed + 1)  # the task batches do not depend on per_batch
         while True:
             rows = rng.sample(features, batch_size)
             if per_batch:
-                rows += rng.sample(teacher_rows, per_batch)
+                rows += teacher_rng.sample(teacher_rows, per_batch)
             yield self.collate(rows)
 
     @torch.no_grad()
