@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/method_comparison/plots.py [RESULTS_DIR]           # PNGs next to the JSON files
-    python benchmarks/method_comparison/plots.py --table [RESULTS_DIR]   # the markdown table of the README
+    python benchmarks/method_comparison/plots.py --table [RESULTS_DIR]   # the markdown table of docs/benchmarks.md
 """
 
 from __future__ import annotations
