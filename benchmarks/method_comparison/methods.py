@@ -35,6 +35,21 @@ class Experiment:
 ALL = "all-linear"
 CAUSAL = "CAUSAL_LM"
 
+
+def pat(**overrides) -> Callable[[int], PeftConfig]:
+    """PAT at the budget of the comparison: 25% of the hidden channels pruned, HSM rank 8, LoRA r 8 / alpha 16."""
+    options = dict(pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, **overrides)
+    return lambda steps: petuning.PatConfig(**options, task_type=CAUSAL)
+
+
+def pat_real(name: str, real_step_factor: float = 1.0, teacher_rows: int = 0, **overrides) -> Experiment:
+    """A real-tier-only PAT experiment at lr 1e-3; ``overrides`` go to the config."""
+    return Experiment(
+        name, pat(**overrides), 3e-3, real_lr=1e-3, tiers=("real",), real_step_factor=real_step_factor,
+        teacher_rows=teacher_rows,
+    )  # fmt: skip
+
+
 EXPERIMENTS = {
     e.name: e
     for e in [
@@ -117,94 +132,17 @@ EXPERIMENTS = {
             real_lr=1e-3,
             tiers=("real",),
         ),
-        Experiment(
-            "pat-prune25-r8",  # 25% of the hidden channels pruned, HSM rank 8, LoRA r=8; calibrated mask (defaults)
-            lambda steps: petuning.PatConfig(
-                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, task_type=CAUSAL
-            ),
-            3e-3,
-        ),
-        Experiment(
-            "pat-prune25-r8-lr1e-3",
-            lambda steps: petuning.PatConfig(
-                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, task_type=CAUSAL
-            ),
-            3e-3,
-            real_lr=1e-3,
-            tiers=("real",),
-        ),
-        Experiment(
-            "pat-prune25-r8-lr1e-3-3x",  # the same with 3x the steps (the schedule follows the run)
-            lambda steps: petuning.PatConfig(
-                pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0, task_type=CAUSAL
-            ),
-            3e-3,
-            real_lr=1e-3,
-            tiers=("real",),
-            real_step_factor=3.0,
-        ),
-        Experiment(
-            "pat-prune25-r8-lr1e-3-norm-output",  # channels ranked by the RMSNorms' outputs instead of the RMS
-            lambda steps: petuning.PatConfig(
-                pruning_ratio=0.25,
-                hsm_rank=8,
-                lora_r=8,
-                lora_alpha=16,
-                lora_dropout=0.0,
-                mask_init="norm_output",
-                task_type=CAUSAL,
-            ),
-            3e-3,
-            real_lr=1e-3,
-            tiers=("real",),
-        ),
-        Experiment(
-            "pat-prune25-r8-lr1e-3-distill",  # + self-distillation from the unpruned original on the prompt positions
-            lambda steps: petuning.PatConfig(
-                pruning_ratio=0.25,
-                hsm_rank=8,
-                lora_r=8,
-                lora_alpha=16,
-                lora_dropout=0.0,
-                distill_weight=1.0,
-                task_type=CAUSAL,
-            ),
-            3e-3,
-            real_lr=1e-3,
-            tiers=("real",),
-        ),
-        Experiment(
-            "pat-prune25-r8-lr1e-3-distill-text",  # + distillation on 8 rows per batch of text sampled from the original
-            lambda steps: petuning.PatConfig(
-                pruning_ratio=0.25,
-                hsm_rank=8,
-                lora_r=8,
-                lora_alpha=16,
-                lora_dropout=0.0,
-                distill_weight=1.0,
-                task_type=CAUSAL,
-            ),
-            3e-3,
-            real_lr=1e-3,
-            tiers=("real",),
-            teacher_rows=8,
-        ),
-        Experiment(
-            "pat-prune25-r8-zero-init-lr1e-3",  # ablation: the paper's m = 0 and no protected channels
-            lambda steps: petuning.PatConfig(
-                pruning_ratio=0.25,
-                hsm_rank=8,
-                lora_r=8,
-                lora_alpha=16,
-                lora_dropout=0.0,
-                mask_init="zeros",
-                protect_ratio=None,
-                task_type=CAUSAL,
-            ),
-            3e-3,
-            real_lr=1e-3,
-            tiers=("real",),
-        ),
+        Experiment("pat-prune25-r8", pat(), 3e-3),  # 25% of the hidden channels pruned; calibrated mask (defaults)
+        pat_real("pat-prune25-r8-lr1e-3"),
+        pat_real("pat-prune25-r8-lr1e-3-3x", real_step_factor=3.0),  # 3x the steps (the schedule follows the run)
+        # channels ranked by the RMSNorms' outputs instead of the RMS
+        pat_real("pat-prune25-r8-lr1e-3-norm-output", mask_init="norm_output"),
+        # + self-distillation from the unpruned original on the prompt positions
+        pat_real("pat-prune25-r8-lr1e-3-distill", distill_weight=1.0),
+        # + distillation on 8 rows per batch of text sampled from the original
+        pat_real("pat-prune25-r8-lr1e-3-distill-text", distill_weight=1.0, teacher_rows=8),
+        # ablation: the paper's m = 0 and no protected channels
+        pat_real("pat-prune25-r8-zero-init-lr1e-3", mask_init="zeros", protect_ratio=None),
     ]
 }
 
