@@ -103,17 +103,33 @@ def test_real_tier_runs_on_smollm2_and_measures_forgetting_on_general_text(tmp_p
             "2",
             "--n-eval",
             "4",
+            "--validation",
+            "3",
+            "--lr",
+            "3e-4",
+            "--seed",
+            "2",
+            "--result-name",
+            "lora_lr3e-4_seed2",
             "--out",
             str(tmp_path),
         ]
     )
-    result = json.loads((tmp_path / "lora-r8.json").read_text())
+    result = json.loads((tmp_path / "lora_lr3e-4_seed2.json").read_text())
     info = result["train_info"]
-    assert result["run_info"]["experiment_name"] == "real/lora-r8"
+    assert result["run_info"]["experiment_name"] == "real/lora-r8" and result["run_info"]["seed"] == 2
+    assert result["run_info"]["split"]["train"] == "the first 1997 questions of the embedded train split"
+    assert result["run_info"]["split"]["validation"] == "its last 3 questions"
+    assert 0 <= info["validation accuracy"] <= 1 and info["validation loss"] > 0
     assert result["meta_info"]["model"]["n_eval"] == 4 and "SmolLM2" in result["meta_info"]["model"]["name"]
-    assert info["steps"] == 2 and info["lr"] == 2e-4 and info["original task accuracy before"] is None
+    assert info["steps"] == 2 and info["lr"] == 3e-4 and info["original task accuracy before"] is None
     assert isinstance(info["forgetting"], float) and info["forgetting"] != 0.0  # two steps move the general-text loss
     assert 0 <= info["test accuracy"] <= 1 and info["merge max abs logit diff"] < 1e-3
+
+
+def test_validation_split_is_refused_outside_the_real_tier():
+    with pytest.raises(SystemExit):
+        run.parse_args(["--validation", "10"])
 
 
 def test_parameter_groups_give_named_parameters_their_own_rate():

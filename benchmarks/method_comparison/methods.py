@@ -27,13 +27,18 @@ class Experiment:
     real_lr: float = 2e-4  # real tier (SmolLM2): the demo's rate for every method
     hooks: dict = field(default_factory=dict)  # extra TrainingHooks arguments
     param_lrs: dict = field(default_factory=dict)  # parameter-name substring -> its own peak lr (both tiers)
-    tiers: tuple = ("toy", "real")  # the tiers whose default run includes it (ablations: the real tier only)
+    tiers: tuple = ("toy", "real")  # the tiers whose default run includes it (ablations: real only; () on request)
     real_step_factor: float = 1.0  # real tier: steps = factor x --steps (PAT may take up to 3x LoRA's; reported)
     teacher_rows: int = 0  # real tier: rows sampled from the original added to each batch (data-free distillation)
 
 
 ALL = "all-linear"
 CAUSAL = "CAUSAL_LM"
+
+
+def flora(**overrides) -> Callable[[int], PeftConfig]:
+    """FLoRA r 8 on every linear layer (scale 2 unless overridden)."""
+    return lambda steps: petuning.FloraConfig(r=8, target_modules=ALL, task_type=CAUSAL, **overrides)
 
 
 def pat(**overrides) -> Callable[[int], PeftConfig]:
@@ -69,7 +74,18 @@ EXPERIMENTS = {
             3e-3,
         ),
         Experiment("sorsa-r8", lambda steps: petuning.SorsaConfig(r=8, target_modules=ALL, task_type=CAUSAL), 3e-3),
-        Experiment("flora-r8", lambda steps: petuning.FloraConfig(r=8, target_modules=ALL, task_type=CAUSAL), 3e-3),
+        Experiment("flora-r8", flora(), 3e-3),
+        # FLoRA's scale, swept with its lr by sweep.py (2 is the default: the authors' LLM scripts)
+        Experiment("flora-r8-s1", flora(scale=1.0), 3e-3, tiers=()),
+        Experiment("flora-r8-s4", flora(scale=4.0), 3e-3, tiers=()),
+        Experiment(
+            "sparse-low-rank-r4-d1",  # budget matched to LoRA r8 (0.93x its trainable parameters), half of it sparse
+            lambda steps: petuning.SparseLowRankConfig(
+                r=4, alpha=8, density=0.01, target_modules=ALL, task_type=CAUSAL
+            ),
+            3e-3,
+            tiers=(),
+        ),
         Experiment(
             "sparse-low-rank-r4-d5",  # half the budget low-rank, half as 5% sparse values
             lambda steps: petuning.SparseLowRankConfig(
@@ -116,6 +132,12 @@ EXPERIMENTS = {
             lambda steps: petuning.MaskTuningConfig(masked_budget=0.001, target_modules=ALL, task_type=CAUSAL),
             1e-3,
             real_lr=1e-3,
+        ),
+        Experiment(
+            "mask-tuning-share3",  # budget matched to LoRA r8 (1.3x): 3% of each weight scored, the default 0.1% masked
+            lambda steps: petuning.MaskTuningConfig(mask_share=0.03, target_modules=ALL, task_type=CAUSAL),
+            1e-3,
+            tiers=(),
         ),
         Experiment(
             "mask-tuning-budget01-gd-lr1e-3",  # the defaults with gradient dropout (KL on a quarter of each batch)

@@ -42,6 +42,9 @@ class RealTier:
         self.path = smollm2_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.test = load_embedded_task("test")[: args.n_eval]
+        train = load_embedded_task("train")
+        cut = len(train) - args.validation
+        self.train, self.validation = train[:cut], train[cut:]  # validation: the last questions, never trained on
         self.collate = SFTCollator(self.tokenizer.pad_token_id)
         self.model_info = {
             "name": "SmolLM2-135M-Instruct (real tier)",
@@ -67,7 +70,7 @@ class RealTier:
 
     def batches(self, batch_size: int, seed: int, teacher_rows: list[dict] = (), per_batch: int = 0):
         """Batches of ``batch_size`` training questions, plus ``per_batch`` rows drawn from ``teacher_rows``."""
-        features = [tokenize_for_sft(example, self.tokenizer) for example in load_embedded_task("train")]
+        features = [tokenize_for_sft(example, self.tokenizer) for example in self.train]
         rng, teacher_rng = random.Random(seed), random.Random(seed + 1)  # the task batches do not depend on per_batch
         while True:
             rows = rng.sample(features, batch_size)
@@ -75,10 +78,25 @@ class RealTier:
                 rows += teacher_rng.sample(teacher_rows, per_batch)
             yield self.collate(rows)
 
-    @torch.no_grad()
+    def split_info(self) -> dict:
+        return {
+            "train": f"the first {len(self.train)} questions of the embedded train split",
+            "validation": f"its last {len(self.validation)} questions" if self.validation else None,
+            "test": f"the first {len(self.test)} questions of the embedded test split",
+        }
+
     def new_task(self, model) -> dict[str, float]:
-        accuracy, _ = exact_match_accuracy(model, self.tokenizer, self.test, max_new_tokens=8, batch_size=50)
-        batch = self.collate([tokenize_for_sft(example, self.tokenizer) for example in self.test])
+        """Exact match and loss on the test questions."""
+        return self._score(model, self.test)
+
+    def validation_task(self, model) -> dict[str, float]:
+        """Exact match and loss on the held-out training questions (what a learning rate is chosen on)."""
+        return self._score(model, self.validation)
+
+    @torch.no_grad()
+    def _score(self, model, examples: list[dict]) -> dict[str, float]:
+        accuracy, _ = exact_match_accuracy(model, self.tokenizer, examples, max_new_tokens=8, batch_size=50)
+        batch = self.collate([tokenize_for_sft(example, self.tokenizer) for example in examples])
         model.eval()
         return {"accuracy": accuracy, "loss": float(model(**batch).loss)}
 

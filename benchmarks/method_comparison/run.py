@@ -64,7 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="examples per step (default: toy 64, real 16)")
     parser.add_argument("--base-steps", type=int, default=2000, help="toy: full training steps of the task-A base")
     parser.add_argument("--n-eval", type=int, default=100, help="real: held-out questions scored (at most 200)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="model initialisation and batch order")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the experiment's rate for the tier)")
+    parser.add_argument(
+        "--validation",
+        type=int,
+        default=0,
+        help="real: hold out the last N questions of the training split, score them too (for choosing the lr)",
+    )
+    parser.add_argument("--result-name", help="stem of the result JSON (default: the experiment's name)")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/method_comparison/TIER)")
     parser.add_argument("--cache", type=Path, default=HERE.parent / "results" / "tmp")
     parser.add_argument("--worker", metavar="EXPERIMENT", help=argparse.SUPPRESS)
@@ -73,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps or TIERS[args.tier].default_steps
     args.batch_size = args.batch_size or TIERS[args.tier].default_batch_size
     args.out = args.out or RESULTS / args.tier
+    if args.validation and args.tier != "real":
+        parser.error("--validation holds out questions of the real tier's training split; add --tier real")
     return args
 
 
@@ -96,7 +106,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
     import petuning
 
     experiment = EXPERIMENTS[args.worker]
-    lr = experiment.lr if args.tier == "toy" else experiment.real_lr
+    lr = args.lr or (experiment.lr if args.tier == "toy" else experiment.real_lr)
     if args.tier == "real" and experiment.real_step_factor != 1:  # e.g. PAT, allowed more steps (reported)
         args.steps = round(args.steps * experiment.real_step_factor)
     started = time.perf_counter()
@@ -143,12 +153,17 @@ def run_experiment(args: argparse.Namespace) -> dict:
     train_time = time.perf_counter() - train_started
     rss_peak = _status_bytes("VmHWM")
     after_old, after_new = tier.retention(model), tier.new_task(model)
+    validation = tier.validation_task(model) if args.validation else None
 
     extra = {}  # what only some methods report
     if hasattr(model.base_model, "masked_share"):  # masked tuning: the share of the targeted weights switched off
         extra["masked share"] = model.base_model.masked_share()
+    if validation:
+        extra |= {"validation accuracy": validation["accuracy"], "validation loss": validation["loss"]}
     if hasattr(model.base_model, "petuning_prune_and_unload"):  # methods that shrink the model (PAT)
         smaller = copy.deepcopy(model).base_model.petuning_prune_and_unload()
+        if validation:
+            extra["pruned validation accuracy"] = tier.validation_task(smaller)["accuracy"]
         extra |= {
             "pruned test accuracy": tier.new_task(smaller)["accuracy"],
             "pruned num params": sum(p.numel() for p in smaller.parameters()),
@@ -171,6 +186,8 @@ def run_experiment(args: argparse.Namespace) -> dict:
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "total_time": time.perf_counter() - started,
             "experiment_name": f"{tier.name}/{experiment.name}",
+            "seed": args.seed,
+            "split": tier.split_info(),
             "peft_config": json.loads(json.dumps(config.to_dict(), default=str)),
             "error_msg": "",
         },
@@ -238,50 +255,48 @@ def meta_info(model_info: dict) -> dict:
     }
 
 
+def run_in_subprocess(args: argparse.Namespace, name: str, result_name: str | None = None) -> dict | None:
+    """Run experiment ``name`` with ``args`` in a fresh process (its own peak RSS); its result, None if it failed."""
+    options = {
+        "--tier": args.tier,
+        "--steps": args.steps,
+        "--base-steps": args.base_steps,
+        "--batch-size": args.batch_size,
+        "--n-eval": args.n_eval,
+        "--seed": args.seed,
+        "--validation": args.validation,
+        "--out": args.out,
+        "--cache": args.cache,
+        "--lr": args.lr,
+        "--result-name": result_name,
+    }
+    command = [sys.executable, __file__, "--worker", name]
+    command += [str(part) for option, value in options.items() if value is not None for part in (option, value)]
+    label = result_name or name
+    print(f"[{label}] running ...", flush=True)
+    if subprocess.run(command).returncode != 0:
+        return None
+    result = json.loads((args.out / f"{label}.json").read_text())
+    info = result["train_info"]
+    print(
+        f"[{label}] new-task accuracy {info['test accuracy']:.3f}, forgetting {info['forgetting']:+.3f}, "
+        f"{info['train_time']:.0f} s, {info['num_trainable_params']} trainable",
+        flush=True,
+    )
+    return result
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         result = run_experiment(args)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.worker}.json").write_text(json.dumps(result, indent=1))
+        (args.out / f"{args.result_name or args.worker}.json").write_text(json.dumps(result, indent=1))
         return
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.tier == "toy":
         print(f"task-A base: {pretrained_base(args.cache, args.base_steps, args.seed)}", flush=True)
-    failed = []
-    for name in args.experiments:
-        command = [
-            sys.executable,
-            __file__,
-            "--worker",
-            name,
-            "--tier",
-            args.tier,
-            "--steps",
-            str(args.steps),
-            "--base-steps",
-            str(args.base_steps),
-            "--batch-size",
-            str(args.batch_size),
-            "--n-eval",
-            str(args.n_eval),
-            "--seed",
-            str(args.seed),
-            "--out",
-            str(args.out),
-            "--cache",
-            str(args.cache),
-        ]
-        print(f"[{name}] running ...", flush=True)
-        if subprocess.run(command).returncode != 0:
-            failed.append(name)
-            continue
-        info = json.loads((args.out / f"{name}.json").read_text())["train_info"]
-        print(
-            f"[{name}] new-task accuracy {info['test accuracy']:.3f}, forgetting {info['forgetting']:+.3f}, "
-            f"{info['train_time']:.0f} s, {info['num_trainable_params']} trainable",
-            flush=True,
-        )
+    failed = [name for name in args.experiments if run_in_subprocess(args, name) is None]
     if failed:
         sys.exit(f"experiments failed: {', '.join(failed)}")
 

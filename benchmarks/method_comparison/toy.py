@@ -140,6 +140,9 @@ class ToyTier:
     def batches(self, batch_size: int, seed: int, teacher_rows=(), per_batch: int = 0):
         return sample_batches(self.encoder, TASK_B, batch_size, seed)
 
+    def split_info(self) -> dict:
+        return {"train": "9 000 task-B operand pairs", "validation": None, "test": "the other 1 000 task-B pairs"}
+
     def new_task(self, model) -> dict[str, float]:
         return evaluate(model, self.encoder, TASK_B)
 
