@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the tiny Llama shape, the reference LoRA config, machine information,
-the interleaved timing loop, the allocator-event memory profile, tensor-storage counting and JSON output.
+"""What the benchmark scripts share: the tiny Llama shape, machine information, the interleaved timing loop, the
+allocator-event memory profile, tensor-storage counting and JSON output (the method configs: ``variants.py``).
 
 The scripts run as ``python benchmarks/<name>.py``, which puts ``benchmarks/`` on ``sys.path``, so they import
 this module as ``_common``. Importing it also makes ``petuning`` importable from a checkout without
@@ -29,13 +29,10 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 import peft
 import transformers
-from peft import LoraConfig
 from torch.profiler import ProfilerActivity, profile
 
 MIB = 2**20
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# Every linear layer of a Llama block's attention and MLP.
-LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The "tiny Llama" workload: big enough for matrix products to dominate a step, small enough for a shared CPU.
 TINY_LLAMA = dict(
     hidden_size=512,
@@ -65,11 +62,6 @@ def machine_info() -> dict:
         "transformers": transformers.__version__,
         "petuning": petuning.__version__,
     }
-
-
-def lora_config(rank: int, target_modules: list[str], **extra) -> LoraConfig:
-    """The reference: PEFT's LoRA with ``lora_alpha = r`` (scaling 1) and no dropout."""
-    return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=target_modules, **extra)
 
 
 def rotated(names: list[str], shift: int) -> list[str]:

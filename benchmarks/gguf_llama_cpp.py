@@ -54,8 +54,8 @@ def main() -> None:
 
     import torch
 
-    from petuning.data import generate_from_ids, load_embedded_task
     from petuning.export import export_adapter, load_adapter_model, merge
+    from petuning.recipe.task import generate_from_ids, load_embedded_task
 
     examples = load_embedded_task("test")[: args.questions]
     references = [ex["messages"][-1]["content"].strip() for ex in examples]

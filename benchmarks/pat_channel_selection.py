@@ -31,8 +31,8 @@ import torch
 from _common import RESULTS_DIR, machine_info, write_json  # also makes petuning importable from a checkout
 from method_comparison.real import general_text_loss
 
-from petuning.data import SFTCollator, load_embedded_task, tokenize_for_sft
-from petuning.smollm2 import load_smollm2
+from petuning.recipe.smollm2 import load_smollm2
+from petuning.recipe.task import SFTCollator, load_embedded_task, tokenize_for_sft
 
 KEEP, CALIBRATION_PROMPTS = 432, 64
 RESULTS = RESULTS_DIR / "pat_channel_selection.json"

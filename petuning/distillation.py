@@ -14,8 +14,6 @@ import contextlib
 
 import torch
 
-from petuning.data import IGNORE_INDEX
-
 
 @torch.no_grad()
 def sample_teacher_rows(
@@ -40,7 +38,8 @@ def sample_teacher_rows(
     text with it (Llama's does, SmolLM2's does not), so they look like the text the model is evaluated on.
 
     Returns ``{"input_ids": [...], "attention_mask": [1, ...], "labels": [-100, ...]}`` per row (the features
-    :class:`petuning.data.SFTCollator` pads): a task loss ignores them and a distillation term covers every position.
+    :class:`petuning.recipe.task.SFTCollator` pads): a task loss ignores them and a distillation term covers every
+    position.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import GenerationConfig
@@ -85,9 +84,7 @@ def sample_teacher_rows(
                     end = next((i for i, token in enumerate(sampled) if token in stops), None)
                     sampled = sampled if end is None else sampled[: end + 1]
                     ids = [start, *sampled] if keep_start else sampled
-                    rows.append(
-                        {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(ids)}
-                    )
+                    rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(ids)})
     finally:
         model.train(was_training)
     return rows

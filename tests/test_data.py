@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from petuning import data, testing
+from petuning import testing
+from petuning.recipe import task as data
 
 
 def test_shipped_files_are_what_the_generator_makes():

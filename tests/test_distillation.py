@@ -8,7 +8,7 @@ import torch
 from test_pat_distill import student as pat_student
 
 from petuning import sample_teacher_rows
-from petuning.data import SFTCollator
+from petuning.recipe.task import SFTCollator
 from petuning.testing import build_tiny_model, build_tiny_tokenizer
 from petuning.training import collect_metrics
 

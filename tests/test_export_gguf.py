@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from petuning import PatConfig, SorsaConfig, cli
 from petuning.export import export_adapter
 from petuning.export.llama_cpp import CONVERTER, find_converter
-from petuning.smollm2 import SMOLLM2_HUB_ID, load_smollm2
+from petuning.recipe.smollm2 import SMOLLM2_HUB_ID, load_smollm2
 from petuning.testing import build_tiny_model
 
 try:

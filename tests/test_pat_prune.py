@@ -183,7 +183,7 @@ def test_kept_channels_are_the_top_of_the_mask_and_pruned_weights_fold_the_hsm(t
 
 @pytest.mark.slow
 def test_smollm2_pruned_by_a_quarter_matches_the_masked_model():
-    from petuning.smollm2 import load_smollm2
+    from petuning.recipe.smollm2 import load_smollm2
 
     base, tokenizer = load_smollm2()
     assert base.config.tie_word_embeddings

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from petuning.smollm2 import SMOLLM2_HUB_ID, smollm2_path
+from petuning.recipe.smollm2 import SMOLLM2_HUB_ID, smollm2_path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

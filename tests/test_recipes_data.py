@@ -10,8 +10,8 @@ import pytest
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from petuning.data import IGNORE_INDEX, load_embedded_task
 from petuning.recipe.data import check_layout, load_splits, prompts_and_references, split
+from petuning.recipe.task import IGNORE_INDEX, load_embedded_task
 from petuning.testing import build_tiny_model, build_tiny_tokenizer
 
 datasets = pytest.importorskip("datasets")

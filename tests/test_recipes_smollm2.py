@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from petuning.recipe import parse_recipe_args, run_sft
-from petuning.smollm2 import smollm2_path
+from petuning.recipe.smollm2 import smollm2_path
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*_smollm2.yaml"))
 SHORT = [

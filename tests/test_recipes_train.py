@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from petuning import data, testing
+from petuning import testing
 from petuning.recipe import check_reload, parse_recipe_args, run_sft
+from petuning.recipe import task as data
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

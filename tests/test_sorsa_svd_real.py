@@ -13,7 +13,7 @@ import torch
 
 from petuning import SorsaConfig
 from petuning.linalg import top_singular_triplets
-from petuning.smollm2 import load_smollm2
+from petuning.recipe.smollm2 import load_smollm2
 
 R = 16
 LAYERS = [

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from petuning.data import SFTCollator, exact_match_accuracy, load_embedded_task, tokenize_for_sft
 from petuning.distillation import sample_teacher_rows
+from petuning.recipe.task import SFTCollator, exact_match_accuracy, load_embedded_task, tokenize_for_sft
 
 GENERAL_TEXT = Path(__file__).resolve().parent / "general_text.jsonl"
 TEACHER_POOL, TEACHER_LENGTH = 512, 40  # texts sampled from the original for data-free distillation, tokens each
@@ -37,7 +37,7 @@ class RealTier:
     def __init__(self, args) -> None:
         from transformers import AutoTokenizer
 
-        from petuning.smollm2 import smollm2_path
+        from petuning.recipe.smollm2 import smollm2_path
 
         self.path = smollm2_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)

@@ -12,7 +12,7 @@ from peft import PeftConfig
 from petuning.export.load import _HUB_ID, PathLike, _task_type
 from petuning.export.lora import LoraConversion
 from petuning.export.merge import method_name
-from petuning.smollm2 import SMOLLM2_HUB_ID, SMOLLM2_NAME, default_cache_dir
+from petuning.recipe.smollm2 import SMOLLM2_HUB_ID, SMOLLM2_NAME, default_cache_dir
 
 _PIPELINE_TAGS = {
     "CAUSAL_LM": "text-generation",

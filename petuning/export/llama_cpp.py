@@ -42,7 +42,7 @@ _KEPT = (CONVERTER, "conversion/", "gguf-py/", "LICENSE")
 
 def default_converter_dir() -> Path:
     """Where :func:`fetch_converter` puts the converter: ``<petuning cache>/llama.cpp-<release>``."""
-    from petuning.smollm2 import default_cache_dir
+    from petuning.recipe.smollm2 import default_cache_dir
 
     return default_cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON}"
 

@@ -31,10 +31,10 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, SFTTrainer
 
-from petuning.data import generate_from_ids
 from petuning.recipe.args import RecipeArguments, build_peft_config
 from petuning.recipe.data import check_layout, load_splits, prompts_and_references, split
 from petuning.recipe.setup import load_model, load_tokenizer, resolve_packing
+from petuning.recipe.task import generate_from_ids
 from petuning.training import attach_to_trainer
 
 logger = logging.getLogger("petuning.recipe")

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from trl import ModelConfig
 
 from petuning import import_noise
-from petuning.smollm2 import smollm2_path
+from petuning.recipe.smollm2 import smollm2_path
 
 logger = logging.getLogger("petuning.recipe")
 

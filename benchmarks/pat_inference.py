@@ -1,11 +1,11 @@
-"""PAT: inference speed of the pruned SmolLM2 against the original, and PAT's train step against PEFT's LoRA.
+"""PAT: inference speed of the pruned SmolLM2 against the original (PAT's train step: ``method_speed.py``).
 
 Usage::
 
-    python benchmarks/pat_speed.py            # about 4 minutes on 2 idle cores
-    python benchmarks/pat_speed.py --quick    # fewer repeats
+    python benchmarks/pat_inference.py            # about 4 minutes on 2 idle cores
+    python benchmarks/pat_inference.py --quick    # fewer repeats
 
-Results are printed and written to ``benchmarks/results/pat_speed.json``. Paper anchor: 1.33x faster inference
+Results are printed and written to ``benchmarks/results/pat_inference.json``. Paper anchor: 1.33x faster inference
 for Llama-2-7B pruned by 25% (hidden 4096 -> 3072), measured by the authors on GPUs.
 
 Method
@@ -31,20 +31,6 @@ The two models alternate, original first in even repeats and pruned first in odd
 each. For reference the JSON also holds ``linear_weight_ratio``: the weights of all ``nn.Linear`` layers (LM head
 included) of the original over the pruned model, i.e. the speed-up if a token's time were its matrix products. Reported: median and minimum time per model and the speed-up (original time / pruned time) of the medians,
 of the minima (the least disturbed runs; load only ever adds time), and the median of the per-repeat ratios.
-
-*Training step.* On SmolLM2 with a batch of 2 x 128 tokens (labels = inputs):
-
-* ``lora``: PEFT ``LoraConfig(r=8, lora_alpha=16, lora_dropout=0)`` on q/k/v/o/gate/up/down_proj;
-* ``pat``: the recipe's ranks (``recipes/configs/pat_smollm2.yaml``), ``PatConfig(pruning_ratio=0.25, hsm_rank=8,
-  lora_r=8, lora_alpha=16, lora_dropout=0)``: the same LoRA plus 61 HSMs of rank 8 (the embedding's scale-only),
-  the mask/identity losses, the calibration at the first step and the schedule (``petuning.TrainingHooks``);
-* ``lora_r20`` and ``pat_paper``: LoRA r=20, and PAT at the paper's literal HSM rank 200 with LoRA r=20 (rank 200 is
-  ~5% of Llama-2-7B's 4096 but 35% of SmolLM2's 576, so this is the expensive end), compared with each other.
-
-A step is forward + backward + ``clip_grad_norm_`` + AdamW step (hooks run inside) + ``zero_grad``. Variants run
-interleaved, one step each per round, with the order rotating every round, after one warm-up step each. Reported:
-median and minimum step time and the ratios against ``lora``. The 1-minute load average is recorded before and
-after; above the core count other processes compete and absolute times swell, so read ratios with their ranges.
 """
 
 from __future__ import annotations
@@ -60,10 +46,7 @@ import peft
 import torch
 import transformers
 from _common import (  # benchmarks/_common.py; also makes petuning importable from a checkout
-    LM_TARGETS,
     RESULTS_DIR,
-    interleaved_blocks,
-    lora_config,
     rotated,
     utc_now,
     write_json,
@@ -72,10 +55,9 @@ from peft import get_peft_model
 from torch.profiler import ProfilerActivity, profile
 
 import petuning
-from petuning.smollm2 import load_smollm2
+from petuning.recipe.smollm2 import load_smollm2
 
-TARGETS = LM_TARGETS
-RESULTS = RESULTS_DIR / "pat_speed.json"
+RESULTS = RESULTS_DIR / "pat_inference.json"
 
 
 def pruned_smollm2() -> tuple[torch.nn.Module, torch.nn.Module, dict]:
@@ -202,71 +184,15 @@ def print_row(label: str, result: dict) -> None:
     )
 
 
-def train_benchmark(rounds: int) -> dict:
-    configs = {
-        "lora": lambda: lora_config(8, TARGETS),
-        "pat": lambda: petuning.PatConfig(pruning_ratio=0.25, hsm_rank=8, lora_r=8, lora_alpha=16, lora_dropout=0.0),
-        "lora_r20": lambda: lora_config(20, TARGETS),
-        "pat_paper": lambda: petuning.PatConfig(pruning_ratio=0.25, hsm_rank=200, lora_r=20, lora_dropout=0.0),
-    }
-    references = {"pat": "lora", "pat_paper": "lora_r20"}
-    batch = torch.randint(100, 40000, (2, 128), generator=torch.Generator().manual_seed(1))
-    runners = {}
-    for name, make in configs.items():
-        torch.manual_seed(0)
-        model = get_peft_model(load_smollm2()[0], make())
-        model.train()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-        hooks = petuning.TrainingHooks(model, optimizer, max_steps=1000)  # PAT's schedule spans a planned run
-        runners[name] = (model, trainable, optimizer, hooks, sum(p.numel() for p in trainable))
-
-    def step(name: str) -> float:
-        model, trainable, optimizer, _, _ = runners[name]
-        start = time.perf_counter()
-        model(input_ids=batch, labels=batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-
-    names = list(runners)
-    for name in names:
-        step(name)  # warm-up
-    times, _ = interleaved_blocks({name: (lambda name=name: step(name)) for name in names}, rounds, 1)
-    out = {
-        name: {
-            "median_s": statistics.median(ts),
-            "min_s": min(ts),
-            "steps": len(ts),
-            "trainable_parameters": runners[name][4],
-        }
-        for name, ts in times.items()
-    }
-    for name, reference in references.items():
-        per_round = [t / r for t, r in zip(times[name], times[reference])]
-        ratio = out[f"{name}_vs_{reference}"] = {
-            "ratio_of_medians": statistics.median(times[name]) / statistics.median(times[reference]),
-            "ratio_of_minima": min(times[name]) / min(times[reference]),
-            "range_per_round": [min(per_round), max(per_round)],
-        }
-        print(
-            f"train step {name:9s} {out[name]['median_s']:.3f} s vs {reference} {out[reference]['median_s']:.3f} s: "
-            f"x{ratio['ratio_of_medians']:.3f} (minima x{ratio['ratio_of_minima']:.3f})"
-        )
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--no-train", action="store_true", help="skip the train-step comparison")
     args = parser.parse_args()
-    repeats, rounds = (4, 3) if args.quick else (12, 5)
+    repeats = 4 if args.quick else 12
     load_before = os.getloadavg()[0]
     results = {
         "date": utc_now(),
-        "command": "python benchmarks/pat_speed.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/pat_inference.py" + (" --quick" if args.quick else ""),
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -278,8 +204,6 @@ def main() -> None:
         "paper_anchor": "1.33x inference speed-up, Llama-2-7B pruned by 25% (authors' GPUs)",
         "inference": inference_benchmark(repeats),
     }
-    if not args.no_train:
-        results["train_step"] = train_benchmark(rounds)
     results["load_average_1min"] = [load_before, os.getloadavg()[0]]
     write_json(RESULTS, results)
     print(f"load average {results['load_average_1min']}; written to {RESULTS}")
