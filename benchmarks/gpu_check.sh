@@ -5,12 +5,12 @@
 #   2. SORSA's SVD at Llama-2-7B shapes on the GPU (benchmarks/sorsa_init.py --device cuda);
 #   3. the sparse-plus-low-rank recipe for 5 steps with flash-attention 2 and packing (when flash-attn imports),
 #      else with sdpa and no packing;
+#   4. the speed harness (benchmarks/method_speed.py) for every method against LoRA on SmolLM2 in bfloat16;
 # and writes each part's exit status, wall time and log tail to $OUT/gpu_check.json (OUT defaults to
 # benchmarks/results/gpu), then prints one summary line per part. Exits non-zero when any part failed.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root, with the project's environment active
 #
-# Not covered yet: method_speed.py has no CUDA/bf16 mode, so per-method GPU step times are not measured here.
 set -u
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python}; fi
@@ -42,6 +42,8 @@ else
 fi
 run_part recipe 180 $PY recipes/sft.py recipes/configs/sparse_low_rank_smollm2.yaml --max_steps 5 \
   --save_steps 5 --eval_max_samples 20 --reload_check false --output_dir "$OUT/recipe" $attn
+run_part method_speed 240 $PY benchmarks/method_speed.py --device cuda --dtype bfloat16 --no-convnet --repeats 4 \
+  --budget 30 --init-repeats 1 --densities 0.01 --out "$OUT/method_speed_cuda_bf16.json"
 
 $PY - "$OUT" "${parts[@]}" <<'PYEOF'
 import json, sys, torch

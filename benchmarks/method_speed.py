@@ -68,7 +68,9 @@ memory allocated during the step above what was live when it began; its maximum 
 (activations saved for backward, gradients, temporaries; ``zero_grad`` frees the gradients, so the sum returns to
 ~0, which is checked). What was live at the start (*static*: model weights, adapter tensors, AdamW state, the
 batch) is counted from the tensors themselves, each storage once. ``peak = static + transient``. Not counted:
-BLAS/oneDNN scratch space, the Python heap. ``--densities`` adds a memory-only sweep: one profiled step of
+BLAS/oneDNN scratch space, the Python heap. On CUDA (``--device cuda --dtype bfloat16``, as ``gpu_check.sh`` runs it)
+the transient peak comes from the caching allocator's statistics instead, and every timestamp follows a
+``torch.cuda.synchronize``. ``--densities`` adds a memory-only sweep: one profiled step of
 ``sparse_low_rank`` and of its dense-masked twin at each density.
 
 Forward-only: after each block of train steps, the same number of ``torch.no_grad()`` forwards in eval mode (the
@@ -226,6 +228,22 @@ class Workload:
     variants: tuple[str, ...] | None = None  # None: every variant asked for
     ranks: dict[str, int] = field(default_factory=dict)  # per-variant rank overrides (set by ``prepare``)
     targets: list[str] = field(default_factory=lambda: LM_TARGETS)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    def base(self) -> nn.Module:
+        """A fresh copy of the base model on the workload's device, in its dtype."""
+        return self.make_base().to(device=self.device, dtype=self.dtype)
+
+    def fixed_batch(self) -> dict:
+        """The batch every variant trains on (seed 0), on the workload's device; images in the workload's dtype."""
+        batch = self.make_batch(self.make_base(), torch.Generator().manual_seed(0))
+        return {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+
+    def sync(self) -> None:
+        """Wait for the device, so that a perf_counter reading covers the work queued before it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def config(self, name: str, rank: int, **options) -> PeftConfig:
         variant = VARIANTS.get(name) or INIT_VARIANTS[name]
@@ -292,7 +310,7 @@ class StepRunner:
 
     def __init__(self, workload: Workload, variant: Variant, config: PeftConfig, batch: dict):
         self.workload, self.batch = workload, batch
-        self.model = build_variant(variant, workload.make_base(), config)
+        self.model = build_variant(variant, workload.base(), config)
         self.model.train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=LR)
@@ -307,15 +325,21 @@ class StepRunner:
 
     def step(self) -> dict[str, float]:
         """One full train step; returns its total and per-phase seconds."""
+        sync = self.workload.sync
+        sync()
         t0 = time.perf_counter()
         loss = self.workload.loss(self.model, self.batch)
+        sync()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        sync()
         t3 = time.perf_counter()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        sync()
         t4 = time.perf_counter()
         hooks = self._marks["hooks_end"] - self._marks["hooks_start"]
         return {
@@ -330,17 +354,21 @@ class StepRunner:
     def forward_only(self) -> float:
         """Seconds of one eval-mode forward without gradients (adapter unmerged)."""
         self.model.eval()
+        self.workload.sync()
         t0 = time.perf_counter()
         with torch.no_grad():
             self.workload.forward(self.model, self.batch)
+        self.workload.sync()
         seconds = time.perf_counter() - t0
         self.model.train()
         return seconds
 
     def merge_seconds(self) -> float:
         """Seconds of ``merge_and_unload()`` (destroys the runner's adapter; call last)."""
+        self.workload.sync()
         t0 = time.perf_counter()
         self.model.merge_and_unload()
+        self.workload.sync()
         return time.perf_counter() - t0
 
     def adapter_file(self) -> dict[str, float]:
@@ -390,7 +418,14 @@ class StepRunner:
         """Transient peak of torch CPU-allocator memory during one step (bytes above the step's start)."""
         gc.collect()
         static = self.static_bytes()
-        peak, running, n_events = profile_allocations(self.step)
+        if self.workload.device.type == "cuda":  # the caching allocator's own statistics
+            torch.cuda.reset_peak_memory_stats(self.workload.device)
+            start = torch.cuda.memory_allocated(self.workload.device)
+            self.step()
+            peak = torch.cuda.max_memory_allocated(self.workload.device) - start
+            running, n_events = torch.cuda.memory_allocated(self.workload.device) - start, None
+        else:
+            peak, running, n_events = profile_allocations(self.step)
         if abs(running) > MIB:  # a step should free what it allocated (zero_grad drops the gradients)
             print(f"  WARNING: tensor memory changed by {running / MIB:.1f} MiB over the profiled step", flush=True)
         return {
@@ -414,8 +449,7 @@ def bench_training(
     names = [n for n in names if workload.variants is None or n in workload.variants]
     workload.prepare(rank)
     print(f"\n== {workload.name}: {workload.description}; r={rank}", flush=True)
-    generator = torch.Generator().manual_seed(0)
-    batch = workload.make_batch(workload.make_base(), generator)  # one fixed batch for every variant
+    batch = workload.fixed_batch()
     runners: dict[str, StepRunner] = {}
     init_seconds: dict[str, float] = {}
     for name in names:
@@ -502,7 +536,7 @@ def ratios(results: dict[str, dict], block_medians: dict[str, list[float]]) -> d
 
 def bench_density_memory(workload: Workload, rank: int, densities: list[float]) -> dict:
     """Peak memory of one step of sparse-plus-low-rank and its dense-masked twin at each density."""
-    batch = workload.make_batch(workload.make_base(), torch.Generator().manual_seed(0))
+    batch = workload.fixed_batch()
     out = {}
     for density in densities:
         for name in ("sparse_low_rank", "sparse_low_rank_dense_masked"):
@@ -528,7 +562,7 @@ def bench_init(workload: Workload, rank: int, repeats: int, names: list[str]) ->
     times: dict[str, list[float]] = {n: [] for n in init_names}
     for rep in range(repeats):
         for name in rotated(init_names, rep):
-            base = workload.make_base()
+            base = workload.base()
             config = workload.config(name, rank)
             gc.collect()
             t = time.perf_counter()
@@ -652,6 +686,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads(N) first (default: leave torch's as it is)"
     )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda[:N] (memory then from CUDA's allocator statistics)"
+    )
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the base models' dtype")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--table", action="store_true", help="print the markdown tables of --out and stop")
     args = parser.parse_args(argv)
@@ -668,6 +706,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     available = workloads()
+    for workload in available.values():
+        workload.device, workload.dtype = torch.device(args.device), getattr(torch, args.dtype)
     chosen = ["tiny_llama"]
     if not (args.quick or args.no_smollm2):
         chosen.append("smollm2_135m")
@@ -677,6 +717,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {
         "command": command,
         "machine": machine_info(),
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(torch.device(args.device)),
+        "dtype": args.dtype,
         "method": __doc__.split("Method\n------\n")[1].strip(),
         "target_step_time_ratios": STEP_TIME_TARGETS,
         "training": {},

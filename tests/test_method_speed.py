@@ -62,6 +62,22 @@ def test_every_variant_runs_against_lora_and_the_tables_come_from_the_json(small
     assert "| mask_tuning |" in tables and "with scores" in tables and "| sparse_low_rank@0.05 |" in tables
 
 
+def test_bfloat16_bases_halve_the_base_model_memory(small_workloads, tmp_path):
+    static = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.json"
+        method_speed.main(
+            ["--no-smollm2", "--no-convnet", "--variants", "lora", "sparse_low_rank", "--repeats", "2"]
+            + ["--steps-per-block", "1", "--warmup", "0", "--densities", "--init-repeats", "0", "--dtype", dtype]
+            + ["--out", str(out)]
+        )
+        results = json.loads(out.read_text())
+        assert results["dtype"] == dtype and results["device"] == "cpu"
+        memory = results["training"]["tiny_llama"]["variants"]["lora"]["memory"]
+        static[dtype] = memory["static_breakdown_mib"]["base_model"]  # the tensors that are not the adapter's
+    assert static["bfloat16"] == pytest.approx(static["float32"] / 2, rel=0.01)
+
+
 def test_dense_masked_baseline_computes_the_sparse_adapter():
     workload = method_speed.lm_workload("t", "small", lambda: build_tiny_model("llama", seed=0, **SMALL), 2, 8)
     batch = workload.make_batch(workload.make_base(), torch.Generator().manual_seed(0))

@@ -142,6 +142,8 @@ def summarise(out: Path = OUT) -> dict[str, dict]:
         if not runs:
             continue
         settings = {key: seeds[SEEDS[0]] for key, seeds in runs.items() if SEEDS[0] in seeds}
+        if not settings:  # the choice is made on seed 0's runs
+            continue
         (experiment, lr) = max(settings, key=lambda key: selection_key(settings[key]))
         at_choice = [runs[experiment, lr][seed] for seed in sorted(runs[experiment, lr])]
         test = [accuracy(result, "test") for result in at_choice]
