@@ -22,7 +22,7 @@ Variants, configs from ``benchmarks/variants.py`` (the table ``method_comparison
                           gradient is added after clipping, before the optimizer step
 * ``sorsa_gamma0``        ``SorsaConfig(r, gamma=0)``: the same adapter without the regularizer
 * ``flora``               ``FloraConfig(r)``: r x r Tucker core between U_in (in, r) and U_out (out, r)
-* ``sparse_low_rank``     ``SparseLowRankConfig(r, density=0.01)``: LoRA part plus 1% sparse values (random support)
+* ``sparse_low_rank``     ``SparseLowRankConfig(r, alpha=2r, density=0.01)``: LoRA part plus 1% sparse values (random support)
 * ``sparse_low_rank_dense_masked``  the same adapter (same parameters and support) whose sparse part is computed
                           densely, as SLTrain's and SaRA's code does: every forward scatters the values into a dense
                           out x in matrix and multiplies by it, so autograd forms the dense gradient too
@@ -227,9 +227,10 @@ class Workload:
     forward: Callable[[nn.Module, dict], object]
     variants: tuple[str, ...] | None = None  # None: every variant asked for
     ranks: dict[str, int] = field(default_factory=dict)  # per-variant rank overrides (set by ``prepare``)
-    targets: list[str] = field(default_factory=lambda: LM_TARGETS)
+    targets: list[str] = field(default_factory=lambda: list(LM_TARGETS))
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    _batch: dict | None = field(default=None, repr=False)
 
     def base(self) -> nn.Module:
         """A fresh copy of the base model on the workload's device, in its dtype."""
@@ -237,8 +238,12 @@ class Workload:
 
     def fixed_batch(self) -> dict:
         """The batch every variant trains on (seed 0), on the workload's device; images in the workload's dtype."""
-        batch = self.make_batch(self.make_base(), torch.Generator().manual_seed(0))
-        return {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+        if self._batch is None:  # built once: the LM batches read the vocabulary size off a base
+            batch = self.make_batch(self.make_base(), torch.Generator().manual_seed(0))
+            self._batch = {
+                k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()
+            }
+        return self._batch
 
     def sync(self) -> None:
         """Wait for the device, so that a perf_counter reading covers the work queued before it."""
@@ -253,10 +258,10 @@ class Workload:
         """The conv net: FLoRA at the integer rank whose trainable count is closest to LoRA's at ``rank``."""
         if self.name != "convnet":
             return
-        target = trainable_count(get_peft_model(ConvNet(), self.config("lora", rank)))
+        target = trainable_count(get_peft_model(ConvNet(), method_config("lora", rank, self.targets)))
 
         def gap(j: int) -> int:
-            return abs(trainable_count(get_peft_model(ConvNet(), self.config("flora", j))) - target)
+            return abs(trainable_count(get_peft_model(ConvNet(), method_config("flora", j, self.targets))) - target)
 
         self.ranks["flora"] = min(range(1, 33), key=gap)
 
@@ -321,6 +326,7 @@ class StepRunner:
         self.optimizer.register_step_pre_hook(lambda *_: self._mark("hooks_end"))
 
     def _mark(self, key: str) -> None:
+        self.workload.sync()
         self._marks[key] = time.perf_counter()
 
     def step(self) -> dict[str, float]:
@@ -415,7 +421,8 @@ class StepRunner:
         }
 
     def profile_step_memory(self) -> dict[str, float]:
-        """Transient peak of torch CPU-allocator memory during one step (bytes above the step's start)."""
+        """Transient peak of tensor memory during one step above the step's start (CPU: allocator events, CUDA: its
+        statistics), with the static tensors."""
         gc.collect()
         static = self.static_bytes()
         if self.workload.device.type == "cuda":  # the caching allocator's own statistics
@@ -565,8 +572,10 @@ def bench_init(workload: Workload, rank: int, repeats: int, names: list[str]) ->
             base = workload.base()
             config = workload.config(name, rank)
             gc.collect()
+            workload.sync()
             t = time.perf_counter()
             model = get_peft_model(base, config)
+            workload.sync()
             times[name].append(time.perf_counter() - t)
             del model, base
         print("  repeat {}/{}: {}".format(rep + 1, repeats, "  ".join(f"{n} {times[n][-1]:.2f}s" for n in init_names)))
@@ -654,6 +663,7 @@ def markdown_tables(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny Llama only, few repeats (a few minutes)")
+    parser.add_argument("--no-tiny-llama", action="store_true", help="skip the tiny Llama")
     parser.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M")
     parser.add_argument("--no-convnet", action="store_true", help="skip the conv net (FLoRA's convolutions)")
     parser.add_argument("--repeats", type=int, default=None, help="max interleaved repeats (default 8, quick 4)")
@@ -708,7 +718,7 @@ def main(argv: list[str] | None = None) -> None:
     available = workloads()
     for workload in available.values():
         workload.device, workload.dtype = torch.device(args.device), getattr(torch, args.dtype)
-    chosen = ["tiny_llama"]
+    chosen = [] if args.no_tiny_llama and not args.quick else ["tiny_llama"]
     if not (args.quick or args.no_smollm2):
         chosen.append("smollm2_135m")
     if not (args.quick or args.no_convnet) and "flora" in args.variants:
@@ -737,14 +747,17 @@ def main(argv: list[str] | None = None) -> None:
         for name in chosen:
             if name != "convnet":
                 results["density_memory"][name] = bench_density_memory(available[name], args.rank, densities)
-    if args.init_repeats and not args.quick:
-        init_on = [n for n in chosen if n != "convnet"][-1]  # SmolLM2 unless --no-smollm2
+    language_models = [n for n in chosen if n != "convnet"]
+    if args.init_repeats and language_models and not args.quick:
+        init_on = language_models[-1]  # SmolLM2 unless --no-smollm2
         results["init"][init_on] = bench_init(available[init_on], args.rank, args.init_repeats, args.variants)
 
     print("\n" + "=" * 100)
     print("Train step = forward + backward + clip + AdamW step incl. petuning.TrainingHooks; seconds are medians.")
-    print("Memory: static = tensors live between steps (counted exactly); transient = peak of torch CPU-allocator")
-    print("allocations during one profiled step above its start; peak = static + transient.")
+    print("Memory: static = tensors live between steps (counted exactly); transient = peak of torch's allocator")
+    print(
+        "(CPU: its events; CUDA: its statistics) during one profiled step above its start; peak = static + transient."
+    )
     loads = [x for r in results["training"].values() for x in r["loadavg_1min_before_after"]]
     if max(loads) > os.cpu_count():
         print(

@@ -7,7 +7,8 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import petuning
-from petuning import smollm2, testing
+from petuning import testing
+from petuning.recipe import smollm2
 
 
 def test_tiny_models_are_seeded_and_keep_the_global_rng(tmp_path):

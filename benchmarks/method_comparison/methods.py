@@ -3,9 +3,10 @@ table ``benchmarks/variants.py`` that ``benchmarks/method_speed.py`` times.
 
 Budget anchor: LoRA r=8 on all linear layers of the toy model (34.8 k trainable parameters). Each method's
 rank/density/share is chosen so its trainable-parameter count is of the same order (the JSON records the exact
-count). ``make_config(steps)`` gets the run's step count. Learning rates here are one choice per method and tier;
-``sweep.py`` chooses each family's on a validation split instead. Ablations of one method run in the real tier
-only (``tiers``), where they were measured; ``tiers=()`` marks the experiments only the sweep runs.
+count). ``make_config()`` builds a fresh config (PAT's schedule spans the run by itself). Learning rates here
+are one choice per method and tier; ``sweep.py`` chooses each family's on a validation split instead. Ablations
+of one method run in the real tier only (``tiers``), where they were measured; ``tiers=()`` marks the experiments
+only the sweep runs.
 
 """
 
@@ -25,7 +26,7 @@ from variants import method_config
 @dataclass(frozen=True)
 class Experiment:
     name: str
-    make_config: Callable[[int], PeftConfig]
+    make_config: Callable[[], PeftConfig]
     lr: float  # toy tier
     real_lr: float = 2e-4  # real tier (SmolLM2): the demo's rate for every method
     hooks: dict = field(default_factory=dict)  # extra TrainingHooks arguments
@@ -39,9 +40,9 @@ ALL = "all-linear"
 CAUSAL = "CAUSAL_LM"
 
 
-def config(method: str, r: int = 8, **options) -> Callable[[int], PeftConfig]:
+def config(method: str, r: int = 8, **options) -> Callable[[], PeftConfig]:
     """``method`` from the shared table (``benchmarks/variants.py``) at rank ``r`` on every linear layer."""
-    return lambda steps: method_config(method, r, ALL, task_type=CAUSAL, **options)
+    return lambda: method_config(method, r, ALL, task_type=CAUSAL, **options)
 
 
 def pat_real(name: str, real_step_factor: float = 1.0, teacher_rows: int = 0, **overrides) -> Experiment:

@@ -17,6 +17,10 @@ Usage::
 
     python benchmarks/method_comparison/run.py [--experiments lora-r8 sorsa-r8] [--steps 1500]
     python benchmarks/method_comparison/run.py --tier real [--experiments ...] [--steps 100] [--n-eval 100]
+    python benchmarks/method_comparison/run.py --tier real --experiments lora-r8 --lr 1e-3 --seed 1 --validation 100
+
+``--lr`` overrides the experiment's rate, ``--validation N`` holds out the last N training questions and scores
+them too, ``--result-name`` names the JSON: what ``sweep.py`` (learning rates chosen on validation) runs.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
     before_old, before_new = tier.retention(model), tier.new_task(model)
     teacher_rows = tier.teacher_rows(model, args.cache, args.seed) if experiment.teacher_rows else []
     rss_before = _reset_peak_rss()
-    config = experiment.make_config(args.steps)
+    config = experiment.make_config()
     init_started = time.perf_counter()
     model = get_peft_model(model, config)
     init_time = time.perf_counter() - init_started
@@ -291,7 +295,10 @@ def main(argv=None) -> None:
     if args.worker:
         result = run_experiment(args)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.result_name or args.worker}.json").write_text(json.dumps(result, indent=1))
+        path = args.out / f"{args.result_name or args.worker}.json"
+        partial = path.with_suffix(".json.partial")  # renamed when complete: a resumed sweep never reads half a file
+        partial.write_text(json.dumps(result, indent=1))
+        partial.replace(path)
         return
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.tier == "toy":

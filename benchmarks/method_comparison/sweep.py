@@ -84,7 +84,8 @@ def accuracy(result: dict, split: str) -> float:
 
 
 def selection_key(result: dict) -> tuple[float, float]:
-    """Higher is better: validation exact match, then the lower validation loss."""
+    """Higher is better: validation exact match, then the lower validation loss (PAT: the exact match of its pruned
+    model, the loss of the model before pruning)."""
     return accuracy(result, "validation"), -result["train_info"]["validation loss"]
 
 
@@ -125,7 +126,10 @@ def sweep(families: list[Family], runner: Runner) -> dict[str, tuple[str, float]
             continue
         chosen[family.name] = setting
         for seed in SEEDS[1:]:
-            runner(*setting, seed)
+            if runner(*setting, seed) is None:
+                print(
+                    f"[{family.name}] seed {seed} failed at {setting}; the summary has seed {SEEDS[0]} only", flush=True
+                )
     return chosen
 
 
@@ -161,9 +165,13 @@ def summarise(out: Path = OUT) -> dict[str, dict]:
             "trainable params": info[0]["num_trainable_params"],
             "train time mean": statistics.fmean(i["train_time"] for i in info),
             "peak RSS delta mean": statistics.fmean(max(0, i["cpu_rss_peak_delta"]) for i in info),
-            "validation accuracy by setting": {
-                f"{name} lr {rate:g}": accuracy(result, "validation") for (name, rate), result in settings.items()
-            },
+            "validation accuracy by setting": [  # [experiment, lr, validation exact match], the family's grid first
+                [name, rate, accuracy(result, "validation")]
+                for (name, rate), result in sorted(
+                    settings.items(), key=lambda kv: (kv[0][0] != family.experiment, kv[0])
+                )
+            ],
+            "family experiment": family.experiment,
         }
     return summary
 
@@ -176,13 +184,12 @@ def summary_table(summary: dict[str, dict]) -> str:
         "|" + " --- |" * 9,
     ]
     for name, entry in sorted(summary.items(), key=lambda item: -item[1]["test accuracy mean"]):
-        tried = ", ".join(f"{setting.split(' lr ')[1]}: {value:.2f}"
-                          if setting.startswith(entry["experiment"] + " ") else f"{setting}: {value:.2f}"
-                          for setting, value in entry["validation accuracy by setting"].items())  # fmt: skip
+        tried = ", ".join(f"{lr:g}: {value:.2f}" if name == entry["family experiment"] else f"{name} {lr:g}: {value:.2f}"
+                          for name, lr, value in entry["validation accuracy by setting"])  # fmt: skip
         rows.append(
             f"| {name} | {entry['experiment']}, lr {entry['chosen lr']:g} | {tried} "
             f"| {entry['test accuracy mean']:.3f} ± {entry['test accuracy spread']:.3f} | {len(entry['seeds'])} "
-            f"| {entry['trainable params'] / 1e6:.2f} M | {entry['forgetting mean']:+.2f} "
+            f"| {entry['trainable params'] / 1e6:.2f} M | {entry['forgetting mean']:+.3f} "
             f"| {entry['train time mean']:.0f} s | {entry['peak RSS delta mean'] / 2**20:.0f} MiB |"
         )
     return "\n".join(rows)
@@ -227,7 +234,7 @@ def subprocess_runner(args: argparse.Namespace) -> Runner:
     def runner(experiment: str, lr: float, seed: int) -> dict | None:
         name = result_name(experiment, lr, seed)
         path = args.out / f"{name}.json"
-        if path.exists():
+        if path.exists():  # written atomically by the worker: complete
             return json.loads(path.read_text())
         run_args = copy.copy(args)
         run_args.lr, run_args.seed = lr, seed
