@@ -617,6 +617,11 @@ def print_training_table(name: str, res: dict) -> None:
         )
 
 
+def _file_size(n_bytes: int) -> str:
+    """``n_bytes`` in MiB, or in KiB below one MiB (a masked-tuning file can be a few KiB)."""
+    return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:.0f} KiB"
+
+
 def markdown_tables(results: dict) -> str:
     """The tables of docs/benchmarks.md: per workload, every variant's ratios to LoRA; then init times."""
     lines = []
@@ -630,16 +635,16 @@ def markdown_tables(results: dict) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for variant, d in res["variants"].items():
-            file = f"{d['adapter_file_bytes'] / 2**20:.1f} MiB"
+            file = _file_size(d["adapter_file_bytes"])
             if "adapter_file_bytes_with_scores" in d:
-                file += f" ({d['adapter_file_bytes_with_scores'] / 2**20:.0f} MiB with scores)"
+                file += f" ({_file_size(d['adapter_file_bytes_with_scores'])} with scores)"
             if variant == "lora":
                 cells = [f"{d['step_s_median']:.3f} s", f"{d['forward_only_s_median']:.3f} s",
                          f"{d['memory']['peak_mib']:.0f} MiB"]  # fmt: skip
             else:
                 r = res["ratios"][f"{variant}/lora"]
                 lo, hi = r["step_time_paired_range"]
-                cells = [f"{r['step_time']:.2f}× ({lo:.2f}–{hi:.2f})", f"{r['forward_only_time']:.2f}×",
+                cells = [f"{r['step_time_paired_median']:.2f}× ({lo:.2f}–{hi:.2f})", f"{r['forward_only_time']:.2f}×",
                          f"{r['peak_memory']:.2f}×"]  # fmt: skip
             lines.append(
                 f"| {variant} | {d['trainable_params']:,} | {' | '.join(cells)} | {file} | {d['merge_and_unload_s']:.2f} s |"

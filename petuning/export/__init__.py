@@ -45,7 +45,6 @@ import petuning.tuners  # noqa: F401  (registers every petuning method with PEFT
 from petuning.export.atomic import atomic_folder
 from petuning.export.card import hub_base_id, training_summary, write_model_card
 from petuning.export.hub import PushError, _resolve_token, check_repo_id, push_folder
-from petuning.export.llama_cpp import GGUF_TYPES, check_convertible, convert_to_gguf, find_converter
 from petuning.export.load import ADAPTER_WEIGHTS, DTYPES, PathLike, check_safetensors, load_adapter_model
 from petuning.export.lora import LayerConversion, LoraConversion, adapter_to_lora
 from petuning.export.merge import check_not_quantized, merge, method_name
@@ -135,6 +134,10 @@ def export_adapter(
     ``python -m petuning.export.llama_cpp`` fetches); ``summary``: training summary for the card (default:
     :func:`training_summary`); ``push_to_hub``: a repo id to upload the folder to (see :func:`push_folder`).
     """
+    # Imported here, not at the top: `python -m petuning.export.llama_cpp` (the converter's fetch) imports this
+    # package first, and runpy warns when the module it is about to run is already loaded.
+    from petuning.export.llama_cpp import GGUF_TYPES, check_convertible, convert_to_gguf, find_converter
+
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}.")
     if prune and format not in ("merged", "gguf"):
