@@ -145,3 +145,26 @@ def build_tiny_model(
         return model
     model.save_pretrained(save_dir)
     return model_class.from_pretrained(save_dir, dtype=dtype).eval()
+
+
+def cpu_training_args(output_dir, max_steps: int, **overrides):
+    """``transformers.TrainingArguments`` for a short, quiet, reproducible CPU run, as tests use them.
+
+    The defaults are: CPU, seed 0, batch 4, lr 1e-2, a log line every step, no reporters, no checkpoints and no
+    progress bar. ``overrides`` replace any of them or add other fields.
+    """
+    from transformers import TrainingArguments
+
+    defaults = dict(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return TrainingArguments(**{**defaults, **overrides})

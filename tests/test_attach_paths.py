@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import petuning
 from petuning import FloraConfig, MaskTuningConfig, PatConfig, SorsaConfig, SparseLowRankConfig
+from petuning.testing import cpu_training_args
 from petuning.training import hook_providers
 
 # Every method at small sizes on the tiny Llama, without dropout, so that two runs from the same seed agree exactly.
@@ -47,22 +48,7 @@ def _dataset(n: int = 16, length: int = 12):
 
 
 def _args(out, steps: int, **extra) -> TrainingArguments:
-    defaults = dict(
-        output_dir=str(out),
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        lr_scheduler_type="constant",
-    )
-    return TrainingArguments(**{**defaults, **extra})
+    return cpu_training_args(out, steps, data_seed=0, dataloader_num_workers=0, lr_scheduler_type="constant", **extra)
 
 
 def _train(model, out, steps: int, **extra) -> Trainer:

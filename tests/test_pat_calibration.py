@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import petuning
 from petuning import PatConfig
-from petuning.testing import build_tiny_model
+from petuning.testing import build_tiny_model, cpu_training_args
 
 WIDTH, MASSIVE = 48, 5  # kept channels of 64; the residual channel given a massive activation
 
@@ -181,23 +181,13 @@ def test_auto_schedule_without_a_known_length_is_refused():
 
 
 def test_trainer_resolves_auto_from_its_max_steps(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     model = pat(massive_base(torch.float32))
     samples = [
         {k: v[i] for k, v in b.items()} | {"labels": b["input_ids"][i]} for b in padded_batches() for i in range(3)
     ]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=5,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = cpu_training_args(tmp_path, 5, per_device_train_batch_size=2)
     Trainer(model=model, args=args, train_dataset=samples, callbacks=[petuning.PetuningCallback()]).train()
     assert model.base_model.pat_total["default"].item() == 5 and model.base_model.pat_mask_phase() == "final"
 

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import petuning
 from petuning import PatConfig
-from petuning.testing import build_tiny_model
+from petuning.testing import build_tiny_model, cpu_training_args
 
 WIDTH = 48
 
@@ -102,7 +102,7 @@ def test_hooks_leave_a_disabled_or_frozen_adapter_alone():
 
 # ---------------------------------------------------------------------------------------------------- Trainer
 def test_trainer_with_callback_and_gradient_accumulation(tmp_path, reset_accelerate):
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     total, steps = 6, 8
     model = tiny_pat(total)
@@ -113,19 +113,8 @@ def test_trainer_with_callback_and_gradient_accumulation(tmp_path, reset_acceler
         def on_step_end(self, args, state, control, model=None, **kwargs):
             records.append((model.base_model.pat_schedule_step(), mask_of(model).detach().clone()))
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=steps,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
+    args = cpu_training_args(
+        tmp_path, steps, per_device_train_batch_size=2, gradient_accumulation_steps=2, weight_decay=0.1
     )
     trainer = Trainer(model=model, args=args, train_dataset=samples, callbacks=[petuning.PetuningCallback(), Spy()])
     trainer.train()

@@ -16,7 +16,7 @@ from torch import nn
 
 import petuning
 from petuning import SorsaConfig
-from petuning.testing import build_tiny_model
+from petuning.testing import build_tiny_model, cpu_training_args
 
 ADAPTER = "default"
 
@@ -268,7 +268,7 @@ def test_decoupled_mode_step():
 
 # ----------------------------------------------------------------------------------------------- Trainer
 def test_trainer_with_callback(tmp_path, reset_accelerate):
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     gamma, lr, max_norm = 1e-3, 1e-2, 0.1
     model = tiny_llama(gamma=gamma, ortho_mode="official")
@@ -285,21 +285,14 @@ def test_trainer_with_callback(tmp_path, reset_accelerate):
                 entry["reg"] = own_regularizer_grads(model)
             records.append(entry)
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
+    args = cpu_training_args(
+        tmp_path,
+        3,
         learning_rate=lr,
         lr_scheduler_type="linear",
         warmup_steps=0,
         max_grad_norm=max_norm,
         weight_decay=0.0,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
     )
     trainer = Trainer(
         model=model, args=args, train_dataset=data, callbacks=[Spy("before"), petuning.PetuningCallback(), Spy("after")]
@@ -325,7 +318,7 @@ def test_trainer_with_callback(tmp_path, reset_accelerate):
 
 
 def test_loss_mode_under_trainer_gradient_accumulation(tmp_path, reset_accelerate):
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     gamma, accumulation = 0.5, 2
     model = tiny_llama(gamma=gamma, ortho_mode="loss")
@@ -343,17 +336,15 @@ def test_loss_mode_under_trainer_gradient_accumulation(tmp_path, reset_accelerat
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             seen.update(clone_grads(trainable(model)))
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=1,
+    args = cpu_training_args(
+        tmp_path,
+        1,
         per_device_train_batch_size=len(samples) // accumulation,
         gradient_accumulation_steps=accumulation,
         learning_rate=1e-3,
         max_grad_norm=1e9,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
+        logging_steps=500,  # transformers' defaults for these two, as this test ran before the helper
+        seed=42,
     )
     Trainer(model=model, args=args, train_dataset=samples, callbacks=[Spy()]).train()
     name = "base_model.model.model.layers.0.self_attn.q_proj.sorsa_A.default"

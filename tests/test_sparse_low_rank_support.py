@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 import petuning
 from petuning import SparseLowRankConfig
-from petuning.testing import build_tiny_model
+from petuning.testing import build_tiny_model, cpu_training_args
 from petuning.training import auxiliary_loss
 from petuning.tuners.sparse_low_rank import SparseLowRankLayer, select_support_from_gradients
 
@@ -176,7 +176,7 @@ def test_gradient_warmup_under_trainer_with_callback(tmp_path):
     """RoSA's schedule under transformers.Trainer + PetuningCallback: the support is pending through the warm-up
     steps (logged), chosen after step 2, and the sparse values train from step 3 on."""
     from accelerate.state import AcceleratorState, GradientState
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     torch.manual_seed(7)
     base = build_tiny_model("llama", seed=0)
@@ -194,18 +194,7 @@ def test_gradient_warmup_under_trainer_with_callback(tmp_path):
     for _ in range(12):
         ids = torch.randint(4, 100, (12,), generator=g)
         data.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = cpu_training_args(tmp_path, 3)
     try:
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[petuning.PetuningCallback()])
         trainer.train()

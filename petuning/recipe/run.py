@@ -279,6 +279,7 @@ def run_sft(args: RecipeArguments, callbacks: tuple[TrainerCallback, ...] = ()) 
                 "chat_template_path": training.chat_template_path,
                 "prompts": held_out.prompts,
                 "answers": answers,
+                "adapter_dtypes": _trained_dtypes(model),
             }
             (output_dir / ANSWERS_FILE).write_text(json.dumps(record))
     if state.is_main_process:
@@ -288,6 +289,20 @@ def run_sft(args: RecipeArguments, callbacks: tuple[TrainerCallback, ...] = ()) 
 
 
 # --------------------------------------------------------------------------- reload check
+
+
+def _trained_dtypes(model: torch.nn.Module) -> dict[str, str]:
+    """The trainable parameters that are not float32, by name, with their dtype (``"bfloat16"``).
+
+    TRL casts a quantized model's trainable adapter parameters to bfloat16 (QLoRA's recipe), while
+    ``PeftModel.from_pretrained`` loads them as float32. The reload check casts them back, so that it compares the
+    reloaded adapter with the trained one in the same precision.
+    """
+    return {
+        name: str(param.dtype).removeprefix("torch.")
+        for name, param in model.named_parameters()
+        if param.requires_grad and param.dtype != torch.float32
+    }
 
 
 def check_reload(output_dir: str | Path) -> int:
@@ -300,6 +315,9 @@ def check_reload(output_dir: str | Path) -> int:
     base, _ = load_model(model_args, record["bf16"], device)
     tokenizer = load_tokenizer(model_args, record["chat_template_path"])
     model = PeftModel.from_pretrained(base, output_dir / ADAPTER_DIR).to(device)
+    for name, param in model.named_parameters():  # compute in the dtypes the trained model computed in
+        if name in record.get("adapter_dtypes", {}):
+            param.data = param.data.to(getattr(torch, record["adapter_dtypes"][name]))
     answers = generate_from_ids(
         model, tokenizer, record["prompts"], record["max_new_tokens"], record["batch_size"], use_cache=True
     )
