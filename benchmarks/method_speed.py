@@ -7,6 +7,7 @@ Usage::
     python benchmarks/method_speed.py --quick    # tiny Llama only, fewer repeats
     python benchmarks/method_speed.py --variants lora sorsa flora --no-smollm2 --no-convnet
     python benchmarks/method_speed.py --table    # the markdown tables of docs/benchmarks.md, from the JSON
+    python benchmarks/method_speed.py --profile-ops sparse_low_rank   # where its step's extra time goes, by operator
 
 Results are printed and written to ``benchmarks/results/method_speed.json``; docs/benchmarks.md and the method pages
 quote them. PAT's pruned-model inference has its own script (``pat_inference.py``), as has SORSA's SVD at 7B scale
@@ -108,6 +109,7 @@ from _common import (  # benchmarks/_common.py; also makes petuning importable f
     profile_allocations,
     rotated,
     storage_bytes,
+    write_json,
     write_results,
 )
 from peft import PeftConfig, get_peft_model
@@ -125,6 +127,7 @@ LR = 1e-4
 MAX_STEPS = 1000  # run length given to the training hooks (PAT's mask schedule)
 MASK_RAMP_STEPS = 12  # masked tuning's budget ramp length (no score crosses the threshold in the timed steps)
 RESULTS = RESULTS_DIR / "method_speed.json"
+PROFILE_RESULTS = RESULTS_DIR / "method_speed_profile.json"
 STEP_TIME_TARGETS = {"sorsa": 1.1, "flora": 1.1, "sparse_low_rank": 1.2}  # train-step targets against LoRA
 ADAPTER_PREFIXES = ("lora_", "sorsa_", "flora_", "sparse_low_rank_", "mask_tuning_", "pat_")
 
@@ -619,6 +622,35 @@ def print_training_table(name: str, res: dict) -> None:
         )
 
 
+def profile_ops(workload: Workload, rank: int, variant: str, warmup: int, steps: int) -> dict:
+    """Self CPU seconds per train step by operator (torch.profiler), for ``variant`` and for LoRA on ``workload``,
+    and the operators that account for most of the difference, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op = {}
+    for name in ("lora", variant):
+        runner = StepRunner(workload, VARIANTS[name], workload.config(name, rank), workload.fixed_batch())
+        for _ in range(warmup):
+            runner.step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                runner.step()
+        per_op[name] = {e.key: e.self_cpu_time_total / 1e6 / steps for e in prof.key_averages()}
+        del runner
+        gc.collect()
+    ref, new = per_op["lora"], per_op[variant]
+    deltas = {op: new.get(op, 0.0) - ref.get(op, 0.0) for op in set(ref) | set(new)}
+    top = sorted(deltas, key=lambda op: -abs(deltas[op]))[:15]
+    return {
+        "workload": workload.description,
+        "steps": steps,
+        "step_self_cpu_s": {"lora": sum(ref.values()), variant: sum(new.values())},
+        "top_differences_s": {
+            op: {"lora": ref.get(op, 0.0), variant: new.get(op, 0.0), "delta": deltas[op]} for op in top
+        },
+    }
+
+
 def _file_size(n_bytes: int) -> str:
     """``n_bytes`` in MiB, or in KiB below half a MiB (a masked-tuning file can be a few KiB)."""
     return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**19 else f"{n_bytes / 2**10:.1f} KiB"
@@ -709,9 +741,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the base models' dtype")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--table", action="store_true", help="print the markdown tables of --out and stop")
+    parser.add_argument(
+        "--profile-ops",
+        metavar="VARIANT",
+        choices=[v for v in VARIANTS if v != "lora"],
+        help=f"only profile one train step of VARIANT against LoRA by operator (SmolLM2 unless --no-smollm2); "
+        f"writes {PROFILE_RESULTS.name}",
+    )
     args = parser.parse_args(argv)
     if args.table:
         print(markdown_tables(json.loads(args.out.read_text())))
+        return
+    if args.profile_ops:
+        workload = workloads()["tiny_llama" if args.no_smollm2 else "smollm2_135m"]
+        workload.device, workload.dtype = torch.device(args.device), getattr(torch, args.dtype)
+        result = profile_ops(workload, args.rank, args.profile_ops, warmup=2, steps=args.steps_per_block or 2)
+        result["command"] = " ".join(
+            ["python", "benchmarks/method_speed.py", *(sys.argv[1:] if argv is None else argv)]
+        )
+        result["machine"] = machine_info()
+        totals = result["step_self_cpu_s"]
+        print(f"self CPU per step: lora {totals['lora']:.3f} s, {args.profile_ops} {totals[args.profile_ops]:.3f} s")
+        for op, d in result["top_differences_s"].items():
+            print(
+                f"  {op:<44} lora {d['lora']:7.3f} s  {args.profile_ops} {d[args.profile_ops]:7.3f} s  {d['delta']:+.3f} s"
+            )
+        write_json(PROFILE_RESULTS, result)
         return
     args.variants = ["lora"] + [v for v in args.variants if v != "lora"]
     if args.threads:

@@ -115,3 +115,18 @@ def test_variant_table_builds_every_method_and_refuses_unknown_names():
     assert method_config("lora", 4, lora_alpha=1).lora_alpha == 1  # options override the table
     with pytest.raises(ValueError, match="unknown method 'dora'"):
         method_config("dora", 4)
+
+
+def test_profile_ops_names_the_operators_only_the_variant_runs(small_workloads, tmp_path, monkeypatch):
+    out = tmp_path / "profile.json"
+    monkeypatch.setattr(method_speed, "PROFILE_RESULTS", out)
+    method_speed.main(["--profile-ops", "sparse_low_rank", "--no-smollm2", "--steps-per-block", "1"])
+    result = json.loads(out.read_text())
+    totals = result["step_self_cpu_s"]
+    assert totals["lora"] > 0 and totals["sparse_low_rank"] > 0
+    ops = result["top_differences_s"]
+    deltas = [abs(d["delta"]) for d in ops.values()]
+    assert deltas == sorted(deltas, reverse=True)  # largest difference first
+    # the sparse adapter's own operators appear, and LoRA never runs them
+    only_sparse = [op for op, d in ops.items() if d["lora"] == 0.0 and d["sparse_low_rank"] > 0]
+    assert any("sparse" in op.lower() for op in only_sparse), only_sparse
