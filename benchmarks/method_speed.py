@@ -752,14 +752,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.table:
         print(markdown_tables(json.loads(args.out.read_text())))
         return
+    command = " ".join(["python", "benchmarks/method_speed.py", *(sys.argv[1:] if argv is None else argv)])
     if args.profile_ops:
         workload = workloads()["tiny_llama" if args.no_smollm2 else "smollm2_135m"]
         workload.device, workload.dtype = torch.device(args.device), getattr(torch, args.dtype)
         result = profile_ops(workload, args.rank, args.profile_ops, warmup=2, steps=args.steps_per_block or 2)
-        result["command"] = " ".join(
-            ["python", "benchmarks/method_speed.py", *(sys.argv[1:] if argv is None else argv)]
-        )
-        result["machine"] = machine_info()
+        result["command"], result["machine"] = command, machine_info()
         totals = result["step_self_cpu_s"]
         print(f"self CPU per step: lora {totals['lora']:.3f} s, {args.profile_ops} {totals[args.profile_ops]:.3f} s")
         for op, d in result["top_differences_s"].items():
@@ -785,7 +783,6 @@ def main(argv: list[str] | None = None) -> None:
         chosen.append("smollm2_135m")
     if not (args.quick or args.no_convnet) and "flora" in args.variants:
         chosen.append("convnet")
-    command = " ".join(["python", "benchmarks/method_speed.py", *(sys.argv[1:] if argv is None else argv)])
     results = {
         "command": command,
         "machine": machine_info(),

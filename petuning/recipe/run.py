@@ -315,9 +315,10 @@ def check_reload(output_dir: str | Path) -> int:
     base, _ = load_model(model_args, record["bf16"], device)
     tokenizer = load_tokenizer(model_args, record["chat_template_path"])
     model = PeftModel.from_pretrained(base, output_dir / ADAPTER_DIR).to(device)
-    for name, param in model.named_parameters():  # compute in the dtypes the trained model computed in
-        if name in record.get("adapter_dtypes", {}):
-            param.data = param.data.to(getattr(torch, record["adapter_dtypes"][name]))
+    trained_dtypes = record.get("adapter_dtypes", {})  # compute in the dtypes the trained model computed in
+    for name, param in model.named_parameters():
+        if name in trained_dtypes:
+            param.data = param.data.to(getattr(torch, trained_dtypes[name]))
     answers = generate_from_ids(
         model, tokenizer, record["prompts"], record["max_new_tokens"], record["batch_size"], use_cache=True
     )
