@@ -20,7 +20,7 @@ from torch import nn
 from toy_models import MLP, Conv1DNet
 from transformers.pytorch_utils import Conv1D
 
-from petuning import SorsaConfig
+from petuning import SorsaConfig, linalg
 from petuning.tuners.sorsa.layer import SorsaLayer
 
 ADAPTER = "default"
@@ -299,6 +299,37 @@ def test_randomized_svd_same_subspace_as_full():
     # canonical signs make the factors themselves agree
     np.testing.assert_allclose(fr["B0"], ff["B0"], atol=1e-4)
     np.testing.assert_allclose(fr["A0"], ff["A0"], atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(200, 120), (120, 200)])
+def test_block_krylov_svd_matches_numpy_in_float64(shape):
+    """The Krylov path itself (3 blocks of 16 in a 120-dim side), tall and wide: the top-r triplets of a decaying
+    spectrum over a flat tail agree with numpy's SVD to float64 precision."""
+    rng = np.random.default_rng(7)
+    m, n = shape
+    k = min(m, n)
+    u, _ = np.linalg.qr(rng.standard_normal((m, k)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    s = np.concatenate([4.0 * 0.6 ** np.arange(8), np.full(k - 8, 0.05)])
+    w = torch.from_numpy(u @ np.diag(s) @ v.T)
+    r = 4
+    assert k > (2 + 1) * linalg.BLOCK_MULTIPLE  # the Krylov space does not cover the small side: no fallback
+    uk, sk, vhk = linalg.top_singular_triplets(w, r, "randomized", niter=2, oversampling=0)
+    uf, sf, vhf = numpy_top_r(w.numpy(), r)
+    assert uk.dtype == torch.float64 and uk.shape == (m, r) and vhk.shape == (r, n)
+    np.testing.assert_allclose(sk.numpy(), sf, rtol=1e-10)
+    signs = np.sign(np.sum(uk.numpy() * uf, axis=0))  # numpy's sign convention is not the canonical one
+    np.testing.assert_allclose(uk.numpy(), uf * signs, atol=1e-8)
+    np.testing.assert_allclose(vhk.numpy(), vhf * signs[:, None], atol=1e-8)
+
+
+def test_randomized_svd_takes_the_exact_svd_when_the_krylov_space_covers_the_matrix(monkeypatch):
+    w = torch.from_numpy(np.random.default_rng(1).standard_normal((50, 40)))
+    # (niter + 1) * 16 = 48 >= 40: the Krylov space would be the whole space, so the exact SVD is taken
+    monkeypatch.setattr(linalg, "_block_krylov_svd", lambda *args: pytest.fail("the Krylov path ran"))
+    u, s, vh = linalg.top_singular_triplets(w, 6, "randomized", niter=2)
+    uf, sf, vhf = numpy_top_r(w.numpy(), 6)
+    np.testing.assert_allclose(((u * s) @ vh).numpy(), (uf * sf) @ vhf, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", ["full", "randomized"])

@@ -46,6 +46,15 @@ def test_choice_uses_validation_and_second_seed_runs_at_it():
     assert runner.calls == [("lora-r8", lr, 0) for lr in family.grid] + [("lora-r8", 1e-3, 1)]
 
 
+def test_extra_seeds_run_at_the_chosen_setting():
+    family = sweep.Family("LoRA", "lora-r8", (3e-4, 1e-3, 3e-3))
+    runner = FakeRunner(best_lr=1e-3)
+    assert sweep.sweep([family], runner, seeds=(0, 1, 2)) == {"LoRA": ("lora-r8", 1e-3)}
+    assert runner.calls[3:] == [("lora-r8", 1e-3, 1), ("lora-r8", 1e-3, 2)]
+    with pytest.raises(SystemExit):
+        sweep.main(["--report", "--seeds", "1", "2"])  # the choice is seed 0's
+
+
 def test_grid_extends_past_a_winning_end_at_most_extend_limit_times():
     family = sweep.Family("LoRA", "lora-r8", (3e-4, 1e-3, 3e-3))
     runner = FakeRunner(best_lr=1e-2)  # one rung past the grid
