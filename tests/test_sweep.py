@@ -39,18 +39,18 @@ class FakeRunner:
         return fake_result(0.9 - 0.1 * abs(rung) + bonus, 0.5 + 0.1 * rung, pruned=self.pruned)
 
 
-def test_choice_uses_validation_and_second_seed_runs_at_it():
+def test_choice_uses_validation_and_the_other_seeds_run_at_it():
     family = sweep.Family("LoRA", "lora-r8", (3e-4, 1e-3, 3e-3))
     runner = FakeRunner(best_lr=1e-3)
     assert sweep.sweep([family], runner) == {"LoRA": ("lora-r8", 1e-3)}  # test accuracy would have picked 3e-3
-    assert runner.calls == [("lora-r8", lr, 0) for lr in family.grid] + [("lora-r8", 1e-3, 1)]
+    assert runner.calls == [("lora-r8", lr, 0) for lr in family.grid] + [("lora-r8", 1e-3, 1), ("lora-r8", 1e-3, 2)]
 
 
-def test_extra_seeds_run_at_the_chosen_setting():
+def test_seeds_choose_which_run_at_the_chosen_setting():
     family = sweep.Family("LoRA", "lora-r8", (3e-4, 1e-3, 3e-3))
     runner = FakeRunner(best_lr=1e-3)
-    assert sweep.sweep([family], runner, seeds=(0, 1, 2)) == {"LoRA": ("lora-r8", 1e-3)}
-    assert runner.calls[3:] == [("lora-r8", 1e-3, 1), ("lora-r8", 1e-3, 2)]
+    assert sweep.sweep([family], runner, seeds=(0, 3)) == {"LoRA": ("lora-r8", 1e-3)}
+    assert runner.calls[3:] == [("lora-r8", 1e-3, 3)]
     with pytest.raises(SystemExit):
         sweep.main(["--report", "--seeds", "1", "2"])  # the choice is seed 0's
 
@@ -95,13 +95,17 @@ def test_runner_resumes_from_existing_json_and_summary_uses_pruned_accuracy(tmp_
     assert runner(family.experiment, 1e-3, 0) == fake(family.experiment, 1e-3, 0)  # read, not rerun
     partial = sweep.summarise(tmp_path)["PAT (pruned model)"]
     assert partial["chosen lr"] == 1e-3 and not partial["complete"] and partial["seeds"] == [0]
-    second = fake_result(0.8, 0.3, pruned=True)
-    (tmp_path / f"{sweep.result_name(family.experiment, 1e-3, 1)}.json").write_text(json.dumps(second))
+    for seed, test in ((1, 0.3), (2, 0.5)):
+        assert not sweep.summarise(tmp_path)["PAT (pruned model)"]["complete"]
+        result = json.dumps(fake_result(0.8, test, pruned=True))
+        (tmp_path / f"{sweep.result_name(family.experiment, 1e-3, seed)}.json").write_text(result)
     entry = sweep.summarise(tmp_path)["PAT (pruned model)"]
-    assert entry["complete"] and entry["test accuracies"] == [0.25, 0.15]  # the pruned model's
-    assert entry["test accuracy mean"] == pytest.approx(0.2) and entry["test accuracy spread"] == pytest.approx(0.05)
+    assert entry["complete"] and entry["test accuracies"] == [0.25, 0.15, 0.25]  # the pruned model's
+    assert entry["test accuracy mean"] == pytest.approx(0.65 / 3) and entry["test accuracy spread"] == pytest.approx(
+        0.05
+    )
     table = sweep.summary_table(sweep.summarise(tmp_path)).splitlines()
     assert table[2].startswith(
         "| PAT (pruned model) | pat-prune25-r8, lr 0.001 | 0.0003: 0.40, 0.001: 0.45, 0.003: 0.40"
     )
-    assert "| 0.200 ± 0.050 | 2 |" in table[2]
+    assert "| 0.217 ± 0.050 | 3 |" in table[2]

@@ -1,5 +1,5 @@
-"""The tuned comparison of the real tier: each method family's learning rate chosen on a validation split, then a
-second seed at the chosen setting.
+"""The tuned comparison of the real tier: each method family's learning rate chosen on a validation split, then two
+more seeds at the chosen setting.
 
 Protocol:
 
@@ -10,8 +10,8 @@ Protocol:
   best rate is at an end of the grid, the next rate beyond it runs too, up to ``EXTEND_LIMIT`` times, so a choice
   is never pinned to the edge of the grid.
 - A family with variants (FLoRA's scale) runs them at the chosen rate, and the best of all is chosen.
-- Seed 1 then runs at the chosen setting (``--seeds 0 1 2`` adds seed 2); seed 0's run is the sweep's own. The seed
-  sets the initialisation and the order of the batches; the splits stay the same.
+- Seeds 1 and 2 then run at the chosen setting (``--seeds`` changes the list); seed 0's run is the sweep's own. The
+  seed sets the initialisation and the order of the batches; the splits stay the same.
 
 Every run is one JSON, ``real_tuned/<experiment>_lr<lr>_seed<seed>.json`` in PEFT's result shape (``run_info``
 records the seed and the split). A run whose JSON exists is not run again, so the sweep resumes where it stopped;
@@ -42,7 +42,7 @@ import run  # noqa: E402
 
 OUT = run.RESULTS / "real_tuned"
 VALIDATION = 100  # held-out training questions
-SEEDS = (0, 1)
+SEEDS = (0, 1, 2)
 LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # rates half a decade apart
 EXTEND_LIMIT = 2  # extra rates beyond an end of the grid, at most
 

@@ -94,7 +94,7 @@ class SorsaConfig(PeftConfig):
             "help": "'randomized' (default): seeded randomized block Krylov SVD (a block of r + `svd_oversampling` "
             "columns, rounded up to a multiple of 16, grown `svd_niter` Krylov steps; the top r Ritz pairs), on the "
             "weight's device. At the defaults its top-r part reconstructs every SmolLM2 layer within 1e-4 "
-            "(relative) of the exact optimum, with orthonormal factors, in about a seventh of the time of a full SVD "
+            "(relative) of the exact optimum, with orthonormal factors, in about a fifth of the time of a full SVD "
             "there (7B: about a minute instead of hours; benchmarks/sorsa_init.py). Where the Krylov space would span "
             "the layer's smaller side, the full SVD is taken. 'full': torch.linalg.svd, exact as in the paper. The "
             "init is an exact reparametrization either way, because the frozen copy equals the trainable start."
