@@ -17,8 +17,9 @@ SVD_METHOD, SVD_NITER, SVD_OVERSAMPLING = "randomized", 10, 0
 """Defaults of the SVD-initialized methods: within 1e-4 of the exact top-r fit on every SmolLM2 layer at r = 8 and
 16 (tests/test_sorsa_svd_real.py)."""
 BLOCK_MULTIPLE = 16
-"""The randomized SVD's block width is rounded up to a multiple of this: on CPU a 16-column matmul costs about
-as much as an 8- or 12-column one (full vector width), so the extra columns are free oversampling."""
+"""The randomized SVD's block width is rounded up to a multiple of this: on CPU a 16-column product with a SmolLM2
+weight is no slower than an 8- or 12-column one (full vector width; measured faster), so the extra columns are free
+oversampling."""
 
 
 def top_singular_triplets(
@@ -70,8 +71,8 @@ def _block_krylov_svd(w: torch.Tensor, rank: int, block: int, steps: int, seed: 
     K is kept orthonormal (each new block is orthogonalized against all earlier ones and QR'd, twice), and A K
     is built alongside it, so the Rayleigh–Ritz step needs no further pass over A: the eigenvectors E of
     (AK)ᵀ(AK) give the Ritz vectors K E, and the SVD of the thin A K E = U S Zᵀ gives V = K E Z with A V = U S.
-    Cost: 2(steps + 1) products of A with ``block`` columns, against 2(niter + 1) for a range finder whose
-    accuracy needs far more steps on flat spectra.
+    Cost: 2·steps + 1 products of A or Aᵀ with ``block`` columns, like a range finder with ``steps`` power
+    iterations, whose accuracy needs far more of them on flat spectra.
     """
     tall = w.shape[0] >= w.shape[1]
     a = w if tall else w.T
