@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 from _common import machine_info
+from variants import LM_TARGETS
 
 from petuning import SorsaConfig
 from petuning.linalg import top_singular_triplets
@@ -65,8 +66,7 @@ def smollm2_targets(rank: int, device: str) -> dict:
     from petuning.recipe.smollm2 import load_smollm2
 
     model, _ = load_smollm2()
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    weights = [m.weight.detach().to(device) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets]
+    weights = [m.weight.detach().to(device) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LM_TARGETS]
     config = SorsaConfig(r=rank)
     optima = [torch.linalg.svdvals(w.double())[rank:].square().sum().sqrt() for w in weights]
     out = {"matrices": len(weights), "rank": rank}
